@@ -1,0 +1,82 @@
+"""The SIGMAX Gateway application factory."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from quart import Quart
+from quart.json.provider import DefaultJSONProvider
+from quart_cors import cors
+from quart_schema import QuartSchema
+
+from app.blueprints.api import api_bp
+from app.blueprints.docs import docs_bp
+from app.blueprints.ws import ASGI_SEND_KEY, ws_bp
+from app.errors import register_error_handlers
+from app.services.events import SERVER_VERSION
+from app.services.gateway import Gateway
+from config import Config
+
+log = logging.getLogger(__name__)
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Parses request bodies with orjson: faster, and it refuses NaN and Infinity."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+
+def create_app(config: Config | None = None) -> Quart:
+    config = config or Config.from_env()
+    _configure_logging(config.LOG_LEVEL)
+    app = Quart(__name__)
+    app.json = StrictJSONProvider(app)
+    app.config["SIGMAX"] = config
+    QuartSchema(app, info={"title": "SIGMAX Gateway", "version": SERVER_VERSION})
+    register_error_handlers(app)
+    app.register_blueprint(ws_bp)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(docs_bp)
+    cors(app, allow_origin=list(config.CORS_ORIGINS), allow_headers=["Content-Type", "X-API-Key"])
+
+    gateway = Gateway(config)
+    app.extensions["gateway"] = gateway
+
+    @app.before_serving
+    async def start_gateway() -> None:
+        if not gateway.api_keys.required:
+            log.warning("no API_KEYS configured: the gateway is open to every client that can "
+                        "reach it")
+        await gateway.start()
+
+    @app.after_serving
+    async def stop_gateway() -> None:
+        await gateway.stop()
+
+    app.asgi_app = _expose_asgi_send(app.asgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    # Only the gateway's own loggers: Hypercorn has its own handlers, and the root's would
+    # print each of its lines twice.
+    logger = logging.getLogger("app")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def _expose_asgi_send(asgi_app: Any) -> Any:
+    """Put each WebSocket's ASGI `send` in its scope: the writer sends frames with it directly,
+    without Quart's wrapper, which yields to the loop before every message."""
+
+    async def app_with_send(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            scope = {**scope, ASGI_SEND_KEY: send}
+        await asgi_app(scope, receive, send)
+
+    return app_with_send

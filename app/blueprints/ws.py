@@ -1,0 +1,300 @@
+"""`/api/ws`: the SIGMAX WebSocket protocol.
+
+Each connection runs two tasks: the handler task writes (the connection's writer drains its
+queue), a reader task parses and answers client messages. A bad message gets an `error` event
+and the connection stays open.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from quart import Blueprint, Response, current_app, websocket
+from quart_cors import cors_exempt
+from quart_schema.conversion import model_load
+from quart_schema.mixins import SchemaValidationError
+
+from app.errors import describe_validation_error, excerpt
+from app.models import ClientMessage, CommandData, SubscriptionData
+from app.services.connections import Connection
+from app.services.events import (
+    SERVER_VERSION,
+    SYMBOL_PREFIX,
+    TOPICS,
+    CloseCode,
+    ErrorCode,
+    envelope,
+    error_envelope,
+    normalize_symbol,
+)
+from app.services.gateway import CommandError, Gateway
+
+log = logging.getLogger(__name__)
+
+ws_bp = Blueprint("ws", __name__)
+
+MESSAGE_TYPES = ("subscribe", "unsubscribe", "ping", "pong", "command", "get_status",
+                 "get_subscriptions")
+ASGI_SEND_KEY = "sigmax.asgi_send"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, error: str, details: str) -> None:
+        super().__init__(error)
+        self.code = code
+        self.error = error
+        self.details = details
+
+
+@ws_bp.websocket("/api/ws")
+@cors_exempt
+async def gateway_socket() -> Response | None:
+    """The event stream: subscribe to topics and symbols, receive events, send commands."""
+    gateway: Gateway = current_app.extensions["gateway"]
+    if not _origin_allowed(gateway.config.CORS_ORIGINS):
+        return Response("Origin not allowed", status=403)
+    send = websocket.scope[ASGI_SEND_KEY]  # type: ignore[typeddict-item]
+    await websocket.accept()
+
+    presented = websocket.args.get("api_key") or websocket.headers.get("X-API-Key")
+    principal = gateway.api_keys.authenticate(presented)
+    if principal is None:
+        gateway.manager.counters["auth_failures"] += 1
+        await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED, error_envelope(
+            ErrorCode.AUTHENTICATION_FAILED, "Invalid API key",
+            "Pass a valid key as ?api_key= or in the X-API-Key header"
+            if presented else "This gateway requires an API key (?api_key= or X-API-Key)",
+            None))
+        return None
+    remote = websocket.remote_addr or ""
+    conn = gateway.manager.open(send, principal=principal.name, scopes=principal.scopes,
+                                remote=remote)
+    if conn is None:
+        await _refuse(send, CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
+                      error_envelope(
+            ErrorCode.MAX_CONNECTIONS_EXCEEDED, "Connection limit reached",
+            f"The gateway serves at most {gateway.manager.max_connections} connections; "
+            "retry later", None))
+        return None
+
+    conn.send_direct(envelope("connected", {
+        "message": "Connected to SIGMAX",
+        "connection_id": conn.id,
+        "server_version": SERVER_VERSION,
+        "available_topics": list(TOPICS),
+        "heartbeat_interval": gateway.config.WS_HEARTBEAT_INTERVAL,
+        "last_seq": gateway.bus.head,
+    }, conn.id))
+    conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))
+    reader = asyncio.create_task(_read_messages(gateway, conn))
+    try:
+        await conn.run_writer()
+    finally:
+        reader.cancel()
+        gateway.manager.forget(conn)
+    return None
+
+
+def _origin_allowed(allowed: tuple[str, ...]) -> bool:
+    """Browsers send Origin: only configured origins and the gateway's own pages may connect
+    (no cross-site WebSocket hijacking). Other clients (strategies) send none."""
+    origin = websocket.headers.get("Origin")
+    if origin is None or origin in allowed or "*" in allowed:
+        return True
+    return urlsplit(origin).netloc == websocket.headers.get("Host")
+
+
+async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], code: int, reason: str,
+                  notice: str) -> None:
+    await send({"type": "websocket.send", "text": notice})
+    await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+async def _read_messages(gateway: Gateway, conn: Connection) -> None:
+    try:
+        while True:
+            raw = await websocket.receive()
+            conn.touch()
+            await handle_message(gateway, conn, raw)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # A bug, not bad input: say so with 1011 rather than leaving a dead reader behind.
+        log.exception("reader of connection %s failed", conn.id)
+        conn.close(1011, "internal error")
+
+
+async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | None) -> None:
+    """Parse one client message and answer it; every failure becomes an `error` event."""
+    request_id: str | int | None = None
+    try:
+        payload = _parse(raw)
+        candidate = payload.get("request_id")
+        if isinstance(candidate, (str, int)) and not isinstance(candidate, bool):
+            request_id = candidate
+        message = _load(payload, ClientMessage)
+        handler = HANDLERS.get(message.type)
+        if handler is None:
+            raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
+                                f"Message type {message.type!r} is not one of "
+                                f"{', '.join(MESSAGE_TYPES)}")
+        await handler(gateway, conn, message)
+    except ProtocolError as error:
+        conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
+                                        request_id))
+    except CommandError as error:
+        conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
+                                        request_id))
+
+
+def _parse(raw: str | bytes | None) -> dict[str, Any]:
+    if not raw:  # Quart gives None for an empty binary frame
+        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message",
+                            "Send one JSON object per message")
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON",
+                            f"{error}: {_excerpt(raw)}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Message must be a JSON object",
+                            f"Got {type(payload).__name__}: {_excerpt(raw)}")
+    return payload
+
+
+def _excerpt(raw: str | bytes) -> str:
+    return excerpt(repr(raw if isinstance(raw, str) else raw.decode("utf-8", "replace")), 80)
+
+
+def _load(data: dict[str, Any], model: type[Any]) -> Any:
+    # model_load is what quart-schema's `websocket.receive_as` uses; the message is parsed first
+    # so that an invalid one can still be answered with its request_id.
+    try:
+        return model_load(data, model, SchemaValidationError)
+    except SchemaValidationError as error:
+        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid message",
+                            describe_validation_error(error.validation_error)) from None
+
+
+def _subscription(message: ClientMessage) -> tuple[list[str], list[str], int | None]:
+    """Validated, normalised (topics, symbols, since); `symbol:X` topics count as symbols."""
+    data: SubscriptionData = _load(message.data or {}, SubscriptionData)
+    topics: list[str] = []
+    symbols: list[str] = []
+    for raw_topic in data.topics:
+        topic = raw_topic.strip().lower()
+        if topic.startswith(SYMBOL_PREFIX):
+            _add_symbol(symbols, raw_topic.strip()[len(SYMBOL_PREFIX):])
+        elif topic in TOPICS:
+            if topic not in topics:
+                topics.append(topic)
+        else:
+            raise ProtocolError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
+                                f"Topic {raw_topic!r} does not exist; available: "
+                                f"{', '.join(TOPICS)}")
+    for raw_symbol in data.symbols:
+        _add_symbol(symbols, raw_symbol)
+    return topics, symbols, data.since
+
+
+def _add_symbol(symbols: list[str], raw: str) -> None:
+    symbol = normalize_symbol(raw)
+    if symbol is None:
+        raise ProtocolError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
+                            f"Symbol {raw!r} is not BASE/QUOTE (for example BTC/USDT)")
+    if symbol not in symbols:
+        symbols.append(symbol)
+
+
+def _keys(topics: list[str], symbols: list[str]) -> list[str]:
+    return topics + [SYMBOL_PREFIX + s for s in symbols]
+
+
+async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    topics, symbols, since = _subscription(message)
+    reply: dict[str, Any] = {
+        "topics": topics,
+        "symbols": symbols,
+        "message": f"Subscribed to {len(topics)} topics and {len(symbols)} symbols",
+    }
+
+    def acknowledge(replayed: int, recovered: bool) -> None:
+        if since is not None:
+            reply["recovered"] = recovered
+            reply["replayed"] = replayed
+        conn.send_direct(envelope("subscribed", reply, conn.id, message.request_id))
+
+    await gateway.manager.subscribe_with_resume(conn, _keys(topics, symbols), since,
+                                                acknowledge)
+
+
+async def _unsubscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    topics, symbols, _ = _subscription(message)
+    gateway.manager.index.remove(conn, _keys(topics, symbols))
+    conn.send_direct(envelope("unsubscribed", {
+        "topics": topics,
+        "symbols": symbols,
+        "message": f"Unsubscribed from {len(topics)} topics and {len(symbols)} symbols",
+    }, conn.id, message.request_id))
+
+
+async def _ping(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    conn.send_direct(envelope("pong", {}, conn.id, message.request_id))
+
+
+async def _pong(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    pass  # receiving it already counted as traffic
+
+
+async def _get_status(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    conn.send_direct(envelope("system_status", gateway.system_status(), conn.id,
+                              message.request_id))
+
+
+async def _get_subscriptions(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    topics = sorted(k for k in conn.keys if not k.startswith(SYMBOL_PREFIX))
+    conn.send_direct(envelope("subscriptions", {
+        "topics": topics,
+        "symbols": sorted(conn.symbols),
+        "count": len(conn.keys),
+    }, conn.id, message.request_id))
+
+
+async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    data: CommandData = _load(message.data or {}, CommandData)
+    command = gateway.commands.get(data.command)
+    if command is None:
+        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
+                            f"Command {data.command!r} is not one of "
+                            f"{', '.join(sorted(gateway.commands))}")
+    if command.scope not in conn.scopes:
+        raise ProtocolError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
+                            f"Command {data.command!r} needs an API key with the "
+                            f"{command.scope!r} scope")
+    args = data.model_extra or {}
+    try:
+        inspect.signature(command.handler).bind(conn, **args)
+    except TypeError as error:
+        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
+                            f"Command {data.command!r}: {error}") from None
+    result = await command.handler(conn, **args)
+    conn.send_direct(envelope("command_result", {
+        "command": data.command, "success": True, "result": result,
+    }, conn.id, message.request_id))
+
+
+Handler = Callable[[Gateway, Connection, ClientMessage], Awaitable[None]]
+HANDLERS: dict[str, Handler] = {
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "ping": _ping,
+    "pong": _pong,
+    "command": _command,
+    "get_status": _get_status,
+    "get_subscriptions": _get_subscriptions,
+}

@@ -1,0 +1,54 @@
+"""One error type for the REST API, rendered once as the spec's `{error, code, details}`."""
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Quart
+from quart_schema import RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, error: str, details: str = "") -> None:
+        super().__init__(error)
+        self.status = status
+        self.code = code
+        self.error = error
+        self.details = details
+
+
+def error_body(code: str, error: str, details: str) -> dict[str, Any]:
+    return {"error": error, "code": code, "details": details}
+
+
+def describe_validation_error(error: Exception | None) -> str:
+    """One line naming each offending field and value (the first five)."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return str(error)
+    parts = []
+    for item in errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']} (got {excerpt(item.get('input'))})")
+    return "; ".join(parts)
+
+
+def excerpt(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(error: APIError) -> tuple[dict[str, Any], int]:
+        return error_body(error.code, error.error, error.details), error.status
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def validation_error(error: RequestSchemaValidationError) -> tuple[dict[str, Any], int]:
+        return error_body("VALIDATION_ERROR", "Invalid request body",
+                          describe_validation_error(error.validation_error)), 400
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
+        code = (error.name or "error").upper().replace(" ", "_")
+        return error_body(code, error.name or "Error", error.description or ""), error.code or 500

@@ -1,0 +1,468 @@
+"""The connection registry, the subscription index and fan-out.
+
+Each event is serialized once (`Event.frame`) and the same string is handed to every recipient.
+Every connection has a bounded queue drained by its own writer, so a slow or dead client never
+delays the others; when a queue is full, snapshots are conflated (newest per type and symbol) and
+if that is not enough the connection is closed with SLOW_CONSUMER (the client resumes by `seq`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from app.services.bus import EventBus
+from app.services.events import (
+    PER_SYMBOL_LIST_TYPES,
+    SYMBOL_PREFIX,
+    CloseCode,
+    ErrorCode,
+    Event,
+    envelope,
+    error_envelope,
+)
+
+log = logging.getLogger(__name__)
+
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ConflationKey = tuple[str, str | None]
+HEARTBEAT_KEY: ConflationKey = ("ping", None)
+
+
+def matches(keys: set[str], event: Event) -> bool:
+    """Whether a subscription to `keys` covers `event`."""
+    if "all" in keys or event.topic in keys:
+        return True
+    return any(SYMBOL_PREFIX + symbol in keys for symbol in event.symbols)
+
+
+class Connection:
+    """One WebSocket client: its subscriptions, its send queue and its writer."""
+
+    def __init__(self, send: ASGISend, *, queue_size: int, close_timeout: float,
+                 principal: str = "anonymous", scopes: frozenset[str] = frozenset(),
+                 remote: str = "", joined_seq: int = 0) -> None:
+        self.id = str(uuid.uuid4())
+        self.principal = principal
+        self.scopes = scopes
+        self.remote = remote
+        self.connected_at = time.time()
+        self.last_seen = time.monotonic()
+        self.last_ping = self.last_seen
+        self.joined_seq = joined_seq
+        self.keys: set[str] = set()  # topics and `symbol:X` entries
+        self.symbols: frozenset[str] = frozenset()
+        self.sent = 0
+        self.conflated = 0
+        self.queue_high_water = 0
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._send = send
+        self._queue: deque[tuple[str, ConflationKey | None]] = deque()
+        self._queue_size = queue_size
+        self._close_timeout = close_timeout
+        self._writer: asyncio.Task[Any] | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self._wakeup = asyncio.Event()
+        self._held: list[tuple[int, str, ConflationKey | None]] | None = None
+        # Replayed frames still queued: they may exceed the bound (history is bounded itself).
+        self._replay_backlog = 0
+        self.on_slow_consumer: Callable[[Connection], None] = lambda conn: None
+
+    @property
+    def closing(self) -> bool:
+        return self.close_code is not None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    def wants(self, event: Event) -> bool:
+        return matches(self.keys, event)
+
+    def frame_for(self, event: Event) -> str:
+        """The frame of `event` this connection gets: the full one, or its symbols' view."""
+        if (event.type in PER_SYMBOL_LIST_TYPES and "all" not in self.keys
+                and event.topic not in self.keys):
+            return event.view_for(self.symbols)
+        return event.frame
+
+    def send_direct(self, frame: str) -> None:
+        """Queue a reply or notice for this connection only. Never dropped."""
+        self._enqueue(frame, None)
+
+    def send_ping(self) -> None:
+        # Conflated like a snapshot: a stalled client needs no pile of pings.
+        self._enqueue(envelope("ping", {}, self.id), HEARTBEAT_KEY)
+
+    def deliver(self, event: Event, frame: str) -> None:
+        if self._held is not None:
+            self._held.append((event.seq, frame, event.conflation_key))
+        else:
+            self._enqueue(frame, event.conflation_key)
+
+    def hold(self) -> None:
+        """Keep live events aside while a replay is fetched, so nothing overtakes it."""
+        self._held = []
+
+    def release(self, replayed: Iterable[Event]) -> None:
+        """Queue the replayed events, then the live ones held meanwhile that came after them."""
+        held, self._held = self._held or [], None
+        last = 0
+        if not self.closing:
+            for event in replayed:
+                self._queue.append((self.frame_for(event), event.conflation_key))
+                self._replay_backlog += 1
+                last = event.seq
+            self._wakeup.set()
+        for seq, frame, key in held:
+            if seq > last:
+                self._enqueue(frame, key)
+
+    def _enqueue(self, frame: str, key: ConflationKey | None) -> None:
+        if self.closing:
+            return
+        queue = self._queue
+        if (len(queue) >= self._queue_size + self._replay_backlog
+                and not self._make_room(key)):
+            self.on_slow_consumer(self)
+            self.close(CloseCode.POLICY_VIOLATION, "SLOW_CONSUMER", discard_pending=True,
+                       notice=error_envelope(
+                           ErrorCode.SLOW_CONSUMER, "Connection too slow",
+                           f"More than {self._queue_size} events waited for this connection; "
+                           "reconnect and subscribe with `since` to resume", self.id))
+            return
+        queue.append((frame, key))
+        depth = len(queue)
+        if depth > self.queue_high_water:
+            self.queue_high_water = depth
+        if depth == 1:
+            self._wakeup.set()
+
+    def _make_room(self, key: ConflationKey | None) -> bool:
+        """Conflate the full queue: keep only the newest snapshot per key, counting the one that
+        is about to be added. True when there is room afterwards."""
+        seen: set[ConflationKey] = set() if key is None else {key}
+        kept: deque[tuple[str, ConflationKey | None]] = deque()
+        for item in reversed(self._queue):
+            item_key = item[1]
+            if item_key is not None:
+                if item_key in seen:
+                    continue
+                seen.add(item_key)
+            kept.appendleft(item)
+        self.conflated += len(self._queue) - len(kept)
+        self._queue.clear()
+        self._queue.extend(kept)
+        return len(kept) < self._queue_size + self._replay_backlog
+
+    def close(self, code: int, reason: str, *, notice: str | None = None,
+              discard_pending: bool = False) -> None:
+        """Ask the writer to send what is queued (or drop it), an optional notice, then close."""
+        if self.closing:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        if discard_pending:
+            self._queue.clear()
+        if notice is not None:
+            self._queue.append((notice, None))
+        self._wakeup.set()
+        # A client that stopped reading blocks the writer in a send; past the timeout the
+        # writer is cancelled, which ends the connection whatever the client does.
+        if self._writer is not None:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self._close_timeout, self._writer.cancel)
+
+    async def run_writer(self) -> None:
+        """Send queued frames until closed. Runs in the connection's handler task."""
+        self._writer = asyncio.current_task()
+        try:
+            await self._write_until_closed()
+        finally:
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
+
+    async def _write_until_closed(self) -> None:
+        send = self._send
+        queue = self._queue
+        while True:
+            while queue:
+                frame = queue.popleft()[0]
+                if self._replay_backlog:
+                    self._replay_backlog -= 1
+                await send({"type": "websocket.send", "text": frame})
+                self.sent += 1
+            if self.closing:
+                break
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        await send({"type": "websocket.close", "code": self.close_code,
+                    "reason": self.close_reason})
+
+
+class SubscriptionIndex:
+    """Routing key (`all`, a topic, `symbol:X`) -> the connections subscribed to it."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, set[Connection]] = {}
+
+    def add(self, conn: Connection, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.by_key.setdefault(key, set()).add(conn)
+            conn.keys.add(key)
+        conn.symbols = _symbols_of(conn.keys)
+
+    def remove(self, conn: Connection, keys: Iterable[str]) -> None:
+        for key in keys:
+            members = self.by_key.get(key)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self.by_key[key]
+            conn.keys.discard(key)
+        conn.symbols = _symbols_of(conn.keys)
+
+    def recipients(self, event: Event) -> tuple[Iterable[Connection], Iterable[Connection]]:
+        """(connections that get the whole event, connections reached only through symbols)."""
+        by_key = self.by_key
+        whole = [s for s in (by_key.get("all"), by_key.get(event.topic)) if s]
+        by_symbol = [s for s in (by_key.get(SYMBOL_PREFIX + sym) for sym in event.symbols) if s]
+        if not by_symbol:
+            return (whole[0] if len(whole) == 1 else set().union(*whole)), ()
+        whole_set: set[Connection] = set().union(*whole)
+        return whole_set, set().union(*by_symbol) - whole_set
+
+    def counts(self) -> dict[str, int]:
+        return {key: len(members) for key, members in sorted(self.by_key.items())}
+
+
+def _symbols_of(keys: Iterable[str]) -> frozenset[str]:
+    return frozenset(k[len(SYMBOL_PREFIX):] for k in keys if k.startswith(SYMBOL_PREFIX))
+
+
+class ConnectionManager:
+    """The spec's ConnectionManager: registry, subscriptions, direct sends and broadcasts."""
+
+    def __init__(self, bus: EventBus, *, max_connections: int, queue_size: int,
+                 heartbeat_interval: float, connection_timeout: float,
+                 close_timeout: float) -> None:
+        self.bus = bus
+        self.max_connections = max_connections
+        self.queue_size = queue_size
+        self.heartbeat_interval = heartbeat_interval
+        self.connection_timeout = connection_timeout
+        self.close_timeout = close_timeout
+        self.index = SubscriptionIndex()
+        self.connections: dict[str, Connection] = {}
+        self.started = time.time()
+        self.counters = {
+            "connections_total": 0,
+            "connections_rejected": 0,
+            "auth_failures": 0,
+            "events_published": 0,
+            "deliveries": 0,
+            "replayed": 0,
+            "slow_consumer_closes": 0,
+            "timeouts": 0,
+        }
+        # Totals of connections that are gone, so the stats do not go backwards.
+        self._closed_sent = 0
+        self._closed_conflated = 0
+        bus.set_listener(self.fan_out)
+
+    # -- registry ---------------------------------------------------------------------------
+
+    def open(self, send: ASGISend, *, principal: str, scopes: frozenset[str],
+             remote: str) -> Connection | None:
+        """Register a new connection, or None when the limit is reached."""
+        if len(self.connections) >= self.max_connections:
+            self.counters["connections_rejected"] += 1
+            return None
+        conn = Connection(send, queue_size=self.queue_size, close_timeout=self.close_timeout,
+                          principal=principal, scopes=scopes, remote=remote,
+                          joined_seq=self.bus.head)
+        conn.on_slow_consumer = self._count_slow_consumer
+        self.connections[conn.id] = conn
+        self.counters["connections_total"] += 1
+        return conn
+
+    async def connect(self, send: ASGISend, metadata: dict[str, Any]) -> str:
+        """Register a connection (spec API); raises RuntimeError when the limit is reached."""
+        conn = self.open(send, principal=metadata.get("principal", "anonymous"),
+                         scopes=frozenset(metadata.get("scopes", ())),
+                         remote=metadata.get("remote", ""))
+        if conn is None:
+            raise RuntimeError("MAX_CONNECTIONS_EXCEEDED")
+        return conn.id
+
+    def forget(self, conn: Connection) -> None:
+        """Remove a connection from the registry and every subscription (idempotent)."""
+        if self.connections.pop(conn.id, None) is None:
+            return
+        self.index.remove(conn, list(conn.keys))
+        self._closed_sent += conn.sent
+        self._closed_conflated += conn.conflated
+
+    async def disconnect(self, connection_id: str) -> None:
+        conn = self.connections.get(connection_id)
+        if conn is not None:
+            conn.close(1000, "disconnected by server")
+            self.forget(conn)
+
+    def _count_slow_consumer(self, conn: Connection) -> None:
+        self.counters["slow_consumer_closes"] += 1
+        log.warning("closing slow consumer %s (%s): queue full", conn.id, conn.remote)
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    async def subscribe(self, connection_id: str, topic: str) -> None:
+        self.index.add(self.connections[connection_id], [topic])
+
+    async def unsubscribe(self, connection_id: str, topic: str) -> None:
+        self.index.remove(self.connections[connection_id], [topic])
+
+    async def subscribe_with_resume(self, conn: Connection, keys: list[str], since: int | None,
+                                    acknowledge: Callable[[int, bool], None]) -> None:
+        """Add `keys`; with `since`, replay the missed events that match the subscription and
+        that this connection did not get live, then continue live.
+
+        `acknowledge(replayed, recovered)` queues the reply, so that it precedes the replay."""
+        if since is None:
+            self.index.add(conn, keys)
+            acknowledge(0, True)
+            return
+        before = set(conn.keys)
+        joined = conn.joined_seq
+        held_from = self.bus.head
+        conn.hold()
+        self.index.add(conn, keys)
+        try:
+            history, recovered = await self.bus.history_since(since)
+        except BaseException:
+            conn.release(())
+            raise
+
+        def missed(event: Event) -> bool:
+            if not conn.wants(event):
+                return False
+            delivered_live = joined < event.seq <= held_from and matches(before, event)
+            return not delivered_live
+
+        replay = [e for e in history if missed(e)]
+        acknowledge(len(replay), recovered)
+        conn.release(replay)
+        self.counters["replayed"] += len(replay)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def send_to(self, connection_id: str, message: dict[str, Any]) -> bool:
+        conn = self.connections.get(connection_id)
+        if conn is None or conn.closing:
+            return False
+        conn.send_direct(envelope(message["type"], message.get("data"), conn.id,
+                                  message.get("request_id")))
+        return True
+
+    async def broadcast(self, message: dict[str, Any], topic: str | None = None) -> None:
+        """Publish one event to the subscribers of `topic` (default: its type's topic)."""
+        await self.bus.publish([Event(message["type"], message.get("data"), topic=topic,
+                                      symbol=message.get("symbol"))])
+
+    async def broadcast_to_symbols(self, symbols: list[str], message: dict[str, Any]) -> None:
+        """Publish one event per symbol to `symbol:X` subscribers (and its type's topic)."""
+        await self.bus.publish([Event(message["type"], message.get("data"), symbol=symbol)
+                                for symbol in symbols])
+
+    async def publish(self, events: list[Event]) -> None:
+        await self.bus.publish(events)
+
+    def fan_out(self, events: list[Event]) -> None:
+        """Hand each event to every subscribed connection, once each, in seq order."""
+        index = self.index
+        deliveries = 0
+        for event in events:
+            whole, by_symbol = index.recipients(event)
+            frame = event.frame
+            for conn in whole:
+                conn.deliver(event, frame)
+                deliveries += 1
+            if by_symbol:
+                views: dict[frozenset[str], str] = {}
+                for conn in by_symbol:
+                    view = conn.symbols
+                    if view not in views:
+                        views[view] = conn.frame_for(event)
+                    conn.deliver(event, views[view])
+                    deliveries += 1
+        self.counters["events_published"] += len(events)
+        self.counters["deliveries"] += deliveries
+
+    # -- heartbeat --------------------------------------------------------------------------
+
+    def heartbeat(self, now: float) -> None:
+        """Ping connections that are due; close those silent for longer than the timeout."""
+        for conn in list(self.connections.values()):
+            if conn.closing:
+                continue
+            if now - conn.last_seen > self.connection_timeout:
+                self.counters["timeouts"] += 1
+                conn.close(CloseCode.GOING_AWAY, "CONNECTION_TIMEOUT", notice=error_envelope(
+                    ErrorCode.CONNECTION_TIMEOUT, "Connection timed out",
+                    f"No message from the client for {self.connection_timeout:g} seconds",
+                    conn.id))
+            elif now - conn.last_ping >= self.heartbeat_interval:
+                conn.last_ping = now
+                conn.send_ping()
+
+    async def run_heartbeat(self) -> None:
+        tick = min(self.heartbeat_interval, self.connection_timeout) / 4
+        while True:
+            await asyncio.sleep(tick)
+            self.heartbeat(time.monotonic())
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, Any]:
+        conns = self.connections.values()
+        depths = [c.queue_depth for c in conns]
+        topic_counts = self.index.counts()
+        return {
+            "active_connections": len(self.connections),
+            "max_connections": self.max_connections,
+            **self.counters,
+            "messages_sent": self._closed_sent + sum(c.sent for c in conns),
+            "frames_conflated": self._closed_conflated + sum(c.conflated for c in conns),
+            "queue_depth_total": sum(depths),
+            "queue_depth_max": max(depths, default=0),
+            "last_seq": self.bus.head,
+            "bus_backend": self.bus.backend,
+            "subscriptions": topic_counts,
+            "uptime_seconds": round(time.time() - self.started, 3),
+        }
+
+    def get_connection_info(self, connection_id: str) -> dict[str, Any] | None:
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return None
+        return {
+            "connection_id": conn.id,
+            "principal": conn.principal,
+            "remote": conn.remote,
+            "connected_at": conn.connected_at,
+            "topics": sorted(k for k in conn.keys if not k.startswith(SYMBOL_PREFIX)),
+            "symbols": sorted(conn.symbols),
+            "messages_sent": conn.sent,
+            "frames_conflated": conn.conflated,
+            "queue_depth": conn.queue_depth,
+            "queue_high_water": conn.queue_high_water,
+        }
+
+

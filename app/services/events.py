@@ -1,0 +1,157 @@
+"""The wire vocabulary: topics, event types, symbols, error codes, and the event envelope.
+
+An `Event` is what the bus carries: published once, stamped with a deployment-wide `seq`, and
+serialized once for every connection that receives it.
+"""
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+SERVER_VERSION = "2.0.0"
+
+TOPICS = ("all", "proposals", "executions", "analysis", "status", "market", "portfolio",
+          "health", "alerts")
+PUBLISHABLE_TOPICS = frozenset(TOPICS) - {"all"}
+
+# Each stream event type and the topic that carries it (the spec's Events table).
+EVENT_TOPICS: dict[str, str] = {
+    "analysis_update": "analysis",
+    "proposal_created": "proposals",
+    "proposal_approved": "proposals",
+    "proposal_rejected": "proposals",
+    "proposal_expired": "proposals",
+    "trade_executed": "executions",
+    "status_change": "status",
+    "system_status": "status",
+    "market_update": "market",
+    "portfolio_update": "portfolio",
+    "health_update": "health",
+    "alert": "alerts",
+}
+
+# Snapshots: a newer one replaces an older one still waiting for a slow connection.
+CONFLATABLE_TYPES = frozenset({"market_update", "portfolio_update", "system_status",
+                               "health_update"})
+
+# Events whose data is a list of per-symbol entries: a connection subscribed only through
+# `symbol:X` receives the entries of its symbols only.
+PER_SYMBOL_LIST_TYPES = frozenset({"market_update"})
+
+SYMBOL_PREFIX = "symbol:"
+_SYMBOL_RE = re.compile(r"[A-Z0-9]{1,20}/[A-Z0-9]{1,20}")
+
+
+class ErrorCode:
+    INVALID_TOPIC = "INVALID_TOPIC"
+    INVALID_SYMBOL = "INVALID_SYMBOL"
+    MESSAGE_PROCESSING_ERROR = "MESSAGE_PROCESSING_ERROR"
+    MAX_CONNECTIONS_EXCEEDED = "MAX_CONNECTIONS_EXCEEDED"
+    AUTHENTICATION_FAILED = "AUTHENTICATION_FAILED"
+    FORBIDDEN_COMMAND = "FORBIDDEN_COMMAND"
+    SLOW_CONSUMER = "SLOW_CONSUMER"
+    CONNECTION_TIMEOUT = "CONNECTION_TIMEOUT"
+
+
+class CloseCode:
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013
+
+
+def normalize_symbol(value: str) -> str | None:
+    """`btc/usdt` -> `BTC/USDT`; None when the value is not BASE/QUOTE."""
+    symbol = value.strip().upper()
+    return symbol if _SYMBOL_RE.fullmatch(symbol) else None
+
+
+def utc_timestamp(epoch: float | None = None) -> str:
+    """UTC ISO 8601 with milliseconds and `Z`, as in the spec's examples."""
+    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def envelope(type_: str, data: Any, connection_id: str | None, request_id: Any = None) -> str:
+    """A direct message to one connection, serialized."""
+    message: dict[str, Any] = {"type": type_, "data": data, "timestamp": utc_timestamp(),
+                               "connection_id": connection_id}
+    if request_id is not None:
+        message["request_id"] = request_id
+    return dumps(message)
+
+
+def error_envelope(code: str, error: str, details: str, connection_id: str | None,
+                   request_id: Any = None) -> str:
+    return envelope("error", {"error": error, "code": code, "details": details},
+                    connection_id, request_id)
+
+
+class Event:
+    """One stream event. `data` is kept as given; its JSON is built once, on creation.
+
+    `symbols` are the routing symbols: the event's own `symbol` and, for per-symbol lists, the
+    symbols of its entries.
+    """
+
+    __slots__ = ("type", "topic", "symbols", "data", "data_json", "timestamp", "created",
+                 "seq", "frame")
+
+    def __init__(self, type_: str, data: Any, *, topic: str | None = None,
+                 symbol: str | None = None, data_json: str | None = None) -> None:
+        self.type = type_
+        self.topic = topic or EVENT_TOPICS[type_]
+        self.data = data
+        # Serializing here makes an unserializable payload fail at the publisher, not in fan-out.
+        self.data_json = dumps(data) if data_json is None else data_json
+        self.symbols = _routing_symbols(type_, data, symbol)
+        self.created = time.time()
+        self.timestamp = utc_timestamp(self.created)
+        self.seq = 0
+        self.frame = ""
+
+    def stamp(self, seq: int) -> None:
+        """Give the event its place in the stream and build the frame every subscriber gets."""
+        self.seq = seq
+        self.frame = self.render(self.data_json)
+
+    def render(self, data_json: str) -> str:
+        return (f'{{"type":"{self.type}","data":{data_json},"timestamp":"{self.timestamp}",'
+                f'"connection_id":null,"seq":{self.seq}}}')
+
+    @property
+    def conflation_key(self) -> tuple[str, str | None] | None:
+        if self.type not in CONFLATABLE_TYPES:
+            return None
+        return (self.type, self.symbols[0] if len(self.symbols) == 1 else None)
+
+    def view_for(self, symbols: frozenset[str]) -> str:
+        """The frame restricted to the entries of `symbols` (per-symbol lists only)."""
+        if self.type not in PER_SYMBOL_LIST_TYPES or not isinstance(self.data, list):
+            return self.frame
+        entries = [e for e in self.data if isinstance(e, dict) and e.get("symbol") in symbols]
+        if len(entries) == len(self.data):
+            return self.frame
+        return self.render(dumps(entries))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "data": self.data, "timestamp": self.timestamp,
+                "connection_id": None, "seq": self.seq}
+
+
+def _routing_symbols(type_: str, data: Any, symbol: str | None) -> tuple[str, ...]:
+    symbols: list[str] = [symbol] if symbol else []
+    if type_ in PER_SYMBOL_LIST_TYPES and isinstance(data, list):
+        for entry in data:
+            entry_symbol = entry.get("symbol") if isinstance(entry, dict) else None
+            if isinstance(entry_symbol, str) and entry_symbol not in symbols:
+                symbols.append(entry_symbol)
+    return tuple(symbols)

@@ -1,0 +1,97 @@
+"""Every setting of the gateway, read once from the environment, with typed defaults.
+
+`Config.from_env()` is what `wsgi.py` and `hypercorn_config.py` use; tests build a `Config`
+directly and override fields with `dataclasses.replace`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Config:
+    # Listening address of `make run` / hypercorn_config.py. Loopback by default: with no API keys
+    # the gateway is open, so it must not be reachable from other hosts unless asked.
+    HOST: str = "127.0.0.1"
+    PORT: int = 8000
+    WORKERS: int = 1
+
+    # Redis URL for the shared event stream across workers and hosts; empty = in-memory bus.
+    REDIS_URL: str = ""
+
+    WS_MAX_CONNECTIONS: int = 1000
+    WS_HEARTBEAT_INTERVAL: float = 30.0
+    WS_CONNECTION_TIMEOUT: float = 60.0
+    # Largest client message accepted; bigger frames are closed with 1009 by Hypercorn.
+    WS_MAX_MESSAGE_SIZE: int = 1 * MIB
+    # Frames waiting for one connection before the slow-consumer policy applies.
+    WS_SEND_QUEUE_SIZE: int = 1000
+    # How long a server-initiated close may wait for the client before the connection is dropped.
+    WS_CLOSE_TIMEOUT: float = 5.0
+
+    # Events kept for resume (`subscribe` with `since`), bounded by count and by age in seconds.
+    EVENT_HISTORY_SIZE: int = 10_000
+    EVENT_HISTORY_MAX_AGE: float = 600.0
+
+    # Comma separated `key` or `key:scope+scope`; scopes are read, trade, publish. A key without
+    # scopes has all of them. Empty = no authentication (local paper trading).
+    API_KEYS: tuple[str, ...] = ()
+
+    CORS_ORIGINS: tuple[str, ...] = ("http://localhost:3000", "http://localhost:5173")
+
+    LOG_LEVEL: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Config:
+        """Read every field from the environment variable of the same name."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in env:
+                continue
+            raw = env[f.name]
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                elif isinstance(default, tuple):
+                    values[f.name] = _split(raw)
+                else:
+                    values[f.name] = raw.strip()
+            except ValueError as error:
+                raise ValueError(f"{f.name}={raw!r}: {error}") from None
+        return cls(**values)
+
+    def hypercorn_settings(self) -> dict[str, Any]:
+        """The Hypercorn settings that follow from this configuration."""
+        return {
+            "bind": [f"{self.HOST}:{self.PORT}"],
+            "workers": self.WORKERS,
+            # Oversized client messages are closed by Hypercorn with 1009.
+            "websocket_max_message_size": self.WS_MAX_MESSAGE_SIZE,
+            # The gateway sends its own heartbeat events and checks the replies.
+            "websocket_ping_interval": None,
+            "graceful_timeout": 5.0,
+            # No access log: query strings can carry API keys.
+            "accesslog": None,
+        }
+
+    def __post_init__(self) -> None:
+        positive = ("WS_MAX_CONNECTIONS", "WS_HEARTBEAT_INTERVAL", "WS_CONNECTION_TIMEOUT",
+                    "WS_MAX_MESSAGE_SIZE", "WS_SEND_QUEUE_SIZE", "EVENT_HISTORY_SIZE",
+                    "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -1,0 +1,139 @@
+"""Fixtures: a real Hypercorn serving a fresh app on a free loopback port, and a JSON client."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+import websockets
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart
+
+from app import create_app
+from app.services.events import Event
+from app.services.gateway import Gateway
+from config import Config
+
+
+@dataclass
+class RunningGateway:
+    app: Quart
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/ws"
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app.extensions["gateway"]
+
+    async def publish(self, type_: str, data: Any, **routing: Any) -> Event:
+        event = Event(type_, data, **routing)
+        await self.gateway.manager.publish([event])
+        return event
+
+    @asynccontextmanager
+    async def client(self, query: str = "", **options: Any) -> AsyncIterator[Client]:
+        async with websockets.connect(self.url + query, **options) as ws:
+            yield Client(ws)
+
+    @asynccontextmanager
+    async def subscribed(self, topics: list[str] | None = None,
+                         symbols: list[str] | None = None) -> AsyncIterator[Client]:
+        """A client past its greeting, subscribed and acknowledged."""
+        async with self.client() as client:
+            await client.greeting()
+            await client.request("subscribe", {"topics": topics or [], "symbols": symbols or []})
+            yield client
+
+
+class Client:
+    """A `websockets` connection speaking JSON, with helpers that read strictly in order."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._request_ids = 0
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def recv_event(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next message that is not a server heartbeat."""
+        while True:
+            message = await self.recv(timeout)
+            if message["type"] != "ping":
+                return message
+
+    async def greeting(self) -> dict[str, Any]:
+        connected = await self.recv()
+        assert connected["type"] == "connected", connected
+        status = await self.recv()
+        assert status["type"] == "system_status", status
+        return connected
+
+    async def request(self, type_: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send a message with a fresh request_id and return the reply that echoes it."""
+        self._request_ids += 1
+        request_id = f"r{self._request_ids}"
+        message: dict[str, Any] = {"type": type_, "request_id": request_id}
+        if data is not None:
+            message["data"] = data
+        await self.send(message)
+        while True:
+            reply = await self.recv()
+            if reply.get("request_id") == request_id:
+                return reply
+
+    async def no_message(self, within: float = 0.3) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            message = await self.recv(within)
+            raise AssertionError(f"unexpected message {message}")
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+@asynccontextmanager
+async def running_gateway(**settings: Any) -> AsyncIterator[RunningGateway]:
+    config = replace(Config(), **settings)
+    app = create_app(config)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    hypercorn_config = HypercornConfig.from_mapping(
+        {**config.hypercorn_settings(), "bind": [f"fd://{sock.detach()}"],
+         "graceful_timeout": 1.0})
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(app, hypercorn_config, shutdown_trigger=stop.wait))
+    # The socket already listens: clients queue in its backlog until Hypercorn has started.
+    try:
+        yield RunningGateway(app, port)
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningGateway]:
+    async with running_gateway() as running:
+        yield running
+
+
+@pytest.fixture
+def gateway_factory() -> Callable[..., Any]:
+    """`async with gateway_factory(WS_MAX_CONNECTIONS=2) as server:` for tests that need settings."""
+    return running_gateway
