@@ -1,0 +1,177 @@
+"""Connection lifecycle: heartbeat, timeout, limits, API keys, slow consumers."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import AsyncExitStack
+
+import pytest
+import websockets
+
+
+async def test_server_pings_on_the_heartbeat_interval(gateway_factory):
+    async with gateway_factory(WS_HEARTBEAT_INTERVAL=0.2, WS_CONNECTION_TIMEOUT=30) as server:
+        async with server.client() as client:
+            await client.greeting()
+            ping = await client.recv(timeout=2)
+            assert ping["type"] == "ping"
+            assert ping["connection_id"]
+            await client.send({"type": "pong"})
+            assert (await client.recv(timeout=2))["type"] == "ping"
+
+
+async def test_silent_client_is_closed_after_the_timeout(gateway_factory):
+    async with gateway_factory(WS_HEARTBEAT_INTERVAL=0.1, WS_CONNECTION_TIMEOUT=0.6) as server:
+        async with server.client() as silent, server.client() as lively:
+            await silent.greeting()
+            await lively.greeting()
+            deadline = asyncio.get_running_loop().time() + 1.5
+            while asyncio.get_running_loop().time() < deadline:  # answers every ping
+                message = await lively.recv(timeout=2)
+                if message["type"] == "ping":
+                    await lively.send({"type": "pong"})
+            messages = []
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    messages.append(await silent.recv(timeout=2))
+            assert messages[-1]["type"] == "error"
+            assert messages[-1]["data"]["code"] == "CONNECTION_TIMEOUT"
+            assert silent.ws.close_code == 1001
+            assert (await lively.request("ping"))["type"] == "pong"
+            assert server.gateway.manager.counters["timeouts"] == 1
+
+
+async def test_connection_limit_refuses_with_1013_and_spares_the_others(gateway_factory):
+    async with gateway_factory(WS_MAX_CONNECTIONS=2) as server:
+        async with server.client() as first, server.client() as second:
+            await first.greeting()
+            await second.greeting()
+            async with server.client() as third:
+                error = await third.recv()
+                assert error["type"] == "error"
+                assert error["data"]["code"] == "MAX_CONNECTIONS_EXCEEDED"
+                await third.ws.wait_closed()
+                assert third.ws.close_code == 1013
+            assert (await first.request("ping"))["type"] == "pong"
+            assert (await second.request("ping"))["type"] == "pong"
+        async with server.client() as again:  # room again once the others left
+            await again.greeting()
+        stats = server.gateway.manager.get_stats()
+        assert stats["connections_rejected"] == 1
+
+
+KEYS = ("reader-key:read", "bot-key:read+trade", "admin-key")
+
+
+@pytest.mark.parametrize("query, headers", [
+    ("", {}),
+    ("?api_key=wrong", {}),
+    ("", {"X-API-Key": "wrong"}),
+    ("?api_key=reader-ke", {}),
+])
+async def test_missing_or_wrong_key_is_refused_with_1008(gateway_factory, query, headers):
+    async with gateway_factory(API_KEYS=KEYS) as server:
+        async with server.client(query, additional_headers=headers) as client:
+            error = await client.recv()
+            assert error["data"]["code"] == "AUTHENTICATION_FAILED"
+            assert "wrong" not in error["data"]["details"]
+            await client.ws.wait_closed()
+            assert client.ws.close_code == 1008
+        assert server.gateway.manager.get_stats()["active_connections"] == 0
+
+
+@pytest.mark.parametrize("query, headers", [
+    ("?api_key=reader-key", {}),
+    ("", {"X-API-Key": "bot-key"}),
+])
+async def test_valid_key_by_query_or_header_connects(gateway_factory, query, headers):
+    async with gateway_factory(API_KEYS=KEYS) as server:
+        async with server.client(query, additional_headers=headers) as client:
+            await client.greeting()
+            assert (await client.request("ping"))["type"] == "pong"
+
+
+async def test_command_needs_the_scope_of_its_key(gateway_factory):
+    async with gateway_factory(API_KEYS=KEYS) as server:
+        calls = []
+
+        async def pause(connection):
+            calls.append(connection.id)
+            return {"paused": True}
+
+        server.gateway.add_command("pause", "trade", pause)
+        async with server.client("?api_key=reader-key") as reader:
+            await reader.greeting()
+            error = await reader.request("command", {"command": "pause"})
+            assert error["data"]["code"] == "FORBIDDEN_COMMAND"
+            assert "trade" in error["data"]["details"]
+        async with server.client("?api_key=admin-key") as admin:
+            await admin.greeting()
+            result = await admin.request("command", {"command": "pause"})
+            assert result["data"]["result"] == {"paused": True}
+        assert len(calls) == 1
+
+
+async def test_foreign_browser_origin_is_refused(server):
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with server.client(origin="http://evil.example"):
+            pass
+    assert refused.value.response.status_code == 403
+    async with server.client(origin="http://localhost:5173") as allowed:
+        await allowed.greeting()
+
+
+def stalled_socket(port: int) -> socket.socket:
+    """A client socket with a tiny receive buffer, so that a client that stops reading
+    pushes back on the server quickly."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def test_a_stalled_client_does_not_slow_the_others(gateway_factory):
+    async with gateway_factory(WS_SEND_QUEUE_SIZE=50, WS_CLOSE_TIMEOUT=30,
+                               WS_MAX_CONNECTIONS=200) as server, AsyncExitStack() as stack:
+        manager = server.gateway.manager
+        readers = [await stack.enter_async_context(server.subscribed(["alerts"]))
+                   for _ in range(100)]
+        # No permessage-deflate: repeated payloads would compress to nothing and never stall.
+        stalled = await stack.enter_async_context(server.client(
+            sock=stalled_socket(server.port), max_queue=1, compression=None))
+        await stalled.greeting()
+        await stalled.request("subscribe", {"topics": ["alerts"]})
+
+        received = [0] * len(readers)
+
+        async def read(i: int) -> None:
+            while True:
+                event = await readers[i].recv_event(timeout=10)
+                received[i] += 1
+                assert event["seq"] == received[i]  # in order, nothing lost, nothing twice
+
+        tasks = [asyncio.create_task(read(i)) for i in range(len(readers))]
+        published = 0
+        payload = "x" * 2000
+        # Bounded: at most 4000 events, until the stalled client has been cut off.
+        while published < 4000 and manager.counters["slow_consumer_closes"] == 0:
+            for _ in range(20):
+                published += 1
+                await server.publish("alert", {"n": published, "pad": payload})
+            await asyncio.sleep(0.005)
+        assert manager.counters["slow_consumer_closes"] == 1
+        for _ in range(200):
+            if all(count == published for count in received) or any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.05)
+        assert received == [published] * len(readers)
+        for task in tasks:
+            task.cancel()
+
+        # The stalled client, once it reads again, finds the reason and a 1008 close.
+        last = None
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                last = await stalled.recv(timeout=10)
+        assert last is not None and last["data"]["code"] == "SLOW_CONSUMER"
+        assert stalled.ws.close_code == 1008

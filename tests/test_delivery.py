@@ -1,0 +1,136 @@
+"""Fan-out: who receives what, once, in seq order; resume from history."""
+from __future__ import annotations
+
+import asyncio
+
+MARKET = [{"symbol": "BTC/USDT", "price": 95000.0, "volume_24h": 1000000, "change_24h": 2.5},
+          {"symbol": "ETH/USDT", "price": 3500.0, "volume_24h": 500000, "change_24h": 1.8}]
+
+
+async def test_overlapping_subscriptions_get_each_event_once(server):
+    async with server.subscribed(["all", "market", "analysis"], ["BTC/USDT"]) as client:
+        await server.publish("market_update", MARKET)
+        await server.publish("analysis_update", {"symbol": "BTC/USDT", "decision": "buy"},
+                             symbol="BTC/USDT")
+        await server.publish("health_update", {"cpu_percent": 1.0})
+        received = [await client.recv_event() for _ in range(3)]
+        assert [m["type"] for m in received] == ["market_update", "analysis_update",
+                                                 "health_update"]
+        assert [m["seq"] for m in received] == [1, 2, 3]
+        await client.no_message()
+
+
+async def test_stream_event_envelope(server):
+    async with server.subscribed(["market"]) as client:
+        await server.publish("market_update", MARKET)
+        event = await client.recv_event()
+        assert event == {"type": "market_update", "data": MARKET,
+                         "timestamp": event["timestamp"], "connection_id": None, "seq": 1}
+        assert event["timestamp"].endswith("Z")
+
+
+async def test_topic_and_symbol_routing(server):
+    async with server.subscribed(["proposals"]) as proposals, \
+            server.subscribed(symbols=["ETH/USDT"]) as eth, \
+            server.subscribed(["all"]) as everything, \
+            server.subscribed(["alerts"]) as alerts:
+        await server.publish("proposal_created", {"proposal_id": "p1", "symbol": "ETH/USDT"},
+                             symbol="ETH/USDT")
+        await server.publish("analysis_update", {"symbol": "BTC/USDT"}, symbol="BTC/USDT")
+        await server.publish("analysis_update", {"symbol": "ETH/USDT"}, symbol="ETH/USDT")
+        assert (await proposals.recv_event())["seq"] == 1
+        assert [(await eth.recv_event())["seq"] for _ in range(2)] == [1, 3]
+        assert [(await everything.recv_event())["seq"] for _ in range(3)] == [1, 2, 3]
+        for client in (proposals, eth, everything, alerts):
+            await client.no_message(0.1)
+
+
+async def test_symbol_only_subscriber_gets_its_entries_of_market_updates(server):
+    async with server.subscribed(symbols=["ETH/USDT"]) as eth, \
+            server.subscribed(["market"]) as market, \
+            server.subscribed(["market"], ["ETH/USDT"]) as both:
+        await server.publish("market_update", MARKET)
+        assert (await eth.recv_event())["data"] == [MARKET[1]]
+        assert (await market.recv_event())["data"] == MARKET
+        assert (await both.recv_event())["data"] == MARKET
+
+
+async def test_broadcast_helpers_of_the_connection_manager(server):
+    manager = server.gateway.manager
+    async with server.subscribed(["alerts"]) as alerts, \
+            server.subscribed(symbols=["SOL/USDT"]) as sol:
+        await manager.broadcast({"type": "alert", "data": {"message": "hello"}})
+        await manager.broadcast_to_symbols(["SOL/USDT"], {"type": "analysis_update",
+                                                          "data": {"symbol": "SOL/USDT"}})
+        assert (await alerts.recv_event())["data"] == {"message": "hello"}
+        assert (await sol.recv_event())["data"] == {"symbol": "SOL/USDT"}
+        connection_id = next(iter(manager.connections))
+        assert await manager.send_to(connection_id, {"type": "alert", "data": {"direct": 1}})
+        direct = await alerts.recv_event()
+        assert direct["data"] == {"direct": 1}
+        assert direct["connection_id"] == connection_id
+        assert "seq" not in direct
+        assert not await manager.send_to("no-such-connection", {"type": "alert", "data": {}})
+        info = manager.get_connection_info(connection_id)
+        assert info is not None and info["connection_id"] == connection_id
+
+
+async def test_resume_replays_missed_events_then_goes_live(server):
+    for n in range(1, 6):
+        await server.publish("alert", {"n": n})
+    await server.publish("market_update", MARKET)  # seq 6, not subscribed
+    async with server.client() as client:
+        await client.greeting()
+        reply = await client.request("subscribe", {"topics": ["alerts"], "since": 2})
+        assert reply["data"]["recovered"] is True
+        assert reply["data"]["replayed"] == 3
+        replayed = [await client.recv_event() for _ in range(3)]
+        assert [(e["seq"], e["data"]["n"]) for e in replayed] == [(3, 3), (4, 4), (5, 5)]
+        await server.publish("alert", {"n": 7})
+        live = await client.recv_event()
+        assert live["seq"] == 7
+        await client.no_message()
+
+
+async def test_resume_beyond_history_says_not_recovered(gateway_factory):
+    async with gateway_factory(EVENT_HISTORY_SIZE=3) as server:
+        for n in range(1, 7):
+            await server.publish("alert", {"n": n})
+        async with server.client() as client:
+            await client.greeting()
+            reply = await client.request("subscribe", {"topics": ["alerts"], "since": 1})
+            assert reply["data"]["recovered"] is False
+            assert reply["data"]["replayed"] == 3
+            assert [(await client.recv_event())["seq"] for _ in range(3)] == [4, 5, 6]
+
+
+async def test_resume_at_head_and_from_the_future(server):
+    await server.publish("alert", {"n": 1})
+    async with server.client() as client:
+        await client.greeting()
+        at_head = await client.request("subscribe", {"topics": ["alerts"], "since": 1})
+        assert (at_head["data"]["recovered"], at_head["data"]["replayed"]) == (True, 0)
+        future = await client.request("subscribe", {"topics": ["alerts"], "since": 99})
+        assert (future["data"]["recovered"], future["data"]["replayed"]) == (False, 0)
+
+
+async def test_resume_never_repeats_what_the_connection_already_got(server):
+    async with server.subscribed(["market"]) as client:
+        await server.publish("market_update", MARKET)       # 1, delivered live
+        await server.publish("alert", {"n": 2})            # 2, missed
+        assert (await client.recv_event())["seq"] == 1
+        reply = await client.request("subscribe", {"topics": ["alerts"], "since": 0})
+        assert reply["data"]["replayed"] == 1
+        assert (await client.recv_event())["seq"] == 2
+        await client.no_message()
+
+
+async def test_many_events_arrive_in_order_without_loss(server):
+    async with server.subscribed(["alerts"]) as a, server.subscribed(["all"]) as b:
+        for n in range(500):
+            await server.publish("alert", {"n": n})
+            if n % 50 == 0:
+                await asyncio.sleep(0)
+        for client in (a, b):
+            seqs = [(await client.recv_event())["seq"] for _ in range(500)]
+            assert seqs == list(range(1, 501))
