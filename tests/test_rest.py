@@ -1,0 +1,133 @@
+"""REST: ingest, health, stats, metrics, docs."""
+from __future__ import annotations
+
+import pytest
+
+from app import create_app
+from config import Config
+
+
+async def post_events(server, events, **headers):
+    client = server.app.test_client()
+    return await client.post("/api/events", json={"events": events}, headers=headers)
+
+
+async def test_ingest_delivers_data_exactly_as_sent(server):
+    data = [{"symbol": "S07/USDT", "price": 1.5, "ts_us": 1732500000123456, "seq": 9,
+             "nested": {"extra": [1, "two", None]}}]
+    async with server.subscribed(symbols=["S07/USDT"]) as by_symbol, \
+            server.subscribed(["market"]) as by_topic:
+        response = await post_events(server, [
+            {"type": "market_update", "symbol": "S07/USDT", "data": data},
+            {"type": "market_update", "topic": "market", "data": data},
+        ])
+        assert response.status_code == 202
+        assert await response.get_json() == {"accepted": 2, "first_seq": 1, "last_seq": 2}
+        for client, seqs in ((by_symbol, [1, 2]), (by_topic, [1, 2])):
+            for seq in seqs:
+                event = await client.recv_event()
+                assert (event["seq"], event["data"]) == (seq, data)
+
+
+async def test_ingest_routes_to_topic_and_symbol_once(server):
+    async with server.subscribed(["alerts"], ["BTC/USDT"]) as client:
+        response = await post_events(server, [
+            {"type": "alert", "symbol": "btc/usdt", "data": {"message": "drawdown"}}])
+        assert response.status_code == 202
+        event = await client.recv_event()
+        assert event["data"] == {"message": "drawdown"}
+        await client.no_message()
+
+
+@pytest.mark.parametrize("bad, named", [
+    ({"type": "nonsense", "data": {}}, "nonsense"),
+    ({"type": "alert", "topic": "weather", "data": {}}, "weather"),
+    ({"type": "alert", "topic": "market", "data": {}}, "market"),
+    ({"type": "alert", "topic": "all", "data": {}}, "all"),
+    ({"type": "alert", "symbol": "BTCUSDT", "data": {}}, "BTCUSDT"),
+    ({"type": "market_update", "data": {"symbol": "BTC/USDT"}}, "list"),
+    ({"type": "market_update", "data": [{"price": 1}]}, "symbol"),
+    ({"type": "market_update", "data": [{"symbol": "btc/usdt"}]}, "btc/usdt"),
+    ({"type": "alert", "data": [1, 2]}, "object"),
+    ({"type": "alert", "data": {"n": 2 ** 70}}, "serialized"),
+])
+async def test_bad_event_refuses_the_whole_batch(server, bad, named):
+    good = {"type": "alert", "data": {"ok": True}}
+    response = await post_events(server, [good, bad, good])
+    assert response.status_code == 400
+    body = await response.get_json()
+    assert body["code"] == "INVALID_EVENT"
+    assert "events[1]" in body["error"]
+    assert named in body["details"]
+    assert server.gateway.bus.head == 0
+
+
+@pytest.mark.parametrize("body", [
+    {"events": [{"type": "alert"}]},
+    {"events": [{"type": 5, "data": {}}]},
+    {"events": [{"type": "alert", "data": {}, "colour": "red"}]},
+    {"events": "alert"},
+    {},
+])
+async def test_malformed_batch_is_a_json_400(server, body):
+    response = await server.app.test_client().post("/api/events", json=body)
+    assert response.status_code == 400
+    assert (await response.get_json())["code"] == "VALIDATION_ERROR"
+
+
+async def test_body_that_is_not_json_is_a_json_400(server):
+    response = await server.app.test_client().post(
+        "/api/events", data="{nope", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert (await response.get_json())["code"] == "BAD_REQUEST"
+
+
+async def test_ingest_needs_a_publish_key_when_keys_are_configured():
+    app = create_app(Config(API_KEYS=("reader:read", "engine:publish")))
+    client = app.test_client()
+    event = {"events": [{"type": "alert", "data": {}}]}
+    assert (await client.post("/api/events", json=event)).status_code == 401
+    forbidden = await client.post("/api/events", json=event, headers={"X-API-Key": "reader"})
+    assert forbidden.status_code == 403
+    ok = await client.post("/api/events", json=event, headers={"X-API-Key": "engine"})
+    assert ok.status_code == 202
+    assert (await client.get("/api/ws/stats")).status_code == 401
+    stats = await client.get("/api/ws/stats", headers={"X-API-Key": "reader"})
+    assert stats.status_code == 200
+
+
+async def test_health_and_stats_report_the_gateway(server):
+    client = server.app.test_client()
+    async with server.subscribed(["market"], ["BTC/USDT"]):
+        await server.publish("market_update", [{"symbol": "BTC/USDT", "price": 1.0}])
+        health = await (await client.get("/api/health")).get_json()
+        assert health["status"] == "ok"
+        assert health["connections"] == 1
+        assert health["last_seq"] == 1
+        stats = await (await client.get("/api/ws/stats")).get_json()
+        assert stats["active_connections"] == 1
+        assert stats["subscriptions"] == {"market": 1, "symbol:BTC/USDT": 1}
+        assert stats["events_published"] == 1
+        assert stats["deliveries"] == 1
+        metrics = await (await client.get("/metrics")).get_data(as_text=True)
+        assert "sigmax_ws_active_connections 1" in metrics
+        assert 'sigmax_ws_subscribers{key="symbol:BTC/USDT"} 1' in metrics
+
+
+async def test_openapi_and_asyncapi_documents(server):
+    client = server.app.test_client()
+    openapi = await (await client.get("/openapi.json")).get_json()
+    assert {"/api/events", "/api/health", "/api/ws/stats"} <= set(openapi["paths"])
+    assert (await client.get("/docs")).status_code == 200
+    asyncapi = await (await client.get("/asyncapi.json")).get_json()
+    messages = asyncapi["components"]["messages"]
+    assert {"subscribed", "error", "market_update", "trade_executed"} <= set(messages)
+    assert "INVALID_TOPIC" in asyncapi["info"]["description"]
+
+
+async def test_cors_allows_configured_origins_only(server):
+    client = server.app.test_client()
+    allowed = await client.get("/api/health", headers={"Origin": "http://localhost:3000"})
+    assert allowed.headers.get("Access-Control-Allow-Origin") == "http://localhost:3000"
+    foreign = await client.get("/api/health", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in foreign.headers
