@@ -12,8 +12,9 @@ from quart_schema import QuartSchema
 
 from app.blueprints.api import api_bp
 from app.blueprints.docs import docs_bp
-from app.blueprints.ws import ASGI_SEND_KEY, ws_bp
+from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
+from app.services.connections import ASGI_SEND_KEY
 from app.services.events import SERVER_VERSION
 from app.services.gateway import Gateway
 from config import Config

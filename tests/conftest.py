@@ -135,5 +135,5 @@ async def server() -> AsyncIterator[RunningGateway]:
 
 @pytest.fixture
 def gateway_factory() -> Callable[..., Any]:
-    """`async with gateway_factory(WS_MAX_CONNECTIONS=2) as server:` for tests that need settings."""
+    """`async with gateway_factory(WS_MAX_CONNECTIONS=2) as server:`, for other settings."""
     return running_gateway

@@ -58,7 +58,8 @@ async def test_symbol_only_subscriber_gets_its_entries_of_market_updates(server)
 async def test_broadcast_helpers_of_the_connection_manager(server):
     manager = server.gateway.manager
     async with server.subscribed(["alerts"]) as alerts, \
-            server.subscribed(symbols=["SOL/USDT"]) as sol:
+            server.subscribed() as sol:
+        await manager.subscribe(list(manager.connections)[1], "symbol:SOL/USDT")
         await manager.broadcast({"type": "alert", "data": {"message": "hello"}})
         await manager.broadcast_to_symbols(["SOL/USDT"], {"type": "analysis_update",
                                                           "data": {"symbol": "SOL/USDT"}})

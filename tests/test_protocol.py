@@ -182,3 +182,17 @@ async def test_oversized_message_is_closed_with_1009(gateway_factory):
         async with server.client() as client:
             await client.greeting()
             assert (await client.request("ping"))["type"] == "pong"
+
+
+async def test_a_failing_command_is_an_internal_error_and_the_connection_survives(server):
+    async def broken(connection):
+        raise ZeroDivisionError("bug")
+
+    server.gateway.add_command("broken", "read", broken)
+    async with server.client() as client:
+        await client.greeting()
+        error = await client.request("command", {"command": "broken"})
+        assert error["type"] == "error"
+        assert error["data"]["code"] == "INTERNAL_ERROR"
+        assert "bug" not in error["data"]["details"]
+        assert (await client.request("ping"))["type"] == "pong"

@@ -72,7 +72,7 @@ def asyncapi_document() -> dict[str, Any]:
         },
         "channels": {
             "/api/ws": {
-                "publish": {"message": {"oneOf": [{"$ref": "#/components/messages/ClientMessage"}]}},
+                "publish": {"message": {"$ref": "#/components/messages/ClientMessage"}},
                 "subscribe": {"message": {"oneOf": [
                     {"$ref": f"#/components/messages/{name}"}
                     for name in list(REPLIES) + list(EVENT_TOPICS)]}},

@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -21,18 +21,19 @@ from quart_schema.mixins import SchemaValidationError
 
 from app.errors import describe_validation_error, excerpt
 from app.models import ClientMessage, CommandData, SubscriptionData
-from app.services.connections import Connection
+from app.services.connections import ASGI_SEND_KEY, Connection, ConnectionLimitExceeded
 from app.services.events import (
     SERVER_VERSION,
     SYMBOL_PREFIX,
     TOPICS,
+    ClientError,
     CloseCode,
     ErrorCode,
     envelope,
     error_envelope,
     normalize_symbol,
 )
-from app.services.gateway import CommandError, Gateway
+from app.services.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,6 @@ ws_bp = Blueprint("ws", __name__)
 
 MESSAGE_TYPES = ("subscribe", "unsubscribe", "ping", "pong", "command", "get_status",
                  "get_subscriptions")
-ASGI_SEND_KEY = "sigmax.asgi_send"
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: str, error: str, details: str) -> None:
-        super().__init__(error)
-        self.code = code
-        self.error = error
-        self.details = details
 
 
 @ws_bp.websocket("/api/ws")
@@ -58,30 +50,29 @@ async def gateway_socket() -> Response | None:
     gateway: Gateway = current_app.extensions["gateway"]
     if not _origin_allowed(gateway.config.CORS_ORIGINS):
         return Response("Origin not allowed", status=403)
-    send = websocket.scope[ASGI_SEND_KEY]  # type: ignore[typeddict-item]
+    send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
     await websocket.accept()
 
     presented = websocket.args.get("api_key") or websocket.headers.get("X-API-Key")
     principal = gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.counters["auth_failures"] += 1
-        await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED, error_envelope(
-            ErrorCode.AUTHENTICATION_FAILED, "Invalid API key",
-            "Pass a valid key as ?api_key= or in the X-API-Key header"
-            if presented else "This gateway requires an API key (?api_key= or X-API-Key)",
-            None))
+        await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
+                      "Invalid API key",
+                      "Pass a valid key as ?api_key= or in the X-API-Key header" if presented
+                      else "This gateway requires an API key (?api_key= or X-API-Key)")
         return None
-    remote = websocket.remote_addr or ""
-    conn = gateway.manager.open(send, principal=principal.name, scopes=principal.scopes,
-                                remote=remote)
-    if conn is None:
+    try:
+        connection_id = await gateway.manager.connect(websocket, {
+            "principal": principal.name, "scopes": principal.scopes,
+            "remote": websocket.remote_addr or ""})
+    except ConnectionLimitExceeded:
         await _refuse(send, CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
-                      error_envelope(
-            ErrorCode.MAX_CONNECTIONS_EXCEEDED, "Connection limit reached",
-            f"The gateway serves at most {gateway.manager.max_connections} connections; "
-            "retry later", None))
+                      "Connection limit reached",
+                      f"The gateway serves at most {gateway.manager.max_connections} "
+                      "connections; retry later")
         return None
-
+    conn = gateway.manager.connections[connection_id]
     conn.send_direct(envelope("connected", {
         "message": "Connected to SIGMAX",
         "connection_id": conn.id,
@@ -109,24 +100,18 @@ def _origin_allowed(allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc == websocket.headers.get("Host")
 
 
-async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], code: int, reason: str,
-                  notice: str) -> None:
-    await send({"type": "websocket.send", "text": notice})
-    await send({"type": "websocket.close", "code": code, "reason": reason})
+async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], close_code: int,
+                  code: str, error: str, details: str) -> None:
+    """Tell the client why with an error event, then close with `close_code`."""
+    await send({"type": "websocket.send", "text": error_envelope(code, error, details, None)})
+    await send({"type": "websocket.close", "code": close_code, "reason": code})
 
 
 async def _read_messages(gateway: Gateway, conn: Connection) -> None:
-    try:
-        while True:
-            raw = await websocket.receive()
-            conn.touch()
-            await handle_message(gateway, conn, raw)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        # A bug, not bad input: say so with 1011 rather than leaving a dead reader behind.
-        log.exception("reader of connection %s failed", conn.id)
-        conn.close(1011, "internal error")
+    while True:
+        raw = await websocket.receive()
+        conn.touch()
+        await handle_message(gateway, conn, raw)
 
 
 async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | None) -> None:
@@ -140,29 +125,32 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
         message = _load(payload, ClientMessage)
         handler = HANDLERS.get(message.type)
         if handler is None:
-            raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
+            raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
                                 f"Message type {message.type!r} is not one of "
                                 f"{', '.join(MESSAGE_TYPES)}")
         await handler(gateway, conn, message)
-    except ProtocolError as error:
+    except ClientError as error:
         conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
                                         request_id))
-    except CommandError as error:
-        conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
-                                        request_id))
+    except Exception:
+        # A bug, not the client's fault: logged, answered, and the connection stays usable.
+        log.exception("message of connection %s failed", conn.id)
+        conn.send_direct(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal error",
+                                        "The gateway failed to process this message; it has "
+                                        "been logged", conn.id, request_id))
 
 
 def _parse(raw: str | bytes | None) -> dict[str, Any]:
     if not raw:  # Quart gives None for an empty binary frame
-        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message",
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message",
                             "Send one JSON object per message")
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON",
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON",
                             f"{error}: {_excerpt(raw)}") from None
     if not isinstance(payload, dict):
-        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Message must be a JSON object",
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Message must be a JSON object",
                             f"Got {type(payload).__name__}: {_excerpt(raw)}")
     return payload
 
@@ -177,7 +165,7 @@ def _load(data: dict[str, Any], model: type[Any]) -> Any:
     try:
         return model_load(data, model, SchemaValidationError)
     except SchemaValidationError as error:
-        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid message",
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid message",
                             describe_validation_error(error.validation_error)) from None
 
 
@@ -194,7 +182,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], int | N
             if topic not in topics:
                 topics.append(topic)
         else:
-            raise ProtocolError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
+            raise ClientError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
                                 f"Topic {raw_topic!r} does not exist; available: "
                                 f"{', '.join(TOPICS)}")
     for raw_symbol in data.symbols:
@@ -205,7 +193,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], int | N
 def _add_symbol(symbols: list[str], raw: str) -> None:
     symbol = normalize_symbol(raw)
     if symbol is None:
-        raise ProtocolError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
+        raise ClientError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
                             f"Symbol {raw!r} is not BASE/QUOTE (for example BTC/USDT)")
     if symbol not in symbols:
         symbols.append(symbol)
@@ -235,7 +223,8 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
 
 async def _unsubscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
     topics, symbols, _ = _subscription(message)
-    gateway.manager.index.remove(conn, _keys(topics, symbols))
+    for key in _keys(topics, symbols):
+        await gateway.manager.unsubscribe(conn.id, key)
     conn.send_direct(envelope("unsubscribed", {
         "topics": topics,
         "symbols": symbols,
@@ -269,18 +258,18 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
     data: CommandData = _load(message.data or {}, CommandData)
     command = gateway.commands.get(data.command)
     if command is None:
-        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
                             f"Command {data.command!r} is not one of "
                             f"{', '.join(sorted(gateway.commands))}")
     if command.scope not in conn.scopes:
-        raise ProtocolError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
+        raise ClientError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
                             f"Command {data.command!r} needs an API key with the "
                             f"{command.scope!r} scope")
     args = data.model_extra or {}
     try:
         inspect.signature(command.handler).bind(conn, **args)
     except TypeError as error:
-        raise ProtocolError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
                             f"Command {data.command!r}: {error}") from None
     result = await command.handler(conn, **args)
     conn.send_direct(envelope("command_result", {

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from app.services.bus import EventBus
 from app.services.events import (
@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ConflationKey = tuple[str, str | None]
+# Where the app's ASGI middleware puts each WebSocket's raw ASGI `send` (see app/__init__.py).
+ASGI_SEND_KEY = "sigmax.asgi_send"
 HEARTBEAT_KEY: ConflationKey = ("ping", None)
+
+
+class ConnectionLimitExceeded(Exception):
+    pass
 
 
 def matches(keys: set[str], event: Event) -> bool:
@@ -280,27 +286,21 @@ class ConnectionManager:
 
     # -- registry ---------------------------------------------------------------------------
 
-    def open(self, send: ASGISend, *, principal: str, scopes: frozenset[str],
-             remote: str) -> Connection | None:
-        """Register a new connection, or None when the limit is reached."""
+    async def connect(self, websocket: Any, metadata: dict[str, Any]) -> str:
+        """Register an accepted WebSocket (spec API). `metadata`: principal, scopes, remote.
+
+        Raises ConnectionLimitExceeded when the limit is reached."""
         if len(self.connections) >= self.max_connections:
             self.counters["connections_rejected"] += 1
-            return None
-        conn = Connection(send, queue_size=self.queue_size, close_timeout=self.close_timeout,
-                          principal=principal, scopes=scopes, remote=remote,
-                          joined_seq=self.bus.head)
+            raise ConnectionLimitExceeded(self.max_connections)
+        conn = Connection(cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY],
+                          queue_size=self.queue_size, close_timeout=self.close_timeout,
+                          principal=metadata.get("principal", "anonymous"),
+                          scopes=frozenset(metadata.get("scopes", ())),
+                          remote=metadata.get("remote", ""), joined_seq=self.bus.head)
         conn.on_slow_consumer = self._count_slow_consumer
         self.connections[conn.id] = conn
         self.counters["connections_total"] += 1
-        return conn
-
-    async def connect(self, send: ASGISend, metadata: dict[str, Any]) -> str:
-        """Register a connection (spec API); raises RuntimeError when the limit is reached."""
-        conn = self.open(send, principal=metadata.get("principal", "anonymous"),
-                         scopes=frozenset(metadata.get("scopes", ())),
-                         remote=metadata.get("remote", ""))
-        if conn is None:
-            raise RuntimeError("MAX_CONNECTIONS_EXCEEDED")
         return conn.id
 
     def forget(self, conn: Connection) -> None:
@@ -324,6 +324,7 @@ class ConnectionManager:
     # -- subscriptions ----------------------------------------------------------------------
 
     async def subscribe(self, connection_id: str, topic: str) -> None:
+        """Add one routing key (`market`, `symbol:BTC/USDT`, ...) to a connection."""
         self.index.add(self.connections[connection_id], [topic])
 
     async def unsubscribe(self, connection_id: str, topic: str) -> None:

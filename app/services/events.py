@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -55,6 +55,18 @@ class ErrorCode:
     FORBIDDEN_COMMAND = "FORBIDDEN_COMMAND"
     SLOW_CONSUMER = "SLOW_CONSUMER"
     CONNECTION_TIMEOUT = "CONNECTION_TIMEOUT"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class ClientError(Exception):
+    """A client message that cannot be carried out: becomes an `error` event
+    `{error, code, details}` to that client; the connection stays open."""
+
+    def __init__(self, code: str, error: str, details: str) -> None:
+        super().__init__(error)
+        self.code = code
+        self.error = error
+        self.details = details
 
 
 class CloseCode:
@@ -72,7 +84,7 @@ def normalize_symbol(value: str) -> str | None:
 
 def utc_timestamp(epoch: float | None = None) -> str:
     """UTC ISO 8601 with milliseconds and `Z`, as in the spec's examples."""
-    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, timezone.utc)
+    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -18,16 +18,6 @@ from config import Config
 CommandHandler = Callable[..., Awaitable[Any]]
 
 
-class CommandError(Exception):
-    """A command that cannot be carried out; becomes an `error` event with `code`."""
-
-    def __init__(self, code: str, error: str, details: str) -> None:
-        super().__init__(error)
-        self.code = code
-        self.error = error
-        self.details = details
-
-
 @dataclass(frozen=True)
 class Command:
     name: str
