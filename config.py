@@ -34,6 +34,9 @@ class Config:
     WS_MAX_MESSAGE_SIZE: int = 1 * MIB
     # Frames waiting for one connection before the slow-consumer policy applies.
     WS_SEND_QUEUE_SIZE: int = 1000
+    # Write pre-framed events straight to each connection's TCP transport when served by
+    # Hypercorn's asyncio worker over HTTP/1.1 (see app/services/transport.py); off = ASGI send.
+    WS_FAST_PATH: bool = True
     # How long a server-initiated close may wait for the client before the connection is dropped.
     WS_CLOSE_TIMEOUT: float = 5.0
 

@@ -124,6 +124,7 @@ class Health(BaseModel):
 
 class ConnectionStats(BaseModel):
     active_connections: int
+    fast_path_connections: int
     max_connections: int
     connections_total: int
     connections_rejected: int

@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import pytest
@@ -127,13 +128,17 @@ async def running_gateway(**settings: Any) -> AsyncIterator[RunningGateway]:
         await asyncio.wait_for(server, 10)
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[RunningGateway]:
-    async with running_gateway() as running:
+# Every end-to-end test runs on both write paths: straight to the transport, and ASGI send.
+WRITE_PATHS = [pytest.param(True, id="fast-path"), pytest.param(False, id="asgi-send")]
+
+
+@pytest.fixture(params=WRITE_PATHS)
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[RunningGateway]:
+    async with running_gateway(WS_FAST_PATH=request.param) as running:
         yield running
 
 
-@pytest.fixture
-def gateway_factory() -> Callable[..., Any]:
+@pytest.fixture(params=WRITE_PATHS)
+def gateway_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """`async with gateway_factory(WS_MAX_CONNECTIONS=2) as server:`, for other settings."""
-    return running_gateway
+    return partial(running_gateway, WS_FAST_PATH=request.param)

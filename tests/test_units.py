@@ -82,7 +82,7 @@ class TestSlowConsumerPolicy:
         for seq in range(1, 9):
             symbol = "BTC/USDT" if seq % 2 else "ETH/USDT"
             event = stamped(seq, "market_update", [{"symbol": symbol, "price": seq}])
-            conn.deliver(event, event.frame)
+            conn.deliver(event, event.frame, event.wire)
         assert not conn.closing
         assert conn.queue_depth <= 4
         assert conn.conflated > 0
@@ -94,7 +94,7 @@ class TestSlowConsumerPolicy:
         conn = connection(queue_size=3, send=send)
         for seq in range(1, 5):
             event = stamped(seq, "trade_executed", {"n": seq})
-            conn.deliver(event, event.frame)
+            conn.deliver(event, event.frame, event.wire)
         assert conn.closing
         assert conn.close_code == 1008 and conn.close_reason == "SLOW_CONSUMER"
         await asyncio.wait_for(conn.run_writer(), 2)
@@ -105,9 +105,9 @@ class TestSlowConsumerPolicy:
         conn = connection(queue_size=3)
         for seq in (1, 2, 3):
             event = stamped(seq, "portfolio_update", {"v": seq})
-            conn.deliver(event, event.frame)
+            conn.deliver(event, event.frame, event.wire)
         trade = stamped(4, "trade_executed", {"n": 4})
-        conn.deliver(trade, trade.frame)
+        conn.deliver(trade, trade.frame, trade.wire)
         assert not conn.closing
         assert [json.loads(f)["seq"] for f, _ in conn._queue] == [3, 4]
 
@@ -117,7 +117,7 @@ class TestSlowConsumerPolicy:
         writer = asyncio.create_task(conn.run_writer())
         for seq in range(1, 4):
             event = stamped(seq, "alert", {"n": seq})
-            conn.deliver(event, event.frame)
+            conn.deliver(event, event.frame, event.wire)
         await asyncio.sleep(0.01)
         conn.close(1001, "bye")
         await asyncio.wait_for(writer, 2)
@@ -130,7 +130,7 @@ class TestSlowConsumerPolicy:
         conn = Connection(send, queue_size=10, close_timeout=0.1)
         writer = asyncio.create_task(conn.run_writer())
         event = stamped(1, "alert", {})
-        conn.deliver(event, event.frame)
+        conn.deliver(event, event.frame, event.wire)
         await asyncio.sleep(0.01)
         conn.close(1008, "SLOW_CONSUMER")
         with pytest.raises(asyncio.CancelledError):

@@ -25,6 +25,7 @@ from app.services.events import (
     envelope,
     error_envelope,
 )
+from app.services.transport import RawTransport, raw_transport, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ ConflationKey = tuple[str, str | None]
 # Where the app's ASGI middleware puts each WebSocket's raw ASGI `send` (see app/__init__.py).
 ASGI_SEND_KEY = "sigmax.asgi_send"
 HEARTBEAT_KEY: ConflationKey = ("ping", None)
+# Bytes a transport may hold unsent before frames wait in the connection's own queue instead
+# (asyncio's default high-water mark).
+WRITE_BUFFER_LIMIT = 64 * 1024
 
 
 class ConnectionLimitExceeded(Exception):
@@ -50,8 +54,9 @@ class Connection:
     """One WebSocket client: its subscriptions, its send queue and its writer."""
 
     def __init__(self, send: ASGISend, *, queue_size: int, close_timeout: float,
-                 principal: str = "anonymous", scopes: frozenset[str] = frozenset(),
-                 remote: str = "", joined_seq: int = 0) -> None:
+                 raw: RawTransport | None = None, principal: str = "anonymous",
+                 scopes: frozenset[str] = frozenset(), remote: str = "",
+                 joined_seq: int = 0) -> None:
         self.id = str(uuid.uuid4())
         self.principal = principal
         self.scopes = scopes
@@ -68,6 +73,10 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self._send = send
+        # With a raw transport, frames are written at once while the client keeps up; the
+        # queue and the writer task only serve clients that fall behind.
+        self._transport = raw.transport if raw is not None else None
+        self._drain = raw.drain if raw is not None else None
         self._queue: deque[tuple[str, ConflationKey | None]] = deque()
         self._queue_size = queue_size
         self._close_timeout = close_timeout
@@ -82,6 +91,10 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self.close_code is not None
+
+    @property
+    def fast_path(self) -> bool:
+        return self._transport is not None
 
     @property
     def queue_depth(self) -> int:
@@ -102,17 +115,18 @@ class Connection:
 
     def send_direct(self, frame: str) -> None:
         """Queue a reply or notice for this connection only. Never dropped."""
-        self._enqueue(frame, None)
+        self._push(frame, None, None)
 
     def send_ping(self) -> None:
         # Conflated like a snapshot: a stalled client needs no pile of pings.
-        self._enqueue(envelope("ping", {}, self.id), HEARTBEAT_KEY)
+        self._push(envelope("ping", {}, self.id), None, HEARTBEAT_KEY)
 
-    def deliver(self, event: Event, frame: str) -> None:
+    def deliver(self, event: Event, frame: str, wire: bytes | None) -> None:
+        """Hand over one stream event: `frame` as text, `wire` the same as a WebSocket frame."""
         if self._held is not None:
             self._held.append((event.seq, frame, event.conflation_key))
         else:
-            self._enqueue(frame, event.conflation_key)
+            self._push(frame, wire, event.conflation_key)
 
     def hold(self) -> None:
         """Keep live events aside while a replay is fetched, so nothing overtakes it."""
@@ -130,12 +144,19 @@ class Connection:
             self._wakeup.set()
         for seq, frame, key in held:
             if seq > last:
-                self._enqueue(frame, key)
+                self._push(frame, None, key)
 
-    def _enqueue(self, frame: str, key: ConflationKey | None) -> None:
+    def _push(self, frame: str, wire: bytes | None, key: ConflationKey | None) -> None:
         if self.closing:
             return
         queue = self._queue
+        transport = self._transport
+        if (not queue and transport is not None
+                and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
+            if not transport.is_closing():
+                transport.write(text_frame(frame.encode()) if wire is None else wire)
+                self.sent += 1
+            return
         if (len(queue) >= self._queue_size + self._replay_backlog
                 and not self._make_room(key)):
             self.on_slow_consumer(self)
@@ -178,27 +199,57 @@ class Connection:
         self.close_reason = reason
         if discard_pending:
             self._queue.clear()
+            self._replay_backlog = 0
         if notice is not None:
             self._queue.append((notice, None))
         self._wakeup.set()
-        # A client that stopped reading blocks the writer in a send; past the timeout the
-        # writer is cancelled, which ends the connection whatever the client does.
+        # A client that stopped reading blocks the writer; past the timeout the connection is
+        # dropped whatever the client does.
         if self._writer is not None:
             self._abort_timer = asyncio.get_running_loop().call_later(
-                self._close_timeout, self._writer.cancel)
+                self._close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def run_writer(self) -> None:
         """Send queued frames until closed. Runs in the connection's handler task."""
         self._writer = asyncio.current_task()
         try:
-            await self._write_until_closed()
+            if self._transport is not None:
+                await self._write_transport_until_closed()
+            else:
+                await self._send_until_closed()
+            await self._send({"type": "websocket.close", "code": self.close_code,
+                              "reason": self.close_reason})
         finally:
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
 
-    async def _write_until_closed(self) -> None:
-        send = self._send
-        queue = self._queue
+    async def _write_transport_until_closed(self) -> None:
+        transport, drain, queue = self._transport, self._drain, self._queue
+        assert transport is not None and drain is not None
+        while True:
+            if queue:
+                frames = b"".join(text_frame(item[0].encode()) for item in queue)
+                self.sent += len(queue)
+                queue.clear()
+                self._replay_backlog = 0
+                if transport.is_closing():
+                    return
+                transport.write(frames)
+                await drain()  # returns once the client has taken most of it
+                continue
+            if self.closing:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _send_until_closed(self) -> None:
+        send, queue = self._send, self._queue
         while True:
             while queue:
                 frame = queue.popleft()[0]
@@ -207,11 +258,9 @@ class Connection:
                 await send({"type": "websocket.send", "text": frame})
                 self.sent += 1
             if self.closing:
-                break
+                return
             self._wakeup.clear()
             await self._wakeup.wait()
-        await send({"type": "websocket.close", "code": self.close_code,
-                    "reason": self.close_reason})
 
 
 class SubscriptionIndex:
@@ -259,13 +308,14 @@ class ConnectionManager:
 
     def __init__(self, bus: EventBus, *, max_connections: int, queue_size: int,
                  heartbeat_interval: float, connection_timeout: float,
-                 close_timeout: float) -> None:
+                 close_timeout: float, fast_path: bool = True) -> None:
         self.bus = bus
         self.max_connections = max_connections
         self.queue_size = queue_size
         self.heartbeat_interval = heartbeat_interval
         self.connection_timeout = connection_timeout
         self.close_timeout = close_timeout
+        self.fast_path = fast_path
         self.index = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
         self.started = time.time()
@@ -293,8 +343,9 @@ class ConnectionManager:
         if len(self.connections) >= self.max_connections:
             self.counters["connections_rejected"] += 1
             raise ConnectionLimitExceeded(self.max_connections)
-        conn = Connection(cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY],
-                          queue_size=self.queue_size, close_timeout=self.close_timeout,
+        send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
+        conn = Connection(send, queue_size=self.queue_size, close_timeout=self.close_timeout,
+                          raw=raw_transport(send) if self.fast_path else None,
                           principal=metadata.get("principal", "anonymous"),
                           scopes=frozenset(metadata.get("scopes", ())),
                           remote=metadata.get("remote", ""), joined_seq=self.bus.head)
@@ -391,17 +442,19 @@ class ConnectionManager:
         deliveries = 0
         for event in events:
             whole, by_symbol = index.recipients(event)
-            frame = event.frame
+            frame, wire = event.frame, event.wire
             for conn in whole:
-                conn.deliver(event, frame)
+                conn.deliver(event, frame, wire)
                 deliveries += 1
             if by_symbol:
-                views: dict[frozenset[str], str] = {}
+                views: dict[frozenset[str], tuple[str, bytes]] = {}
                 for conn in by_symbol:
-                    view = conn.symbols
-                    if view not in views:
-                        views[view] = conn.frame_for(event)
-                    conn.deliver(event, views[view])
+                    view = views.get(conn.symbols)
+                    if view is None:
+                        text = conn.frame_for(event)
+                        view = views[conn.symbols] = (
+                            text, wire if text is frame else text_frame(text.encode()))
+                    conn.deliver(event, *view)
                     deliveries += 1
         self.counters["events_published"] += len(events)
         self.counters["deliveries"] += deliveries
@@ -437,6 +490,7 @@ class ConnectionManager:
         topic_counts = self.index.counts()
         return {
             "active_connections": len(self.connections),
+            "fast_path_connections": sum(1 for c in conns if c.fast_path),
             "max_connections": self.max_connections,
             **self.counters,
             "messages_sent": self._closed_sent + sum(c.sent for c in conns),
@@ -464,6 +518,7 @@ class ConnectionManager:
             "frames_conflated": conn.conflated,
             "queue_depth": conn.queue_depth,
             "queue_high_water": conn.queue_high_water,
+            "fast_path": conn.fast_path,
         }
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from app.services.transport import text_frame
+
 SERVER_VERSION = "2.0.0"
 
 TOPICS = ("all", "proposals", "executions", "analysis", "status", "market", "portfolio",
@@ -115,7 +117,7 @@ class Event:
     """
 
     __slots__ = ("type", "topic", "symbols", "data", "data_json", "timestamp", "created",
-                 "seq", "frame")
+                 "seq", "frame", "wire", "conflation_key")
 
     def __init__(self, type_: str, data: Any, *, topic: str | None = None,
                  symbol: str | None = None, data_json: str | None = None) -> None:
@@ -129,21 +131,21 @@ class Event:
         self.timestamp = utc_timestamp(self.created)
         self.seq = 0
         self.frame = ""
+        self.wire = b""
+        self.conflation_key: tuple[str, str | None] | None = None
+        if type_ in CONFLATABLE_TYPES:
+            self.conflation_key = (type_, self.symbols[0] if len(self.symbols) == 1 else None)
 
     def stamp(self, seq: int) -> None:
-        """Give the event its place in the stream and build the frame every subscriber gets."""
+        """Give the event its place in the stream and build the frame every subscriber gets,
+        as text and as a WebSocket frame."""
         self.seq = seq
         self.frame = self.render(self.data_json)
+        self.wire = text_frame(self.frame.encode())
 
     def render(self, data_json: str) -> str:
         return (f'{{"type":"{self.type}","data":{data_json},"timestamp":"{self.timestamp}",'
                 f'"connection_id":null,"seq":{self.seq}}}')
-
-    @property
-    def conflation_key(self) -> tuple[str, str | None] | None:
-        if self.type not in CONFLATABLE_TYPES:
-            return None
-        return (self.type, self.symbols[0] if len(self.symbols) == 1 else None)
 
     def view_for(self, symbols: frozenset[str]) -> str:
         """The frame restricted to the entries of `symbols` (per-symbol lists only)."""

@@ -36,6 +36,7 @@ class Gateway:
             heartbeat_interval=config.WS_HEARTBEAT_INTERVAL,
             connection_timeout=config.WS_CONNECTION_TIMEOUT,
             close_timeout=config.WS_CLOSE_TIMEOUT,
+            fast_path=config.WS_FAST_PATH,
         )
         self.api_keys = ApiKeys(config.API_KEYS)
         self.commands: dict[str, Command] = {}
