@@ -175,3 +175,47 @@ async def test_a_stalled_client_does_not_slow_the_others(gateway_factory):
                 last = await stalled.recv(timeout=10)
         assert last is not None and last["data"]["code"] == "SLOW_CONSUMER"
         assert stalled.ws.close_code == 1008
+
+
+async def test_fast_path_is_taken_when_enabled(server):
+    async with server.subscribed(["alerts"]):
+        stats = server.gateway.manager.get_stats()
+        expected = 1 if server.gateway.config.WS_FAST_PATH else 0
+        assert stats["fast_path_connections"] == expected
+
+
+@pytest.mark.parametrize("compression", ["deflate", None])
+async def test_clients_with_and_without_permessage_deflate(server, compression):
+    async with server.client(compression=compression) as client:
+        negotiated = [type(e).__name__ for e in client.ws.protocol.extensions]
+        assert negotiated == (["PerMessageDeflate"] if compression else [])
+        await client.greeting()
+        await client.request("subscribe", {"topics": ["alerts"]})
+        big = {"pad": "y" * 70_000}  # 64-bit length frame
+        for n in range(3):
+            await server.publish("alert", {"n": n, **(big if n == 1 else {})})
+        events = [await client.recv_event() for _ in range(3)]
+        assert [e["data"]["n"] for e in events] == [0, 1, 2]
+        assert events[1]["data"]["pad"] == big["pad"]
+        assert (await client.request("ping"))["type"] == "pong"
+
+
+async def test_a_stalled_client_is_dropped_after_the_close_timeout(gateway_factory):
+    async with gateway_factory(WS_SEND_QUEUE_SIZE=20, WS_CLOSE_TIMEOUT=0.5) as server:
+        manager = server.gateway.manager
+        async with server.client(sock=stalled_socket(server.port), max_queue=1,
+                                 compression=None) as stalled:
+            await stalled.greeting()
+            await stalled.request("subscribe", {"topics": ["alerts"]})
+            for n in range(4000):  # bounded; stops once the client is cut off
+                await server.publish("alert", {"n": n, "pad": "z" * 2000})
+                if n % 50 == 0:
+                    await asyncio.sleep(0.001)
+                if manager.counters["slow_consumer_closes"]:
+                    break
+            assert manager.counters["slow_consumer_closes"] == 1
+            for _ in range(100):
+                if not manager.connections:
+                    break
+                await asyncio.sleep(0.05)
+            assert manager.connections == {}
