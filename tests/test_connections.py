@@ -138,7 +138,7 @@ async def test_a_stalled_client_does_not_slow_the_others(gateway_factory):
                    for _ in range(100)]
         # No permessage-deflate: repeated payloads would compress to nothing and never stall.
         stalled = await stack.enter_async_context(server.client(
-            sock=stalled_socket(server.port), max_queue=1, compression=None))
+            sock=stalled_socket(server.port), max_queue=1, close_timeout=0.5, compression=None))
         await stalled.greeting()
         await stalled.request("subscribe", {"topics": ["alerts"]})
 
@@ -203,7 +203,7 @@ async def test_clients_with_and_without_permessage_deflate(server, compression):
 async def test_a_stalled_client_is_dropped_after_the_close_timeout(gateway_factory):
     async with gateway_factory(WS_SEND_QUEUE_SIZE=20, WS_CLOSE_TIMEOUT=0.5) as server:
         manager = server.gateway.manager
-        async with server.client(sock=stalled_socket(server.port), max_queue=1,
+        async with server.client(sock=stalled_socket(server.port), max_queue=1, close_timeout=0.5,
                                  compression=None) as stalled:
             await stalled.greeting()
             await stalled.request("subscribe", {"topics": ["alerts"]})

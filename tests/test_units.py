@@ -86,7 +86,7 @@ class TestSlowConsumerPolicy:
         assert not conn.closing
         assert conn.queue_depth <= 4
         assert conn.conflated > 0
-        kept = [json.loads(frame)["seq"] for frame, _ in conn._queue]
+        kept = [json.loads(frame)["seq"] for frame, _ in conn._pending]
         assert kept[-2:] == [7, 8]  # the newest of each symbol survives
 
     async def test_events_that_must_not_be_lost_close_the_connection(self):
@@ -97,7 +97,7 @@ class TestSlowConsumerPolicy:
             conn.deliver(event, event.frame, event.wire)
         assert conn.closing
         assert conn.close_code == 1008 and conn.close_reason == "SLOW_CONSUMER"
-        await asyncio.wait_for(conn.run_writer(), 2)
+        await asyncio.wait_for(conn.closed(), 2)
         assert [f["data"]["code"] for f in send.frames] == ["SLOW_CONSUMER"]
         assert send.closed is not None and send.closed["code"] == 1008
 
@@ -109,32 +109,39 @@ class TestSlowConsumerPolicy:
         trade = stamped(4, "trade_executed", {"n": 4})
         conn.deliver(trade, trade.frame, trade.wire)
         assert not conn.closing
-        assert [json.loads(f)["seq"] for f, _ in conn._queue] == [3, 4]
+        assert [json.loads(f)["seq"] for f, _ in conn._pending] == [3, 4]
 
     async def test_writer_sends_in_order_then_closes(self):
         send = RecordingSend()
         conn = connection(send=send)
-        writer = asyncio.create_task(conn.run_writer())
+        conn.attach()
         for seq in range(1, 4):
             event = stamped(seq, "alert", {"n": seq})
             conn.deliver(event, event.frame, event.wire)
         await asyncio.sleep(0.01)
         conn.close(1001, "bye")
-        await asyncio.wait_for(writer, 2)
+        await asyncio.wait_for(conn.closed(), 2)
         assert [f["seq"] for f in send.frames] == [1, 2, 3]
         assert send.closed == {"type": "websocket.close", "code": 1001, "reason": "bye"}
 
     async def test_close_of_a_blocked_writer_gives_up_after_the_timeout(self):
         send = RecordingSend()
         send.blocked.clear()  # the client never reads
+
+        async def handler() -> None:
+            conn.attach()
+            await asyncio.sleep(10)  # stands for the handler waiting on the client
+
         conn = Connection(send, queue_size=10, close_timeout=0.1)
-        writer = asyncio.create_task(conn.run_writer())
+        task = asyncio.create_task(handler())
+        await asyncio.sleep(0)
         event = stamped(1, "alert", {})
         conn.deliver(event, event.frame, event.wire)
         await asyncio.sleep(0.01)
         conn.close(1008, "SLOW_CONSUMER")
         with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(writer, 2)
+            await asyncio.wait_for(task, 2)
+        assert send.closed is None
 
 
 class TestMemoryBus:

@@ -6,7 +6,6 @@ and the connection stays open.
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -82,13 +81,15 @@ async def gateway_socket() -> Response | None:
         "last_seq": gateway.bus.head,
     }, conn.id))
     conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))
-    reader = asyncio.create_task(_read_messages(gateway, conn))
+    conn.attach()
     try:
-        await conn.run_writer()
+        while True:
+            raw = await websocket.receive()
+            conn.touch()
+            await handle_message(gateway, conn, raw)
     finally:
-        reader.cancel()
+        conn.detach()
         gateway.manager.forget(conn)
-    return None
 
 
 def _origin_allowed(allowed: tuple[str, ...]) -> bool:
@@ -105,13 +106,6 @@ async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], close_code:
     """Tell the client why with an error event, then close with `close_code`."""
     await send({"type": "websocket.send", "text": error_envelope(code, error, details, None)})
     await send({"type": "websocket.close", "code": close_code, "reason": code})
-
-
-async def _read_messages(gateway: Gateway, conn: Connection) -> None:
-    while True:
-        raw = await websocket.receive()
-        conn.touch()
-        await handle_message(gateway, conn, raw)
 
 
 async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | None) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
@@ -51,7 +50,18 @@ def matches(keys: set[str], event: Event) -> bool:
 
 
 class Connection:
-    """One WebSocket client: its subscriptions, its send queue and its writer."""
+    """One WebSocket client: its subscriptions, its pending frames and their writer.
+
+    With a raw transport, frames are written at once while the client keeps up, and a writer
+    task exists only while the client is behind. Without one, every frame goes through the
+    ASGI `send` of a writer task that lives as long as the connection.
+    """
+
+    __slots__ = ("id", "principal", "scopes", "remote", "connected_at", "last_seen",
+                 "last_ping", "joined_seq", "keys", "symbols", "sent", "conflated",
+                 "queue_high_water", "close_code", "close_reason", "on_slow_consumer",
+                 "_send", "_transport", "_drain", "_pending", "_queue_size", "_close_timeout",
+                 "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog")
 
     def __init__(self, send: ASGISend, *, queue_size: int, close_timeout: float,
                  raw: RawTransport | None = None, principal: str = "anonymous",
@@ -72,21 +82,20 @@ class Connection:
         self.queue_high_water = 0
         self.close_code: int | None = None
         self.close_reason = ""
+        self.on_slow_consumer: Callable[[Connection], None] = _ignore
         self._send = send
-        # With a raw transport, frames are written at once while the client keeps up; the
-        # queue and the writer task only serve clients that fall behind.
         self._transport = raw.transport if raw is not None else None
         self._drain = raw.drain if raw is not None else None
-        self._queue: deque[tuple[str, ConflationKey | None]] = deque()
+        self._pending: list[tuple[str, ConflationKey | None]] = []
         self._queue_size = queue_size
         self._close_timeout = close_timeout
-        self._writer: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._handler: asyncio.Task[Any] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
-        self._wakeup = asyncio.Event()
         self._held: list[tuple[int, str, ConflationKey | None]] | None = None
-        # Replayed frames still queued: they may exceed the bound (history is bounded itself).
+        # Replayed frames still pending: they may exceed the bound (history is bounded itself).
         self._replay_backlog = 0
-        self.on_slow_consumer: Callable[[Connection], None] = lambda conn: None
 
     @property
     def closing(self) -> bool:
@@ -98,7 +107,7 @@ class Connection:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._pending)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -113,8 +122,56 @@ class Connection:
             return event.view_for(self.symbols)
         return event.frame
 
+    # -- life cycle -------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Bind to the connection's handler task (the current one) and start sending."""
+        self._handler = asyncio.current_task()
+        if self._transport is None and self._writer is None:
+            self._start_writer()
+
+    def detach(self) -> None:
+        """The handler is ending: stop the writer and the close timer."""
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+
+    async def closed(self) -> None:
+        """Wait until the writer has sent the close frame (or given up)."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    def close(self, code: int, reason: str, *, notice: str | None = None,
+              discard_pending: bool = False) -> None:
+        """Send what is pending (or drop it), an optional notice, then the close frame."""
+        if self.closing:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        if discard_pending:
+            self._pending.clear()
+            self._replay_backlog = 0
+        if notice is not None:
+            self._pending.append((notice, None))
+        self._wake()
+        # A client that stopped reading blocks the writer; past the timeout the connection is
+        # dropped whatever the client does.
+        if self._handler is not None:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self._close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        for task in (self._writer, self._handler):
+            if task is not None:
+                task.cancel()
+
+    # -- sending ----------------------------------------------------------------------------
+
     def send_direct(self, frame: str) -> None:
-        """Queue a reply or notice for this connection only. Never dropped."""
+        """A reply or notice for this connection only. Never dropped."""
         self._push(frame, None, None)
 
     def send_ping(self) -> None:
@@ -133,15 +190,16 @@ class Connection:
         self._held = []
 
     def release(self, replayed: Iterable[Event]) -> None:
-        """Queue the replayed events, then the live ones held meanwhile that came after them."""
+        """Send the replayed events, then the live ones held meanwhile that came after them."""
         held, self._held = self._held or [], None
         last = 0
         if not self.closing:
             for event in replayed:
-                self._queue.append((self.frame_for(event), event.conflation_key))
+                self._pending.append((self.frame_for(event), event.conflation_key))
                 self._replay_backlog += 1
                 last = event.seq
-            self._wakeup.set()
+            if self._pending:
+                self._wake()
         for seq, frame, key in held:
             if seq > last:
                 self._push(frame, None, key)
@@ -149,15 +207,16 @@ class Connection:
     def _push(self, frame: str, wire: bytes | None, key: ConflationKey | None) -> None:
         if self.closing:
             return
-        queue = self._queue
+        pending = self._pending
         transport = self._transport
-        if (not queue and transport is not None
+        # Nothing of ours is waiting, so writing now keeps the order.
+        if (not pending and transport is not None
                 and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
             if not transport.is_closing():
                 transport.write(text_frame(frame.encode()) if wire is None else wire)
                 self.sent += 1
             return
-        if (len(queue) >= self._queue_size + self._replay_backlog
+        if (len(pending) >= self._queue_size + self._replay_backlog
                 and not self._make_room(key)):
             self.on_slow_consumer(self)
             self.close(CloseCode.POLICY_VIOLATION, "SLOW_CONSUMER", discard_pending=True,
@@ -166,101 +225,78 @@ class Connection:
                            f"More than {self._queue_size} events waited for this connection; "
                            "reconnect and subscribe with `since` to resume", self.id))
             return
-        queue.append((frame, key))
-        depth = len(queue)
+        pending.append((frame, key))
+        depth = len(pending)
         if depth > self.queue_high_water:
             self.queue_high_water = depth
         if depth == 1:
-            self._wakeup.set()
+            self._wake()
 
     def _make_room(self, key: ConflationKey | None) -> bool:
         """Conflate the full queue: keep only the newest snapshot per key, counting the one that
         is about to be added. True when there is room afterwards."""
         seen: set[ConflationKey] = set() if key is None else {key}
-        kept: deque[tuple[str, ConflationKey | None]] = deque()
-        for item in reversed(self._queue):
+        kept: list[tuple[str, ConflationKey | None]] = []
+        for item in reversed(self._pending):
             item_key = item[1]
             if item_key is not None:
                 if item_key in seen:
                     continue
                 seen.add(item_key)
-            kept.appendleft(item)
-        self.conflated += len(self._queue) - len(kept)
-        self._queue.clear()
-        self._queue.extend(kept)
+            kept.append(item)
+        kept.reverse()
+        self.conflated += len(self._pending) - len(kept)
+        self._pending[:] = kept
         return len(kept) < self._queue_size + self._replay_backlog
 
-    def close(self, code: int, reason: str, *, notice: str | None = None,
-              discard_pending: bool = False) -> None:
-        """Ask the writer to send what is queued (or drop it), an optional notice, then close."""
-        if self.closing:
-            return
-        self.close_code = code
-        self.close_reason = reason
-        if discard_pending:
-            self._queue.clear()
-            self._replay_backlog = 0
-        if notice is not None:
-            self._queue.append((notice, None))
-        self._wakeup.set()
-        # A client that stopped reading blocks the writer; past the timeout the connection is
-        # dropped whatever the client does.
-        if self._writer is not None:
-            self._abort_timer = asyncio.get_running_loop().call_later(
-                self._close_timeout, self._abort)
+    def _wake(self) -> None:
+        if self._writer is None:
+            self._start_writer()
+        elif self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
-    def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-        if self._writer is not None:
-            self._writer.cancel()
+    def _start_writer(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write())
 
-    async def run_writer(self) -> None:
-        """Send queued frames until closed. Runs in the connection's handler task."""
-        self._writer = asyncio.current_task()
+    async def _write(self) -> None:
+        """Send pending frames in order; then the close frame once closing. On the fast path
+        the task ends as soon as nothing is pending, and is started again when needed."""
+        transport, drain, send = self._transport, self._drain, self._send
         try:
-            if self._transport is not None:
-                await self._write_transport_until_closed()
-            else:
-                await self._send_until_closed()
-            await self._send({"type": "websocket.close", "code": self.close_code,
-                              "reason": self.close_reason})
-        finally:
-            if self._abort_timer is not None:
-                self._abort_timer.cancel()
-
-    async def _write_transport_until_closed(self) -> None:
-        transport, drain, queue = self._transport, self._drain, self._queue
-        assert transport is not None and drain is not None
-        while True:
-            if queue:
-                frames = b"".join(text_frame(item[0].encode()) for item in queue)
-                self.sent += len(queue)
-                queue.clear()
-                self._replay_backlog = 0
-                if transport.is_closing():
+            while True:
+                if self._pending:
+                    batch, self._pending = self._pending, []
+                    self._replay_backlog = 0
+                    self.sent += len(batch)
+                    if transport is None:
+                        for frame, _ in batch:
+                            await send({"type": "websocket.send", "text": frame})
+                        continue
+                    if transport.is_closing():
+                        return
+                    transport.write(b"".join(text_frame(frame.encode()) for frame, _ in batch))
+                    assert drain is not None
+                    await drain()  # returns once the client has taken most of it
+                    continue
+                if self.closing:
+                    await send({"type": "websocket.close", "code": self.close_code,
+                                "reason": self.close_reason})
                     return
-                transport.write(frames)
-                await drain()  # returns once the client has taken most of it
-                continue
-            if self.closing:
-                return
-            self._wakeup.clear()
-            await self._wakeup.wait()
+                if transport is not None:
+                    self._writer = None
+                    return
+                self._wakeup = asyncio.get_running_loop().create_future()
+                await self._wakeup
+                self._wakeup = None
+        except ConnectionError:
+            pass  # the client is gone; its handler ends on the disconnect
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
 
-    async def _send_until_closed(self) -> None:
-        send, queue = self._send, self._queue
-        while True:
-            while queue:
-                frame = queue.popleft()[0]
-                if self._replay_backlog:
-                    self._replay_backlog -= 1
-                await send({"type": "websocket.send", "text": frame})
-                self.sent += 1
-            if self.closing:
-                return
-            self._wakeup.clear()
-            await self._wakeup.wait()
+
+def _ignore(conn: Connection) -> None:
+    pass
 
 
 class SubscriptionIndex:
