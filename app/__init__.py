@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -72,12 +73,15 @@ def _configure_logging(level: str) -> None:
 
 
 def _expose_asgi_send(asgi_app: Any) -> Any:
-    """Put each WebSocket's ASGI `send` in its scope: the writer sends frames with it directly,
-    without Quart's wrapper, which yields to the loop before every message."""
+    """Put each WebSocket's ASGI `send` in its scope: the gateway writes frames with it (or
+    with the transport under it, see app/services/transport.py), not through Quart's wrapper,
+    which yields to the loop before every message."""
 
-    async def app_with_send(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def app_with_send(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
         if scope["type"] == "websocket":
-            scope = {**scope, ASGI_SEND_KEY: send}
-        await asgi_app(scope, receive, send)
+            # The server builds a scope per connection; adding a key in place saves a copy of
+            # it, and returning the inner coroutine saves a frame, for every connection.
+            scope[ASGI_SEND_KEY] = send
+        return asgi_app(scope, receive, send)
 
     return app_with_send

@@ -52,7 +52,10 @@ async def gateway_socket() -> Response | None:
     send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
     await websocket.accept()
 
-    presented = websocket.args.get("api_key") or websocket.headers.get("X-API-Key")
+    # The query string is parsed only when there is one: most clients send none, and the
+    # parsed form would stay with the connection.
+    presented = ((websocket.query_string and websocket.args.get("api_key"))
+                 or websocket.headers.get("X-API-Key"))
     principal = gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.counters["auth_failures"] += 1
