@@ -135,3 +135,36 @@ async def test_many_events_arrive_in_order_without_loss(server):
         for client in (a, b):
             seqs = [(await client.recv_event())["seq"] for _ in range(500)]
             assert seqs == list(range(1, 501))
+
+
+async def test_a_mixed_batch_reaches_each_client_once_in_order(server):
+    symbols = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+    events = []
+    for n in range(60):
+        symbol = symbols[n % 3]
+        if n % 4 == 0:
+            events.append({"type": "market_update", "topic": "market",
+                           "data": [{"symbol": s, "n": n} for s in symbols]})
+        else:
+            events.append({"type": "analysis_update", "symbol": symbol,
+                           "data": {"symbol": symbol, "n": n}})
+    async with server.subscribed(["market"]) as market, \
+            server.subscribed(symbols=["ETH/USDT"]) as eth, \
+            server.subscribed(["analysis"], ["SOL/USDT"]) as analysis_sol:
+        response = await server.app.test_client().post("/api/events", json={"events": events})
+        assert response.status_code == 202
+        expected_market = [n + 1 for n in range(60) if n % 4 == 0]
+        expected_eth = [n + 1 for n in range(60) if n % 4 == 0 or symbols[n % 3] == "ETH/USDT"]
+        expected_analysis = list(range(1, 61))
+        received = {}
+        for name, client, expected in (("market", market, expected_market),
+                                       ("eth", eth, expected_eth),
+                                       ("sol", analysis_sol, expected_analysis)):
+            received[name] = [await client.recv_event() for _ in expected]
+            assert [e["seq"] for e in received[name]] == expected
+            await client.no_message(0.1)
+        for name, symbol in (("eth", "ETH/USDT"), ("sol", "SOL/USDT")):
+            views = [e for e in received[name] if e["type"] == "market_update"]
+            assert len(views) == len(expected_market)
+            assert all(e["data"] == [{"symbol": symbol, "n": e["seq"] - 1}] for e in views)
+        assert all(len(e["data"]) == 3 for e in received["market"])

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
 from app.services.bus import EventBus
@@ -33,6 +33,8 @@ ConflationKey = tuple[str, str | None]
 # Where the app's ASGI middleware puts each WebSocket's raw ASGI `send` (see app/__init__.py).
 ASGI_SEND_KEY = "sigmax.asgi_send"
 HEARTBEAT_KEY: ConflationKey = ("ping", None)
+# One event for one connection: the event, its frame as text and as a WebSocket frame.
+Delivery = tuple[Event, str, bytes]
 # Bytes a transport may hold unsent before frames wait in the connection's own queue instead
 # (asyncio's default high-water mark).
 WRITE_BUFFER_LIMIT = 64 * 1024
@@ -185,6 +187,19 @@ class Connection:
         else:
             self._push(frame, wire, event.conflation_key)
 
+    def deliver_batch(self, batch: list[Delivery]) -> None:
+        """Several stream events at once: one write when the client keeps up."""
+        transport = self._transport
+        if (self._held is None and not self._pending and not self.closing
+                and transport is not None
+                and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
+            if not transport.is_closing():
+                transport.write(b"".join([delivery[2] for delivery in batch]))
+                self.sent += len(batch)
+            return
+        for delivery in batch:
+            self.deliver(*delivery)
+
     def hold(self) -> None:
         """Keep live events aside while a replay is fetched, so nothing overtakes it."""
         self._held = []
@@ -297,6 +312,20 @@ class Connection:
 
 def _ignore(conn: Connection) -> None:
     pass
+
+
+def _chunks(events: list[Event], max_bytes: int) -> Iterator[list[Event]]:
+    """Consecutive runs of events whose frames add up to at most `max_bytes` (at least one)."""
+    chunk: list[Event] = []
+    size = 0
+    for event in events:
+        if chunk and size + len(event.wire) > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += len(event.wire)
+    if chunk:
+        yield chunk
 
 
 class SubscriptionIndex:
@@ -473,27 +502,45 @@ class ConnectionManager:
         await self.bus.publish(events)
 
     def fan_out(self, events: list[Event]) -> None:
-        """Hand each event to every subscribed connection, once each, in seq order."""
-        index = self.index
+        """Hand each event to every subscribed connection, once each, in seq order.
+
+        The frames of a batch are gathered per connection and written together: one system
+        call per connection instead of one per event (when the batch is small enough that the
+        joined copy per connection stays within the transport's buffer limit)."""
         deliveries = 0
-        for event in events:
-            whole, by_symbol = index.recipients(event)
-            frame, wire = event.frame, event.wire
-            for conn in whole:
-                conn.deliver(event, frame, wire)
-                deliveries += 1
-            if by_symbol:
-                views: dict[frozenset[str], tuple[str, bytes]] = {}
-                for conn in by_symbol:
-                    view = views.get(conn.symbols)
-                    if view is None:
-                        text = conn.frame_for(event)
-                        view = views[conn.symbols] = (
-                            text, wire if text is frame else text_frame(text.encode()))
-                    conn.deliver(event, *view)
+        for chunk in _chunks(events, WRITE_BUFFER_LIMIT):
+            if len(chunk) == 1:
+                for conn, delivery in self._deliveries(chunk[0]):
+                    conn.deliver(*delivery)
                     deliveries += 1
+                continue
+            gathered: dict[Connection, list[Delivery]] = {}
+            for event in chunk:
+                for conn, delivery in self._deliveries(event):
+                    deliveries += 1
+                    if (batch := gathered.get(conn)) is None:
+                        gathered[conn] = [delivery]
+                    else:
+                        batch.append(delivery)
+            for conn, batch in gathered.items():
+                conn.deliver_batch(batch)
         self.counters["events_published"] += len(events)
         self.counters["deliveries"] += deliveries
+
+    def _deliveries(self, event: Event) -> Iterator[tuple[Connection, Delivery]]:
+        whole, by_symbol = self.index.recipients(event)
+        delivery: Delivery = (event, event.frame, event.wire)
+        for conn in whole:
+            yield conn, delivery
+        if by_symbol:
+            views: dict[frozenset[str], Delivery] = {}
+            for conn in by_symbol:
+                view = views.get(conn.symbols)
+                if view is None:
+                    text = conn.frame_for(event)
+                    view = views[conn.symbols] = delivery if text is event.frame else (
+                        event, text, text_frame(text.encode()))
+                yield conn, view
 
     # -- heartbeat --------------------------------------------------------------------------
 
