@@ -4,10 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint
+.PHONY: run migrate test lint
 
 run: $(VENV)/.runtime
+	$(BIN)/python -m app migrate
 	$(BIN)/hypercorn --config file:hypercorn_config.py wsgi:app
+
+migrate: $(VENV)/.runtime
+	$(BIN)/python -m app migrate
 
 test: $(VENV)/.dev
 	$(BIN)/pytest

@@ -44,6 +44,33 @@ class Config:
     EVENT_HISTORY_SIZE: int = 10_000
     EVENT_HISTORY_MAX_AGE: float = 600.0
 
+    # SQLite file (default, no server needed) or postgresql://user@host:5432/db.
+    DATABASE_URL: str = "sqlite:///sigmax.db"
+
+    # The simulated trading system. With SIMULATION off the gateway only relays what an external
+    # engine publishes through POST /api/events.
+    SIMULATION: bool = True
+    SYMBOLS: tuple[str, ...] = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
+    MARKET_INTERVAL: float = 2.0
+    ANALYSIS_INTERVAL: float = 10.0
+    PORTFOLIO_INTERVAL: float = 3.0
+    STATUS_INTERVAL: float = 5.0
+    HEALTH_INTERVAL: float = 10.0
+    # A proposal is made when an analysis is at least this confident.
+    PROPOSAL_CONFIDENCE: float = 0.7
+    PROPOSAL_TTL: float = 300.0
+    AUTO_APPROVE: bool = False
+    INITIAL_CASH: float = 100_000.0
+    FEE_RATE: float = 0.001
+    SLIPPAGE: float = 0.0005
+    # Share of the portfolio's value one proposal risks; alert thresholds.
+    RISK_PER_TRADE: float = 0.02
+    MAX_POSITION_SHARE: float = 0.25
+    MAX_DRAWDOWN: float = 0.10
+    # WebSocket commands per connection: a sustained rate per second and a burst.
+    WS_COMMAND_RATE: float = 5.0
+    WS_COMMAND_BURST: int = 20
+
     # Comma separated `key` or `key:scope+scope`; scopes are read, trade, publish. A key without
     # scopes has all of them. Empty = no authentication (local paper trading).
     API_KEYS: tuple[str, ...] = ()
@@ -94,7 +121,10 @@ class Config:
     def __post_init__(self) -> None:
         positive = ("WS_MAX_CONNECTIONS", "WS_HEARTBEAT_INTERVAL", "WS_CONNECTION_TIMEOUT",
                     "WS_MAX_MESSAGE_SIZE", "WS_SEND_QUEUE_SIZE", "EVENT_HISTORY_SIZE",
-                    "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT")
+                    "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT", "MARKET_INTERVAL",
+                    "ANALYSIS_INTERVAL", "PORTFOLIO_INTERVAL", "STATUS_INTERVAL",
+                    "HEALTH_INTERVAL", "PROPOSAL_TTL", "INITIAL_CASH", "WS_COMMAND_RATE",
+                    "WS_COMMAND_BURST")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

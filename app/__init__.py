@@ -16,6 +16,7 @@ from app.blueprints.docs import docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
 from app.services.connections import ASGI_SEND_KEY
+from app.services.database import attach_database
 from app.services.events import SERVER_VERSION
 from app.services.gateway import Gateway
 from config import Config
@@ -43,12 +44,13 @@ def create_app(config: Config | None = None) -> Quart:
     app.register_blueprint(docs_bp)
     cors(app, allow_origin=list(config.CORS_ORIGINS), allow_headers=["Content-Type", "X-API-Key"])
 
-    gateway = Gateway(config)
+    db = attach_database(app, config.DATABASE_URL)
+    gateway = Gateway(config, db)
     app.extensions["gateway"] = gateway
 
     @app.before_serving
     async def start_gateway() -> None:
-        if not gateway.api_keys.required:
+        if not await gateway.api_keys.required():
             log.warning("no API_KEYS configured: the gateway is open to every client that can "
                         "reach it")
         await gateway.start()

@@ -148,3 +148,219 @@ class ErrorResponse(BaseModel):
     error: str
     code: str
     details: str
+
+
+# -- stream event data (what the producers emit; ingest checks external events against these) ---
+
+class EventData(BaseModel):
+    """Extra fields are kept: they reach clients as sent."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class MarketEntry(EventData):
+    symbol: str = Field(examples=["BTC/USDT"])
+    price: float = Field(examples=[95000.0])
+    volume_24h: float = Field(examples=[1000000])
+    change_24h: float = Field(examples=[2.5])
+
+
+class AnalysisData(EventData):
+    symbol: str
+    decision: Literal["buy", "sell", "hold"]
+    confidence: float
+    bull_score: float
+    bear_score: float
+    reasoning: str
+
+
+class ProposalCreatedData(EventData):
+    proposal_id: str
+    symbol: str
+    action: Literal["buy", "sell"]
+    size: float
+    reason: str
+    created_at: str
+
+
+class ProposalApprovedData(EventData):
+    proposal_id: str
+    symbol: str
+    action: Literal["buy", "sell"]
+    size: float
+    approved_by: str | None
+    approved_at: str
+
+
+class ProposalClosedData(EventData):
+    proposal_id: str
+    status: str
+    reason: str | None = None
+
+
+class TradeExecutedData(EventData):
+    proposal_id: str
+    symbol: str
+    action: Literal["buy", "sell"]
+    size: float
+    filled_price: float
+    order_id: str
+    status: str
+    fee: float
+    timestamp: str
+
+
+class PositionData(EventData):
+    symbol: str
+    size: float
+    entry_price: float
+    current_price: float
+    value: float
+    pnl: float
+    pnl_percent: float
+
+
+class PortfolioData(EventData):
+    total_value: float
+    available_cash: float
+    positions: list[PositionData]
+    total_pnl: float
+    total_pnl_percent: float
+
+
+class HealthData(EventData):
+    cpu_percent: float
+    memory_percent: float
+    disk_percent: float
+    process_count: int
+
+
+class StatusChangeData(EventData):
+    status: str
+
+
+class SystemStatusData(EventData):
+    status: str
+
+
+class AlertData(EventData):
+    level: str = Field(examples=["warning"])
+    message: str
+
+
+EVENT_DATA_MODELS: dict[str, Any] = {
+    "market_update": list[MarketEntry],
+    "analysis_update": AnalysisData,
+    "proposal_created": ProposalCreatedData,
+    "proposal_approved": ProposalApprovedData,
+    "proposal_rejected": ProposalClosedData,
+    "proposal_expired": ProposalClosedData,
+    "trade_executed": TradeExecutedData,
+    "portfolio_update": PortfolioData,
+    "health_update": HealthData,
+    "status_change": StatusChangeData,
+    "system_status": SystemStatusData,
+    "alert": AlertData,
+}
+
+
+# -- trading REST bodies -------------------------------------------------------------------------
+
+class ProposalOut(BaseModel):
+    proposal_id: str
+    symbol: str
+    action: str
+    size: float
+    reason: str
+    confidence: float | None
+    source: str
+    status: str
+    created_at: str
+    expires_at: str
+    decided_by: str | None
+    decided_at: str | None
+    status_reason: str | None
+
+
+class TradeOut(BaseModel):
+    proposal_id: str
+    symbol: str
+    action: str
+    size: float
+    filled_price: float
+    order_id: str
+    status: str
+    fee: float
+    timestamp: str
+
+
+class ProposalPage(BaseModel):
+    items: list[ProposalOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class TradePage(BaseModel):
+    items: list[TradeOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ProposalQuery(BaseModel):
+    status: Literal["pending", "approved", "executed", "rejected", "expired"] | None = None
+    symbol: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    offset: int = Field(default=0, ge=0)
+
+
+class PageQuery(BaseModel):
+    limit: int = Field(default=50, ge=1, le=500)
+    offset: int = Field(default=0, ge=0)
+
+
+class NewProposal(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    symbol: str = Field(examples=["BTC/USDT"])
+    action: Literal["buy", "sell"]
+    size: float | None = Field(default=None, gt=0, description="default: sized by the risk rule")
+    reason: str = Field(default="Manual proposal", max_length=500)
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class BulkDecision(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    proposal_ids: list[str] = Field(min_length=1, max_length=500)
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class DecisionResult(BaseModel):
+    proposal: ProposalOut
+    trade: TradeOut | None = None
+
+
+class BulkItem(BaseModel):
+    proposal_id: str
+    ok: bool
+    status: str | None = None
+    error: ErrorResponse | None = None
+
+
+class BulkResult(BaseModel):
+    results: list[BulkItem]
+    succeeded: int
+    failed: int
+
+
+class EngineState(BaseModel):
+    status: Literal["running", "paused"]
+    changed: bool
+
+
+class MarketSnapshot(BaseModel):
+    symbols: list[MarketEntry]

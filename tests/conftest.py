@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from app import create_app
+from app.services.database import migrate
 from app.services.events import Event
 from app.services.gateway import Gateway
 from config import Config
@@ -111,7 +113,18 @@ def free_socket() -> socket.socket:
 
 @asynccontextmanager
 async def running_gateway(**settings: Any) -> AsyncIterator[RunningGateway]:
-    config = replace(Config(), **settings)
+    """A gateway on a fresh, migrated database (a new SQLite file unless DATABASE_URL is given),
+    with the simulation off unless asked: tests publish what they need."""
+    with tempfile.TemporaryDirectory() as folder:
+        settings.setdefault("DATABASE_URL", f"sqlite:///{folder}/gateway.db")
+        settings.setdefault("SIMULATION", False)
+        await migrate(settings["DATABASE_URL"])
+        async with _serving(replace(Config(), **settings)) as running:
+            yield running
+
+
+@asynccontextmanager
+async def _serving(config: Config) -> AsyncIterator[RunningGateway]:
     app = create_app(config)
     sock = free_socket()
     port = sock.getsockname()[1]

@@ -143,11 +143,13 @@ async def test_a_mixed_batch_reaches_each_client_once_in_order(server):
     for n in range(60):
         symbol = symbols[n % 3]
         if n % 4 == 0:
-            events.append({"type": "market_update", "topic": "market",
-                           "data": [{"symbol": s, "n": n} for s in symbols]})
+            events.append({"type": "market_update", "topic": "market", "data": [
+                {"symbol": s, "price": 1.0, "volume_24h": 1.0, "change_24h": 0.0, "n": n}
+                for s in symbols]})
         else:
-            events.append({"type": "analysis_update", "symbol": symbol,
-                           "data": {"symbol": symbol, "n": n}})
+            events.append({"type": "analysis_update", "symbol": symbol, "data": {
+                "symbol": symbol, "decision": "hold", "confidence": 0.5, "bull_score": 0.5,
+                "bear_score": 0.5, "reasoning": "flat", "n": n}})
     async with server.subscribed(["market"]) as market, \
             server.subscribed(symbols=["ETH/USDT"]) as eth, \
             server.subscribed(["analysis"], ["SOL/USDT"]) as analysis_sol:
@@ -166,5 +168,6 @@ async def test_a_mixed_batch_reaches_each_client_once_in_order(server):
         for name, symbol in (("eth", "ETH/USDT"), ("sol", "SOL/USDT")):
             views = [e for e in received[name] if e["type"] == "market_update"]
             assert len(views) == len(expected_market)
-            assert all(e["data"] == [{"symbol": symbol, "n": e["seq"] - 1}] for e in views)
+            assert all([(d["symbol"], d["n"]) for d in e["data"]] == [(symbol, e["seq"] - 1)]
+                       for e in views)
         assert all(len(e["data"]) == 3 for e in received["market"])

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from app import create_app
-from config import Config
-
 
 async def post_events(server, events, **headers):
     client = server.app.test_client()
@@ -13,8 +10,8 @@ async def post_events(server, events, **headers):
 
 
 async def test_ingest_delivers_data_exactly_as_sent(server):
-    data = [{"symbol": "S07/USDT", "price": 1.5, "ts_us": 1732500000123456, "seq": 9,
-             "nested": {"extra": [1, "two", None]}}]
+    data = [{"symbol": "S07/USDT", "price": 1.5, "volume_24h": 10.0, "change_24h": -0.5,
+             "ts_us": 1732500000123456, "seq": 9, "nested": {"extra": [1, "two", None]}}]
     async with server.subscribed(symbols=["S07/USDT"]) as by_symbol, \
             server.subscribed(["market"]) as by_topic:
         response = await post_events(server, [
@@ -32,10 +29,11 @@ async def test_ingest_delivers_data_exactly_as_sent(server):
 async def test_ingest_routes_to_topic_and_symbol_once(server):
     async with server.subscribed(["alerts"], ["BTC/USDT"]) as client:
         response = await post_events(server, [
-            {"type": "alert", "symbol": "btc/usdt", "data": {"message": "drawdown"}}])
+            {"type": "alert", "symbol": "btc/usdt",
+             "data": {"level": "warning", "message": "drawdown"}}])
         assert response.status_code == 202
         event = await client.recv_event()
-        assert event["data"] == {"message": "drawdown"}
+        assert event["data"] == {"level": "warning", "message": "drawdown"}
         await client.no_message()
 
 
@@ -49,10 +47,16 @@ async def test_ingest_routes_to_topic_and_symbol_once(server):
     ({"type": "market_update", "data": [{"price": 1}]}, "symbol"),
     ({"type": "market_update", "data": [{"symbol": "btc/usdt"}]}, "btc/usdt"),
     ({"type": "alert", "data": [1, 2]}, "object"),
-    ({"type": "alert", "data": {"n": 2 ** 70}}, "serialized"),
+    ({"type": "alert", "data": {"level": "info", "message": "m", "n": 2 ** 70}}, "serialized"),
+    ({"type": "trade_executed", "data": {"proposal_id": "p"}}, "filled_price"),
+    ({"type": "analysis_update", "data": {"symbol": "BTC/USDT", "decision": "maybe",
+                                          "confidence": 1, "bull_score": 1, "bear_score": 0,
+                                          "reasoning": "r"}}, "decision"),
+    ({"type": "market_update", "data": [{"symbol": "BTC/USDT", "price": True,
+                                         "volume_24h": 1, "change_24h": 0}]}, "price"),
 ])
 async def test_bad_event_refuses_the_whole_batch(server, bad, named):
-    good = {"type": "alert", "data": {"ok": True}}
+    good = {"type": "alert", "data": {"level": "info", "message": "ok"}}
     response = await post_events(server, [good, bad, good])
     assert response.status_code == 400
     body = await response.get_json()
@@ -82,18 +86,19 @@ async def test_body_that_is_not_json_is_a_json_400(server):
     assert (await response.get_json())["code"] == "BAD_REQUEST"
 
 
-async def test_ingest_needs_a_publish_key_when_keys_are_configured():
-    app = create_app(Config(API_KEYS=("reader:read", "engine:publish")))
-    client = app.test_client()
-    event = {"events": [{"type": "alert", "data": {}}]}
-    assert (await client.post("/api/events", json=event)).status_code == 401
-    forbidden = await client.post("/api/events", json=event, headers={"X-API-Key": "reader"})
-    assert forbidden.status_code == 403
-    ok = await client.post("/api/events", json=event, headers={"X-API-Key": "engine"})
-    assert ok.status_code == 202
-    assert (await client.get("/api/ws/stats")).status_code == 401
-    stats = await client.get("/api/ws/stats", headers={"X-API-Key": "reader"})
-    assert stats.status_code == 200
+async def test_ingest_needs_a_publish_key_when_keys_are_configured(gateway_factory):
+    async with gateway_factory(API_KEYS=("reader:read", "engine:publish")) as server:
+        client = server.app.test_client()
+        event = {"events": [{"type": "alert", "data": {"level": "info", "message": "m"}}]}
+        assert (await client.post("/api/events", json=event)).status_code == 401
+        forbidden = await client.post("/api/events", json=event,
+                                      headers={"X-API-Key": "reader"})
+        assert forbidden.status_code == 403
+        ok = await client.post("/api/events", json=event, headers={"X-API-Key": "engine"})
+        assert ok.status_code == 202
+        assert (await client.get("/api/ws/stats")).status_code == 401
+        stats = await client.get("/api/ws/stats", headers={"X-API-Key": "reader"})
+        assert stats.status_code == 200
 
 
 async def test_health_and_stats_report_the_gateway(server):

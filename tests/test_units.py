@@ -195,19 +195,19 @@ class TestConfig:
 
 
 class TestApiKeys:
-    def test_open_when_no_keys(self):
-        principal = ApiKeys(()).authenticate(None)
+    async def test_open_when_no_keys(self):
+        principal = await ApiKeys(()).authenticate(None)
         assert principal is not None and principal.can("trade")
 
-    def test_scopes_and_refusals(self):
+    async def test_scopes_and_refusals(self):
         keys = ApiKeys(("r:read", "all-of-them"))
-        reader = keys.authenticate("r")
+        reader = await keys.authenticate("r")
         assert reader is not None and reader.can("read") and not reader.can("trade")
-        admin = keys.authenticate("all-of-them")
+        admin = await keys.authenticate("all-of-them")
         assert admin is not None and admin.can("publish")
-        assert keys.authenticate("x") is None
-        assert keys.authenticate(None) is None
-        assert keys.authenticate("") is None
+        assert await keys.authenticate("x") is None
+        assert await keys.authenticate(None) is None
+        assert await keys.authenticate("") is None
 
     def test_unknown_scope_is_refused_without_echoing_the_key(self):
         with pytest.raises(ValueError) as refused:

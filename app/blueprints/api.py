@@ -1,14 +1,40 @@
-"""REST API under `/api`: health, connection stats, event ingest; Prometheus text at `/metrics`."""
+"""REST API under `/api`: state, trading operations, event ingest, connection stats; Prometheus
+text at `/metrics`. Every error is JSON `{error, code, details}`."""
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Response, current_app, request
-from quart_schema import validate_request, validate_response
+from quart_schema import tag, validate_querystring, validate_request, validate_response
 
-from app.errors import APIError, excerpt
-from app.models import ConnectionStats, ErrorResponse, EventBatch, Health, IngestResult
+from app.errors import APIError, describe_validation_error, excerpt
+from app.models import (
+    EVENT_DATA_MODELS,
+    BulkDecision,
+    BulkItem,
+    BulkResult,
+    ConnectionStats,
+    Decision,
+    DecisionResult,
+    EngineState,
+    ErrorResponse,
+    EventBatch,
+    Health,
+    IngestResult,
+    MarketSnapshot,
+    NewProposal,
+    PageQuery,
+    PortfolioData,
+    ProposalOut,
+    ProposalPage,
+    ProposalQuery,
+    SystemStatusData,
+    TradeOut,
+    TradePage,
+)
+from app.services import store
 from app.services.events import (
     EVENT_TOPICS,
     PER_SYMBOL_LIST_TYPES,
@@ -26,9 +52,9 @@ def _gateway() -> Gateway:
     return current_app.extensions["gateway"]
 
 
-def require_scope(scope: str) -> None:
-    """Refuse the request unless its X-API-Key (when keys are configured) has `scope`."""
-    principal = _gateway().api_keys.authenticate(
+async def require_scope(scope: str) -> str:
+    """The caller's principal; refused unless its X-API-Key (when keys exist) has `scope`."""
+    principal = await _gateway().api_keys.authenticate(
         request.headers.get("X-API-Key") or request.args.get("api_key"))
     if principal is None:
         raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
@@ -36,9 +62,11 @@ def require_scope(scope: str) -> None:
     if not principal.can(scope):
         raise APIError(403, "FORBIDDEN", "Not allowed",
                        f"This endpoint needs an API key with the {scope!r} scope")
+    return principal.name
 
 
 @api_bp.get("/api/health")
+@tag(["system"])
 @validate_response(Health)
 async def get_health() -> Health:
     """Liveness and readiness of this worker."""
@@ -50,28 +78,33 @@ async def get_health() -> Health:
 
 
 @api_bp.get("/api/ws/stats")
+@tag(["system"])
 @validate_response(ConnectionStats, 200)
 @validate_response(ErrorResponse, 401)
 async def get_ws_stats() -> ConnectionStats:
     """The connection manager's counters: connections, deliveries, queues, conflation."""
-    require_scope("read")
+    await require_scope("read")
     return ConnectionStats(**_gateway().manager.get_stats())
 
 
 @api_bp.post("/api/events")
+@tag(["ingest"])
 @validate_request(EventBatch)
 @validate_response(IngestResult, 202)
 @validate_response(ErrorResponse, 400)
 async def post_events(data: EventBatch) -> tuple[IngestResult, int]:
     """Publish a batch of events from an external engine. All or nothing: a batch with one bad
     event is refused whole, naming it."""
-    require_scope("publish")
+    await require_scope("publish")
     events = [_event(position, item.type, item.topic, item.symbol, item.data)
               for position, item in enumerate(data.events)]
     await _gateway().manager.publish(events)
     return IngestResult(accepted=len(events),
                         first_seq=events[0].seq if events else None,
                         last_seq=events[-1].seq if events else None), 202
+
+
+_DATA_ADAPTERS = {type_: TypeAdapter(model) for type_, model in EVENT_DATA_MODELS.items()}
 
 
 def _event(position: int, type_: str, topic: str | None, symbol: str | None,
@@ -101,6 +134,10 @@ def _event(position: int, type_: str, topic: str | None, symbol: str | None,
     elif not isinstance(data, dict):
         raise invalid(f"{type_} data must be an object")
     try:
+        _DATA_ADAPTERS[type_].validate_python(data)
+    except ValidationError as error:
+        raise invalid(f"{type_} data: {describe_validation_error(error)}") from None
+    try:
         return Event(type_, data, topic=topic, symbol=symbol)
     except TypeError as error:  # e.g. an integer beyond 64 bits
         raise invalid(f"data cannot be serialized: {error}") from None
@@ -120,3 +157,190 @@ async def get_metrics() -> Response:
         label = orjson.dumps(key).decode()
         lines.append(f"sigmax_ws_subscribers{{key={label}}} {count}")
     return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+
+
+# -- trading state ------------------------------------------------------------------------------
+
+@api_bp.get("/api/status")
+@tag(["system"])
+@validate_response(SystemStatusData)
+async def get_status() -> dict[str, Any]:
+    """The system status: running or paused, uptime, symbols, connections, counters."""
+    await require_scope("read")
+    return _gateway().system_status()
+
+
+@api_bp.get("/api/market")
+@tag(["trading"])
+@validate_response(MarketSnapshot)
+async def get_market() -> dict[str, Any]:
+    """The latest price, 24 h volume and change of every symbol."""
+    await require_scope("read")
+    return {"symbols": [ticker.as_dict() for ticker in _gateway().market.latest()]}
+
+
+@api_bp.get("/api/portfolio")
+@tag(["trading"])
+@validate_response(PortfolioData)
+async def get_portfolio() -> dict[str, Any]:
+    """Cash, positions with P&L, totals."""
+    await require_scope("read")
+    return await _gateway().engine.portfolio()
+
+
+@api_bp.get("/api/proposals")
+@tag(["proposals"])
+@validate_querystring(ProposalQuery)
+@validate_response(ProposalPage)
+async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
+    """Proposals, newest first, filtered by status and symbol, paged."""
+    await require_scope("read")
+    symbol = _symbol(query_args.symbol) if query_args.symbol else None
+    async with _gateway().db.connection() as connection:
+        items = await store.select_proposals(connection, status=query_args.status,
+                                             symbol=symbol, limit=query_args.limit,
+                                             offset=query_args.offset)
+        total = await store.count_proposals(connection, status=query_args.status,
+                                            symbol=symbol)
+    return ProposalPage(items=[ProposalOut(**p.as_dict()) for p in items], total=total,
+                        limit=query_args.limit, offset=query_args.offset)
+
+
+@api_bp.get("/api/proposals/<proposal_id>")
+@tag(["proposals"])
+@validate_response(ProposalOut, 200)
+@validate_response(ErrorResponse, 404)
+async def get_proposal(proposal_id: str) -> ProposalOut:
+    """One proposal."""
+    await require_scope("read")
+    async with _gateway().db.connection() as connection:
+        proposal = await store.select_proposal(connection, proposal_id)
+    if proposal is None:
+        raise APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
+                       f"No proposal {proposal_id!r}")
+    return ProposalOut(**proposal.as_dict())
+
+
+@api_bp.get("/api/trades")
+@tag(["trading"])
+@validate_querystring(PageQuery)
+@validate_response(TradePage)
+async def get_trades(query_args: PageQuery) -> TradePage:
+    """Executed trades, newest first, paged."""
+    await require_scope("read")
+    async with _gateway().db.connection() as connection:
+        trades = await store.select_trades(connection, limit=query_args.limit,
+                                           offset=query_args.offset)
+        total = await store.count_trades(connection)
+    return TradePage(items=[TradeOut(**t.as_event()) for t in trades], total=total,
+                     limit=query_args.limit, offset=query_args.offset)
+
+
+# -- trading operations -------------------------------------------------------------------------
+
+@api_bp.post("/api/proposals")
+@tag(["proposals"])
+@validate_request(NewProposal)
+@validate_response(ProposalOut, 201)
+@validate_response(ErrorResponse, 400)
+async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
+    """Create a manual proposal; without `size` the risk rule sizes it."""
+    principal = await require_scope("trade")
+    proposal = await _gateway().engine.propose(
+        _symbol(data.symbol), data.action, data.size, f"{data.reason} (by {principal})")
+    return ProposalOut(**proposal.as_dict()), 201
+
+
+@api_bp.post("/api/proposals/<proposal_id>/approve")
+@tag(["proposals"])
+@validate_response(DecisionResult, 200)
+@validate_response(ErrorResponse, 404)
+@validate_response(ErrorResponse, 409)
+async def approve_proposal(proposal_id: str) -> DecisionResult:
+    """Approve a pending proposal: executed at once unless the engine is paused. Approving
+    twice, or concurrently, executes once; the others get 409."""
+    principal = await require_scope("trade")
+    proposal, trade = await _gateway().engine.approve(proposal_id, principal)
+    return _decision(proposal, trade)
+
+
+@api_bp.post("/api/proposals/<proposal_id>/reject")
+@tag(["proposals"])
+@validate_request(Decision)
+@validate_response(DecisionResult, 200)
+@validate_response(ErrorResponse, 404)
+@validate_response(ErrorResponse, 409)
+async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
+    """Reject a pending (or approved, not yet executed) proposal."""
+    principal = await require_scope("trade")
+    return _decision(await _gateway().engine.reject(proposal_id, principal, data.reason), None)
+
+
+@api_bp.post("/api/proposals/approve")
+@tag(["proposals"])
+@validate_request(BulkDecision)
+@validate_response(BulkResult)
+async def approve_proposals(data: BulkDecision) -> BulkResult:
+    """Approve many proposals in one call; each succeeds or fails on its own."""
+    principal = await require_scope("trade")
+    engine = _gateway().engine
+    return await _bulk(data.proposal_ids, lambda pid: engine.approve(pid, principal))
+
+
+@api_bp.post("/api/proposals/reject")
+@tag(["proposals"])
+@validate_request(BulkDecision)
+@validate_response(BulkResult)
+async def reject_proposals(data: BulkDecision) -> BulkResult:
+    """Reject many proposals in one call; each succeeds or fails on its own."""
+    principal = await require_scope("trade")
+    engine = _gateway().engine
+    return await _bulk(data.proposal_ids,
+                       lambda pid: engine.reject(pid, principal, data.reason))
+
+
+@api_bp.post("/api/pause")
+@tag(["system"])
+@validate_response(EngineState)
+async def post_pause() -> EngineState:
+    """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
+    principal = await require_scope("trade")
+    changed = await _gateway().engine.set_paused(True, principal)
+    return EngineState(status="paused", changed=changed)
+
+
+@api_bp.post("/api/resume")
+@tag(["system"])
+@validate_response(EngineState)
+async def post_resume() -> EngineState:
+    """Resume trading; approvals made while paused are executed now."""
+    principal = await require_scope("trade")
+    changed = await _gateway().engine.set_paused(False, principal)
+    return EngineState(status="running", changed=changed)
+
+
+def _symbol(raw: str) -> str:
+    symbol = normalize_symbol(raw)
+    if symbol is None:
+        raise APIError(400, "INVALID_SYMBOL", "Invalid symbol format",
+                       f"Symbol {raw!r} is not BASE/QUOTE (for example BTC/USDT)")
+    return symbol
+
+
+def _decision(proposal: store.Proposal, trade: store.Trade | None) -> DecisionResult:
+    return DecisionResult(proposal=ProposalOut(**proposal.as_dict()),
+                          trade=TradeOut(**trade.as_event()) if trade is not None else None)
+
+
+async def _bulk(proposal_ids: list[str], decide: Any) -> BulkResult:
+    results = []
+    for proposal_id in dict.fromkeys(proposal_ids):  # once each, in the order given
+        try:
+            outcome = await decide(proposal_id)
+            proposal = outcome[0] if isinstance(outcome, tuple) else outcome
+            results.append(BulkItem(proposal_id=proposal_id, ok=True, status=proposal.status))
+        except APIError as error:
+            results.append(BulkItem(proposal_id=proposal_id, ok=False, error=ErrorResponse(
+                error=error.error, code=error.code, details=error.details)))
+    succeeded = sum(1 for r in results if r.ok)
+    return BulkResult(results=results, succeeded=succeeded, failed=len(results) - succeeded)

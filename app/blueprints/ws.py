@@ -18,7 +18,7 @@ from quart_cors import cors_exempt
 from quart_schema.conversion import model_load
 from quart_schema.mixins import SchemaValidationError
 
-from app.errors import describe_validation_error, excerpt
+from app.errors import APIError, describe_validation_error, excerpt
 from app.models import ClientMessage, CommandData, SubscriptionData
 from app.services.connections import ASGI_SEND_KEY, Connection, ConnectionLimitExceeded
 from app.services.events import (
@@ -33,6 +33,7 @@ from app.services.events import (
     normalize_symbol,
 )
 from app.services.gateway import Gateway
+from app.services.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ async def gateway_socket() -> Response | None:
     # parsed form would stay with the connection.
     presented = ((websocket.query_string and websocket.args.get("api_key"))
                  or websocket.headers.get("X-API-Key"))
-    principal = gateway.api_keys.authenticate(presented)
+    principal = await gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.counters["auth_failures"] += 1
         await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
@@ -126,7 +127,7 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
                                 f"Message type {message.type!r} is not one of "
                                 f"{', '.join(MESSAGE_TYPES)}")
         await handler(gateway, conn, message)
-    except ClientError as error:
+    except (ClientError, APIError) as error:
         conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
                                         request_id))
     except Exception:
@@ -258,6 +259,16 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
         raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
                             f"Command {data.command!r} is not one of "
                             f"{', '.join(sorted(gateway.commands))}")
+    bucket = conn.command_bucket
+    if bucket is None:
+        config = gateway.config
+        bucket = conn.command_bucket = TokenBucket(config.WS_COMMAND_RATE,
+                                                   config.WS_COMMAND_BURST)
+    wait = bucket.take()
+    if wait:
+        raise ClientError(ErrorCode.RATE_LIMITED, "Too many commands",
+                          f"At most {bucket.rate:g} commands per second (bursts of "
+                          f"{bucket.burst:g}); retry in {wait:.2f} s")
     if command.scope not in conn.scopes:
         raise ClientError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
                             f"Command {data.command!r} needs an API key with the "

@@ -24,6 +24,7 @@ from app.services.events import (
     envelope,
     error_envelope,
 )
+from app.services.ratelimit import TokenBucket
 from app.services.transport import RawTransport, raw_transport, text_frame
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Connection:
     __slots__ = ("id", "principal", "scopes", "remote", "connected_at", "last_seen",
                  "last_ping", "joined_seq", "keys", "symbols", "sent", "conflated",
                  "queue_high_water", "close_code", "close_reason", "on_slow_consumer",
+                 "command_bucket",
                  "_send", "_transport", "_drain", "_pending", "_queue_size", "_close_timeout",
                  "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog")
 
@@ -85,6 +87,7 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_slow_consumer: Callable[[Connection], None] = _ignore
+        self.command_bucket: TokenBucket | None = None  # created on the first command
         self._send = send
         self._transport = raw.transport if raw is not None else None
         self._drain = raw.drain if raw is not None else None

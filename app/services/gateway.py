@@ -1,19 +1,24 @@
-"""The gateway: the bus, the connection manager, API keys and commands, started and stopped
-together with the app. One instance per app, in `app.extensions["gateway"]`."""
+"""The gateway: the bus, the connection manager, API keys, the trading engine, the producers and
+the WebSocket commands, started and stopped with the app. One per app, in
+`app.extensions["gateway"]`."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
-from app.services.connections import ConnectionManager
-from app.services.events import SERVER_VERSION, TOPICS
+from app.services.connections import Connection, ConnectionManager
+from app.services.engine import RiskRules, TradingEngine
+from app.services.events import SERVER_VERSION, TOPICS, ClientError, ErrorCode, normalize_symbol
+from app.services.health import health_snapshot
+from app.services.market import SimulatedMarket
+from app.services.simulation import Simulation
 from config import Config
 
 CommandHandler = Callable[..., Awaitable[Any]]
@@ -27,8 +32,9 @@ class Command:
 
 
 class Gateway:
-    def __init__(self, config: Config, bus: EventBus | None = None) -> None:
+    def __init__(self, config: Config, db: Any, bus: EventBus | None = None) -> None:
         self.config = config
+        self.db = db
         self.bus = bus or MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
         self.manager = ConnectionManager(
             self.bus,
@@ -39,12 +45,27 @@ class Gateway:
             close_timeout=config.WS_CLOSE_TIMEOUT,
             fast_path=config.WS_FAST_PATH,
         )
-        self.api_keys = ApiKeys(config.API_KEYS)
+        self.api_keys = ApiKeys(config.API_KEYS, db)
+        symbols = [normalize_symbol(s) for s in config.SYMBOLS]
+        if None in symbols or not symbols:
+            raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
+        self.market = SimulatedMarket([s for s in symbols if s])
+        self.engine = TradingEngine(db, self.market, self.manager.publish, RiskRules(
+            fee_rate=config.FEE_RATE, slippage=config.SLIPPAGE,
+            risk_per_trade=config.RISK_PER_TRADE, max_position_share=config.MAX_POSITION_SHARE,
+            max_drawdown=config.MAX_DRAWDOWN, proposal_ttl=config.PROPOSAL_TTL,
+            confidence_threshold=config.PROPOSAL_CONFIDENCE, auto_approve=config.AUTO_APPROVE,
+            initial_cash=config.INITIAL_CASH))
+        self.simulation = Simulation(
+            market=self.market, engine=self.engine, db=db, publish=self.manager.publish,
+            system_status=self.system_status, intervals={
+                "market": config.MARKET_INTERVAL, "analysis": config.ANALYSIS_INTERVAL,
+                "portfolio": config.PORTFOLIO_INTERVAL, "status": config.STATUS_INTERVAL,
+                "health": config.HEALTH_INTERVAL})
         self.commands: dict[str, Command] = {}
-        self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self.started = time.time()
         self._tasks: list[asyncio.Task[None]] = []
-        self.add_command("get_status", "read", self._get_status)
+        self._register_commands()
 
     def add_command(self, name: str, scope: str, handler: CommandHandler) -> None:
         """Register a WebSocket `command`; `handler(connection, **args)` returns its result."""
@@ -56,7 +77,12 @@ class Gateway:
         # low (see PERFORMANCE in the README).
         gc.set_threshold(50_000, 20, 100)
         await self.bus.start()
-        self._tasks.append(asyncio.create_task(self.manager.run_heartbeat()))
+        await self.engine.load()
+        loops: list[Callable[[], Coroutine[Any, Any, None]]] = [self.manager.run_heartbeat]
+        if self.config.SIMULATION:
+            await self.simulation.restore()
+            loops += self.simulation.loops()
+        self._tasks = [asyncio.create_task(loop()) for loop in loops]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -68,18 +94,73 @@ class Gateway:
         await self.bus.stop()
 
     def system_status(self) -> dict[str, Any]:
-        status: dict[str, Any] = {
-            "status": "running",
+        return {
+            "status": "paused" if self.engine.paused else "running",
             "version": SERVER_VERSION,
             "uptime_seconds": round(time.time() - self.started, 3),
+            "simulation": self.config.SIMULATION,
+            "symbols": self.market.symbols,
             "connections": len(self.manager.connections),
             "last_seq": self.bus.head,
             "bus_backend": self.bus.backend,
             "available_topics": list(TOPICS),
+            "counters": {**self.engine.counters,
+                         "events_published": self.manager.counters["events_published"]},
         }
-        for provider in self.status_providers:
-            status.update(provider())
-        return status
 
-    async def _get_status(self, connection: Any) -> dict[str, Any]:
-        return self.system_status()
+    # -- WebSocket commands -----------------------------------------------------------------
+
+    def _register_commands(self) -> None:
+        engine, simulation = self.engine, self.simulation
+
+        async def get_status(conn: Connection) -> dict[str, Any]:
+            return self.system_status()
+
+        async def get_portfolio(conn: Connection) -> dict[str, Any]:
+            return await engine.portfolio()
+
+        async def get_health(conn: Connection) -> dict[str, Any]:
+            return health_snapshot()
+
+        async def approve_proposal(conn: Connection, proposal_id: str) -> dict[str, Any]:
+            proposal, trade = await engine.approve(_text(proposal_id, "proposal_id"),
+                                                   conn.principal)
+            return {"proposal": proposal.as_dict(),
+                    "trade": trade.as_event() if trade is not None else None}
+
+        async def reject_proposal(conn: Connection, proposal_id: str,
+                                  reason: str | None = None) -> dict[str, Any]:
+            proposal = await engine.reject(_text(proposal_id, "proposal_id"), conn.principal,
+                                           _text(reason, "reason") if reason is not None
+                                           else None)
+            return {"proposal": proposal.as_dict()}
+
+        async def pause(conn: Connection) -> dict[str, Any]:
+            changed = await engine.set_paused(True, conn.principal)
+            return {"status": "paused", "changed": changed}
+
+        async def resume(conn: Connection) -> dict[str, Any]:
+            changed = await engine.set_paused(False, conn.principal)
+            return {"status": "running", "changed": changed}
+
+        async def analyze(conn: Connection, symbol: str) -> dict[str, Any]:
+            normalized = normalize_symbol(_text(symbol, "symbol"))
+            if normalized not in self.market.symbols:
+                raise ClientError(ErrorCode.INVALID_SYMBOL, "Unknown symbol",
+                                  f"{symbol!r} is not one of {', '.join(self.market.symbols)}")
+            return (await simulation.analyze(normalized)).as_dict()
+
+        for name, scope, handler in (
+            ("get_status", "read", get_status), ("get_portfolio", "read", get_portfolio),
+            ("get_health", "read", get_health), ("approve_proposal", "trade", approve_proposal),
+            ("reject_proposal", "trade", reject_proposal), ("pause", "trade", pause),
+            ("resume", "trade", resume), ("analyze", "trade", analyze),
+        ):
+            self.add_command(name, scope, handler)
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
+                          f"{name} must be a non-empty string (got {value!r:.40})")
+    return value

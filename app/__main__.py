@@ -1,0 +1,78 @@
+"""Administration commands.
+
+    python -m app migrate                              bring the database to the latest migration
+    python -m app keys create --scopes read+trade [--label NAME]   prints the new key once
+    python -m app keys revoke KEY_ID
+    python -m app keys list
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from app.services import store
+from app.services.auth import hash_key, new_key, parse_scopes
+from app.services.database import migrate, standalone_connection
+from config import Config
+
+
+async def _with_connection(url: str, work):  # type: ignore[no-untyped-def]
+    async with standalone_connection(url) as connection:
+        return await work(connection)
+
+
+async def _create_key(url: str, scopes: str, label: str) -> str:
+    key = new_key()
+    key_id = store.new_id("key")
+    scope_set = parse_scopes(scopes)
+
+    async def insert(connection) -> None:  # type: ignore[no-untyped-def]
+        await store.insert_api_key(connection, key_id, hash_key(key), "+".join(sorted(scope_set)),
+                                   label, time.time())
+
+    await _with_connection(url, insert)
+    return f"{key_id} {key}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="bring the database to the latest migration")
+    keys = commands.add_parser("keys", help="API keys stored in the database")
+    key_commands = keys.add_subparsers(dest="action", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it once")
+    create.add_argument("--scopes", default="read", help="read, trade, publish joined by +")
+    create.add_argument("--label", default="", help="who or what the key is for")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    key_commands.add_parser("list", help="list keys (ids, scopes, labels; never the keys)")
+    args = parser.parse_args(argv)
+    url = Config.from_env().DATABASE_URL
+
+    if args.command == "migrate":
+        version = asyncio.run(migrate(url))
+        print(f"database at migration {version}")
+    elif args.action == "create":
+        try:
+            print(asyncio.run(_create_key(url, args.scopes, args.label)))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print("store the key now: only its hash is kept", file=sys.stderr)
+    elif args.action == "revoke":
+        revoked = asyncio.run(_with_connection(
+            url, lambda c: store.revoke_api_key(c, args.key_id, time.time())))
+        print("revoked" if revoked else f"no active key {args.key_id}")
+        return 0 if revoked else 1
+    else:
+        for row in asyncio.run(_with_connection(url, store.select_api_keys)):
+            state = "revoked" if row["revoked_at"] else "active"
+            print(f"{row['id']}  {row['scopes']:<20} {state:<8} {row['label']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

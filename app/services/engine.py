@@ -1,0 +1,363 @@
+"""The paper-trading engine: proposals (created -> approved -> executed, or rejected/expired),
+execution at the market price with fee and slippage, risk rules, and the portfolio.
+
+Every state change is one database transaction whose first statement claims the proposal
+(`transition_proposal`), so concurrent approvals from any worker execute a proposal once.
+Events are published after the commit.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.errors import APIError
+from app.services import store
+from app.services.events import Event
+from app.services.store import Position, Proposal, Trade
+
+Publish = Callable[[list[Event]], Awaitable[None]]
+EPSILON = 1e-9
+
+
+class PriceSource(Protocol):
+    @property
+    def symbols(self) -> list[str]: ...
+
+    def price(self, symbol: str) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class RiskRules:
+    fee_rate: float = 0.001
+    slippage: float = 0.0005
+    risk_per_trade: float = 0.02
+    max_position_share: float = 0.25
+    max_drawdown: float = 0.10
+    proposal_ttl: float = 300.0
+    confidence_threshold: float = 0.7
+    auto_approve: bool = False
+    initial_cash: float = 100_000.0
+
+
+class TradingEngine:
+    def __init__(self, db: Any, market: PriceSource, publish: Publish, rules: RiskRules) -> None:
+        self._db = db
+        self._market = market
+        self._publish = publish
+        self.rules = rules
+        self.paused = False
+        self.counters = {"proposals_created": 0, "proposals_approved": 0,
+                         "proposals_rejected": 0, "proposals_expired": 0,
+                         "trades_executed": 0, "risk_refusals": 0}
+        self._peak_value = 0.0
+        self._breaches: set[str] = set()
+
+    async def load(self) -> None:
+        """Restore what survives a restart: the paused flag and the starting cash."""
+        async with self._db.connection() as connection:
+            await store.ensure_initial_deposit(connection, self.rules.initial_cash, time.time())
+            self.paused = await store.get_state(connection, "paused") == "1"
+
+    # -- proposals --------------------------------------------------------------------------
+
+    async def propose(self, symbol: str, action: str, size: float | None, reason: str, *,
+                      confidence: float | None = None, source: str = "manual") -> Proposal:
+        """Create a proposal; without `size`, the risk rule sizes it."""
+        if symbol not in self._market.symbols:
+            raise APIError(400, "UNKNOWN_SYMBOL", "Unknown symbol",
+                           f"{symbol!r} is not traded; symbols: {', '.join(self._market.symbols)}")
+        price = await self._price(symbol)
+        if size is None:
+            size = await self._risk_size(symbol, action, price)
+            if size <= 0:
+                raise APIError(422, "NOTHING_TO_SELL", "Nothing to sell",
+                               f"There is no {symbol} position to sell")
+        now = time.time()
+        proposal = Proposal(id=store.new_id("prop"), symbol=symbol, action=action,
+                            size=round(size, 8), reason=reason, confidence=confidence,
+                            source=source, status="pending", created_at=now,
+                            expires_at=now + self.rules.proposal_ttl)
+        async with self._db.connection() as connection:
+            await store.insert_proposal(connection, proposal)
+        self.counters["proposals_created"] += 1
+        await self._publish([Event("proposal_created", proposal.created_event(),
+                                   symbol=symbol)])
+        if self.rules.auto_approve:
+            return (await self.approve(proposal.id, "auto"))[0]
+        return proposal
+
+    async def consider(self, symbol: str, decision: str, confidence: float,
+                       reasoning: str) -> Proposal | None:
+        """Turn a confident analysis into a proposal, one open proposal per symbol at most."""
+        if self.paused or decision not in ("buy", "sell"):
+            return None
+        if confidence < self.rules.confidence_threshold:
+            return None
+        async with self._db.connection() as connection:
+            open_count = (await store.count_proposals(connection, status="pending", symbol=symbol)
+                          + await store.count_proposals(connection, status="approved",
+                                                        symbol=symbol))
+        if open_count:
+            return None
+        price = await self._price(symbol)
+        size = await self._risk_size(symbol, decision, price)
+        if size <= 0:
+            return None
+        return await self.propose(symbol, decision, size,
+                                  f"Agent {decision} signal ({confidence:.2f}): {reasoning}",
+                                  confidence=confidence, source="agent")
+
+    async def approve(self, proposal_id: str, by: str) -> tuple[Proposal, Trade | None]:
+        """Approve and, unless paused, execute. Exactly one of concurrent approvals wins; the
+        others get 409 with the state the proposal is in."""
+        now = time.time()
+        events: list[Event] = []
+        trade: Trade | None = None
+        async with self._db.connection() as connection:
+            async with connection.transaction():
+                proposal = await store.transition_proposal(
+                    connection, proposal_id, from_status="pending", to_status="approved",
+                    by=by, at=now)
+                if proposal is None:
+                    raise await self._not_open(connection, proposal_id, "approve")
+                events.append(Event("proposal_approved", proposal.approved_event(),
+                                    symbol=proposal.symbol))
+                if not self.paused:
+                    proposal, trade, more = await self._execute(connection, proposal, now)
+                    events += more
+        self.counters["proposals_approved"] += 1
+        await self._publish(events)
+        if trade is not None:
+            await self.publish_portfolio()
+        return proposal, trade
+
+    async def reject(self, proposal_id: str, by: str, reason: str | None = None) -> Proposal:
+        now = time.time()
+        async with self._db.connection() as connection:
+            async with connection.transaction():
+                proposal = await store.transition_proposal(
+                    connection, proposal_id, from_status="pending", or_from="approved",
+                    to_status="rejected", by=by, at=now, reason=reason or f"rejected by {by}")
+                if proposal is None:
+                    raise await self._not_open(connection, proposal_id, "reject")
+        self.counters["proposals_rejected"] += 1
+        await self._publish([Event("proposal_rejected", proposal.closed_event(),
+                                   symbol=proposal.symbol)])
+        return proposal
+
+    async def expire_stale(self, now: float | None = None) -> list[Proposal]:
+        now = time.time() if now is None else now
+        expired: list[Proposal] = []
+        async with self._db.connection() as connection:
+            for proposal_id in await store.select_stale_proposals(connection, now):
+                proposal = await store.transition_proposal(
+                    connection, proposal_id, from_status="pending", to_status="expired",
+                    by="system", at=now,
+                    reason=f"not approved within {self.rules.proposal_ttl:g} s")
+                if proposal is not None:
+                    expired.append(proposal)
+        if expired:
+            self.counters["proposals_expired"] += len(expired)
+            await self._publish([Event("proposal_expired", p.closed_event(), symbol=p.symbol)
+                                 for p in expired])
+        return expired
+
+    async def _not_open(self, connection: Any, proposal_id: str, verb: str) -> APIError:
+        existing = await store.select_proposal(connection, proposal_id)
+        if existing is None:
+            return APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
+                            f"No proposal {proposal_id!r}")
+        return APIError(409, f"PROPOSAL_{existing.status.upper()}",
+                        f"Proposal already {existing.status}",
+                        f"Cannot {verb} {proposal_id!r}: it is {existing.status}"
+                        + (f" ({existing.status_reason})" if existing.status_reason else ""))
+
+    # -- execution --------------------------------------------------------------------------
+
+    async def _execute(self, connection: Any, proposal: Proposal,
+                       now: float) -> tuple[Proposal, Trade | None, list[Event]]:
+        """Fill an approved proposal inside the caller's transaction, or refuse it by the risk
+        rules (then it is rejected with the reason, and an alert says why)."""
+        price = await self._price(proposal.symbol)
+        slip = self.rules.slippage if proposal.action == "buy" else -self.rules.slippage
+        filled = round(price * (1 + slip), 8)
+        notional = proposal.size * filled
+        fee = round(notional * self.rules.fee_rate, 8)
+        position = (await store.select_position(connection, proposal.symbol)
+                    or Position(proposal.symbol, 0.0, 0.0, 0.0))
+        refusal = None
+        if proposal.action == "buy":
+            cash = await store.cash_balance(connection)
+            if notional + fee > cash + EPSILON:
+                refusal = ("INSUFFICIENT_CASH",
+                           f"Buying {proposal.size} {proposal.symbol} costs "
+                           f"{notional + fee:.2f} with fees; cash is {cash:.2f}")
+        elif proposal.size > position.size + EPSILON:
+            refusal = ("INSUFFICIENT_POSITION",
+                       f"Selling {proposal.size} {proposal.symbol}; the position is "
+                       f"{position.size}")
+        if refusal is not None:
+            code, details = refusal
+            rejected = await store.transition_proposal(
+                connection, proposal.id, from_status="approved", to_status="rejected",
+                by="risk", at=now, reason=details)
+            assert rejected is not None
+            self.counters["risk_refusals"] += 1
+            return rejected, None, [
+                Event("proposal_rejected", rejected.closed_event(), symbol=proposal.symbol),
+                alert("warning", code, details, symbol=proposal.symbol,
+                      proposal_id=proposal.id)]
+        executed = await store.transition_proposal(
+            connection, proposal.id, from_status="approved", to_status="executed", by=None,
+            at=now)
+        assert executed is not None
+        trade = Trade(order_id=store.new_id("order"), proposal_id=proposal.id,
+                      symbol=proposal.symbol, action=proposal.action, size=proposal.size,
+                      filled_price=filled, fee=fee, status="filled", executed_at=now)
+        await store.insert_trade(connection, trade)
+        sign = -1 if proposal.action == "buy" else 1
+        await store.record_cash(connection, "trade", sign * notional, trade.order_id, now)
+        await store.record_cash(connection, "fee", -fee, trade.order_id, now)
+        await store.save_position(connection, _after_fill(position, trade), now)
+        self.counters["trades_executed"] += 1
+        return executed, trade, [Event("trade_executed", trade.as_event(),
+                                       symbol=trade.symbol)]
+
+    async def execute_approved(self) -> int:
+        """Execute what was approved while paused (on resume)."""
+        async with self._db.connection() as connection:
+            pending = await store.select_approved_proposals(connection)
+        executed = 0
+        for proposal_id in pending:
+            events: list[Event] = []
+            now = time.time()
+            async with self._db.connection() as connection:
+                async with connection.transaction():
+                    proposal = await store.select_proposal(connection, proposal_id)
+                    if proposal is None or proposal.status != "approved":
+                        continue
+                    _, trade, events = await self._execute(connection, proposal, now)
+            executed += trade is not None
+            await self._publish(events)
+        if executed:
+            await self.publish_portfolio()
+        return executed
+
+    # -- pause and resume -------------------------------------------------------------------
+
+    async def set_paused(self, paused: bool, by: str) -> bool:
+        """Pause or resume; returns whether anything changed."""
+        if paused == self.paused:
+            return False
+        async with self._db.connection() as connection:
+            await store.set_state(connection, "paused", "1" if paused else "0")
+        self.paused = paused
+        await self._publish([Event("status_change", {
+            "status": "paused" if paused else "running",
+            "previous": "running" if paused else "paused",
+            "changed_by": by,
+        })])
+        if not paused:
+            await self.execute_approved()
+        return True
+
+    # -- portfolio --------------------------------------------------------------------------
+
+    async def portfolio(self) -> dict[str, Any]:
+        """The spec's portfolio_update data."""
+        async with self._db.connection() as connection:
+            cash = await store.cash_balance(connection)
+            invested = await store.deposits(connection)
+            positions = await store.select_positions(connection)
+        rows = []
+        total = cash
+        for position in positions:
+            if abs(position.size) <= EPSILON:
+                continue
+            price = self._market.price(position.symbol) or position.entry_price
+            value = position.size * price
+            pnl = (price - position.entry_price) * position.size
+            total += value
+            rows.append({
+                "symbol": position.symbol, "size": position.size,
+                "entry_price": round(position.entry_price, 8), "current_price": price,
+                "value": round(value, 2), "pnl": round(pnl, 2),
+                "pnl_percent": round(100 * (price / position.entry_price - 1), 2)
+                if position.entry_price else 0.0,
+            })
+        total_pnl = total - invested
+        return {"total_value": round(total, 2), "available_cash": round(cash, 2),
+                "positions": rows, "total_pnl": round(total_pnl, 2),
+                "total_pnl_percent": round(100 * total_pnl / invested, 2) if invested else 0.0}
+
+    async def publish_portfolio(self) -> dict[str, Any]:
+        snapshot = await self.portfolio()
+        await self._publish([Event("portfolio_update", snapshot), *self._breach_alerts(snapshot)])
+        return snapshot
+
+    def _breach_alerts(self, snapshot: dict[str, Any]) -> list[Event]:
+        """An alert when a limit is first crossed, not on every snapshot while it stays so."""
+        total = snapshot["total_value"]
+        self._peak_value = max(self._peak_value, total)
+        alerts = []
+        breached = set()
+        for row in snapshot["positions"]:
+            if total > 0 and row["value"] / total > self.rules.max_position_share:
+                breached.add(f"position:{row['symbol']}")
+                if f"position:{row['symbol']}" not in self._breaches:
+                    alerts.append(alert(
+                        "warning", "POSITION_LIMIT",
+                        f"{row['symbol']} is {100 * row['value'] / total:.1f}% of the portfolio "
+                        f"(limit {100 * self.rules.max_position_share:.0f}%)",
+                        symbol=row["symbol"]))
+        if self._peak_value and (self._peak_value - total) / self._peak_value > \
+                self.rules.max_drawdown:
+            breached.add("drawdown")
+            if "drawdown" not in self._breaches:
+                alerts.append(alert(
+                    "critical", "DRAWDOWN_LIMIT",
+                    f"Portfolio is {100 * (1 - total / self._peak_value):.1f}% below its peak "
+                    f"of {self._peak_value:.2f} (limit {100 * self.rules.max_drawdown:.0f}%)"))
+        self._breaches = breached
+        return alerts
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _price(self, symbol: str) -> float:
+        price = self._market.price(symbol)
+        if price is None:
+            async with self._db.connection() as connection:
+                price = (await store.select_prices(connection)).get(symbol)
+        if price is None:
+            raise APIError(503, "NO_PRICE", "No market price yet",
+                           f"There is no price for {symbol} yet; retry shortly")
+        return price
+
+    async def _risk_size(self, symbol: str, action: str, price: float) -> float:
+        """Size a trade at `risk_per_trade` of the portfolio's value; a sell never exceeds the
+        position."""
+        snapshot = await self.portfolio()
+        size = self.rules.risk_per_trade * snapshot["total_value"] / price
+        if action == "sell":
+            held = next((p["size"] for p in snapshot["positions"] if p["symbol"] == symbol), 0.0)
+            size = min(size, held)
+        return round(size, 8)
+
+
+def _after_fill(position: Position, trade: Trade) -> Position:
+    if trade.action == "buy":
+        size = position.size + trade.size
+        entry = (position.size * position.entry_price + trade.size * trade.filled_price) / size
+        return Position(position.symbol, round(size, 10), entry, position.realized_pnl)
+    realized = position.realized_pnl + (trade.filled_price - position.entry_price) * trade.size
+    size = round(position.size - trade.size, 10)
+    return Position(position.symbol, size, position.entry_price if size > EPSILON else 0.0,
+                    realized)
+
+
+def alert(level: str, code: str, message: str, **context: Any) -> Event:
+    symbol = context.get("symbol")
+    return Event("alert", {"level": level, "code": code, "message": message, **context},
+                 symbol=symbol)

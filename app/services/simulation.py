@@ -1,0 +1,105 @@
+"""The producers: the periodic topics at the spec's cadence, and the analysis that feeds the
+trading engine. Each runs as its own loop that logs a failure and carries on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from app.services import store
+from app.services.analysis import Analysis, analyze
+from app.services.engine import TradingEngine
+from app.services.events import Event
+from app.services.health import health_snapshot
+from app.services.market import SimulatedMarket
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[list[Event]], Awaitable[None]]
+
+
+class Simulation:
+    def __init__(self, *, market: SimulatedMarket, engine: TradingEngine, db: Any,
+                 publish: Publish, system_status: Callable[[], dict[str, Any]],
+                 intervals: dict[str, float]) -> None:
+        self.market = market
+        self.engine = engine
+        self._db = db
+        self._publish = publish
+        self._system_status = system_status
+        self._intervals = intervals
+        self.latest_analysis: dict[str, Analysis] = {}
+        self.latest_health: dict[str, Any] | None = None
+
+    async def restore(self) -> None:
+        """Continue the random walk from the last persisted prices."""
+        async with self._db.connection() as connection:
+            prices = await store.select_prices(connection)
+        if prices:
+            self.market.restore(prices)
+
+    def loops(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        every = self._intervals
+        return [
+            _periodic(every["market"], self.tick_market, "market"),
+            _periodic(every["analysis"], self.analyze_all, "analysis"),
+            _periodic(every["portfolio"], self.tick_portfolio, "portfolio"),
+            _periodic(every["status"], self.publish_status, "status"),
+            _periodic(every["health"], self.publish_health, "health"),
+        ]
+
+    async def tick_market(self) -> None:
+        now = time.time()
+        tickers = self.market.tick(now)
+        await self._publish([Event("market_update", [t.as_dict() for t in tickers])])
+        async with self._db.connection() as connection:
+            await store.save_prices(connection, self.market.snapshot_prices(), now)
+
+    async def analyze(self, symbol: str) -> Analysis:
+        """Run the analysis of one symbol now, publish it, and let the engine act on it."""
+        analysis = analyze(symbol, self.market.prices(symbol))
+        self.latest_analysis[symbol] = analysis
+        await self._publish([Event("analysis_update", analysis.as_dict(), symbol=symbol)])
+        await self.engine.consider(symbol, analysis.decision, analysis.confidence,
+                                   analysis.reasoning)
+        return analysis
+
+    async def analyze_all(self) -> None:
+        for symbol in self.market.symbols:
+            await self.analyze(symbol)
+
+    async def tick_portfolio(self) -> None:
+        await self.engine.expire_stale()
+        await self.engine.publish_portfolio()
+
+    async def publish_status(self) -> None:
+        await self._publish([Event("system_status", self._system_status())])
+
+    async def publish_health(self) -> None:
+        self.latest_health = health_snapshot()
+        await self._publish([Event("health_update", self.latest_health)])
+
+
+def _periodic(interval: float, work: Callable[[], Awaitable[None]],
+              name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def loop() -> None:
+        failing = False
+        while True:
+            started = time.monotonic()
+            try:
+                await work()
+                if failing:
+                    log.info("%s producer recovered", name)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not failing:  # once per outage, not once per tick
+                    log.exception("%s producer failed; retrying every %.1f s", name, interval)
+                failing = True
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    return loop
