@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -63,11 +65,14 @@ class Client:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
         self._request_ids = 0
+        self._skipped: list[dict[str, Any]] = []  # read while waiting for a reply
 
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
         await self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        if self._skipped:
+            return self._skipped.pop(0)
         return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
 
     async def recv_event(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -76,6 +81,17 @@ class Client:
             message = await self.recv(timeout)
             if message["type"] != "ping":
                 return message
+
+    async def next_of(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next message of `type_`, skipping others (bounded by `timeout` overall)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.recv(timeout)
+                if message["type"] == type_:
+                    return message
+
+    async def command(self, name: str, **args: Any) -> dict[str, Any]:
+        return await self.request("command", {"command": name, **args})
 
     async def greeting(self) -> dict[str, Any]:
         connected = await self.recv()
@@ -93,9 +109,10 @@ class Client:
             message["data"] = data
         await self.send(message)
         while True:
-            reply = await self.recv()
+            reply = json.loads(await asyncio.wait_for(self.ws.recv(), 5.0))
             if reply.get("request_id") == request_id:
                 return reply
+            self._skipped.append(reply)
 
     async def no_message(self, within: float = 0.3) -> None:
         with pytest.raises(asyncio.TimeoutError):
@@ -116,9 +133,10 @@ async def running_gateway(**settings: Any) -> AsyncIterator[RunningGateway]:
     """A gateway on a fresh, migrated database (a new SQLite file unless DATABASE_URL is given),
     with the simulation off unless asked: tests publish what they need."""
     with tempfile.TemporaryDirectory() as folder:
-        settings.setdefault("DATABASE_URL", f"sqlite:///{folder}/gateway.db")
+        if "DATABASE_URL" not in settings:
+            settings["DATABASE_URL"] = f"sqlite:///{folder}/gateway.db"
+            await migrate(settings["DATABASE_URL"])
         settings.setdefault("SIMULATION", False)
-        await migrate(settings["DATABASE_URL"])
         async with _serving(replace(Config(), **settings)) as running:
             yield running
 
@@ -133,9 +151,14 @@ async def _serving(config: Config) -> AsyncIterator[RunningGateway]:
          "graceful_timeout": 1.0})
     stop = asyncio.Event()
     server = asyncio.create_task(serve(app, hypercorn_config, shutdown_trigger=stop.wait))
-    # The socket already listens: clients queue in its backlog until Hypercorn has started.
+    running = RunningGateway(app, port)
+    async with asyncio.timeout(10):
+        while not running.gateway.running:
+            if server.done():
+                server.result()  # the start-up failed: raise why
+            await asyncio.sleep(0.005)
     try:
-        yield RunningGateway(app, port)
+        yield running
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)
@@ -155,3 +178,48 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[RunningGateway
 def gateway_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """`async with gateway_factory(WS_MAX_CONNECTIONS=2) as server:`, for other settings."""
     return partial(running_gateway, WS_FAST_PATH=request.param)
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+POSTGRES_URL = os.environ.get("SIGMAX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# CI sets this: a test that needs PostgreSQL or Redis then fails instead of skipping.
+REQUIRE_SERVICES = os.environ.get("SIGMAX_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(service: str, error: Exception) -> None:
+    message = f"{service} is not reachable ({error})"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message}, and SIGMAX_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(message)
+
+
+@asynccontextmanager
+async def fresh_postgres() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    import asyncpg
+
+    try:
+        admin = await asyncpg.connect(POSTGRES_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as error:
+        unavailable("PostgreSQL at " + POSTGRES_URL, error)
+    name = f"sigmax_test_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
+    """A fresh, migrated database of each kind."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/trading.db"
+        await migrate(url)
+        yield url
+    else:
+        async with fresh_postgres() as url:
+            await migrate(url)
+            yield url

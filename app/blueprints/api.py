@@ -2,11 +2,13 @@
 text at `/metrics`. Every error is JSON `{error, code, details}`."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, current_app, g, request
 from quart_schema import tag, validate_querystring, validate_request, validate_response
 
 from app.errors import APIError, describe_validation_error, excerpt
@@ -46,23 +48,34 @@ from app.services.events import (
 from app.services.gateway import Gateway
 
 api_bp = Blueprint("api", __name__)
+View = TypeVar("View", bound=Callable[..., Any])
 
 
 def _gateway() -> Gateway:
     return current_app.extensions["gateway"]
 
 
-async def require_scope(scope: str) -> str:
-    """The caller's principal; refused unless its X-API-Key (when keys exist) has `scope`."""
-    principal = await _gateway().api_keys.authenticate(
-        request.headers.get("X-API-Key") or request.args.get("api_key"))
-    if principal is None:
-        raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
-                       "Send a valid key in the X-API-Key header")
-    if not principal.can(scope):
-        raise APIError(403, "FORBIDDEN", "Not allowed",
-                       f"This endpoint needs an API key with the {scope!r} scope")
-    return principal.name
+def requires(scope: str) -> Callable[[View], View]:
+    """Refuse the request unless its X-API-Key (when keys exist) has `scope`; the caller's
+    principal is then `g.principal`. Checked before the body is validated."""
+
+    def decorator(view: View) -> View:
+        @wraps(view)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            principal = await _gateway().api_keys.authenticate(
+                request.headers.get("X-API-Key") or request.args.get("api_key"))
+            if principal is None:
+                raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
+                               "Send a valid key in the X-API-Key header")
+            if not principal.can(scope):
+                raise APIError(403, "FORBIDDEN", "Not allowed",
+                               f"This endpoint needs an API key with the {scope!r} scope")
+            g.principal = principal.name
+            return await view(*args, **kwargs)
+
+        return guarded
+
+    return decorator
 
 
 @api_bp.get("/api/health")
@@ -79,23 +92,23 @@ async def get_health() -> Health:
 
 @api_bp.get("/api/ws/stats")
 @tag(["system"])
+@requires("read")
 @validate_response(ConnectionStats, 200)
 @validate_response(ErrorResponse, 401)
 async def get_ws_stats() -> ConnectionStats:
     """The connection manager's counters: connections, deliveries, queues, conflation."""
-    await require_scope("read")
     return ConnectionStats(**_gateway().manager.get_stats())
 
 
 @api_bp.post("/api/events")
 @tag(["ingest"])
+@requires("publish")
 @validate_request(EventBatch)
 @validate_response(IngestResult, 202)
 @validate_response(ErrorResponse, 400)
 async def post_events(data: EventBatch) -> tuple[IngestResult, int]:
     """Publish a batch of events from an external engine. All or nothing: a batch with one bad
     event is refused whole, naming it."""
-    await require_scope("publish")
     events = [_event(position, item.type, item.topic, item.symbol, item.data)
               for position, item in enumerate(data.events)]
     await _gateway().manager.publish(events)
@@ -163,38 +176,38 @@ async def get_metrics() -> Response:
 
 @api_bp.get("/api/status")
 @tag(["system"])
+@requires("read")
 @validate_response(SystemStatusData)
 async def get_status() -> dict[str, Any]:
     """The system status: running or paused, uptime, symbols, connections, counters."""
-    await require_scope("read")
     return _gateway().system_status()
 
 
 @api_bp.get("/api/market")
 @tag(["trading"])
+@requires("read")
 @validate_response(MarketSnapshot)
 async def get_market() -> dict[str, Any]:
     """The latest price, 24 h volume and change of every symbol."""
-    await require_scope("read")
     return {"symbols": [ticker.as_dict() for ticker in _gateway().market.latest()]}
 
 
 @api_bp.get("/api/portfolio")
 @tag(["trading"])
+@requires("read")
 @validate_response(PortfolioData)
 async def get_portfolio() -> dict[str, Any]:
     """Cash, positions with P&L, totals."""
-    await require_scope("read")
     return await _gateway().engine.portfolio()
 
 
 @api_bp.get("/api/proposals")
 @tag(["proposals"])
+@requires("read")
 @validate_querystring(ProposalQuery)
 @validate_response(ProposalPage)
 async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
     """Proposals, newest first, filtered by status and symbol, paged."""
-    await require_scope("read")
     symbol = _symbol(query_args.symbol) if query_args.symbol else None
     async with _gateway().db.connection() as connection:
         items = await store.select_proposals(connection, status=query_args.status,
@@ -208,11 +221,11 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
 
 @api_bp.get("/api/proposals/<proposal_id>")
 @tag(["proposals"])
+@requires("read")
 @validate_response(ProposalOut, 200)
 @validate_response(ErrorResponse, 404)
 async def get_proposal(proposal_id: str) -> ProposalOut:
     """One proposal."""
-    await require_scope("read")
     async with _gateway().db.connection() as connection:
         proposal = await store.select_proposal(connection, proposal_id)
     if proposal is None:
@@ -223,11 +236,11 @@ async def get_proposal(proposal_id: str) -> ProposalOut:
 
 @api_bp.get("/api/trades")
 @tag(["trading"])
+@requires("read")
 @validate_querystring(PageQuery)
 @validate_response(TradePage)
 async def get_trades(query_args: PageQuery) -> TradePage:
     """Executed trades, newest first, paged."""
-    await require_scope("read")
     async with _gateway().db.connection() as connection:
         trades = await store.select_trades(connection, limit=query_args.limit,
                                            offset=query_args.offset)
@@ -240,12 +253,13 @@ async def get_trades(query_args: PageQuery) -> TradePage:
 
 @api_bp.post("/api/proposals")
 @tag(["proposals"])
+@requires("trade")
 @validate_request(NewProposal)
 @validate_response(ProposalOut, 201)
 @validate_response(ErrorResponse, 400)
 async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
     """Create a manual proposal; without `size` the risk rule sizes it."""
-    principal = await require_scope("trade")
+    principal = g.principal
     proposal = await _gateway().engine.propose(
         _symbol(data.symbol), data.action, data.size, f"{data.reason} (by {principal})")
     return ProposalOut(**proposal.as_dict()), 201
@@ -253,47 +267,51 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
 
 @api_bp.post("/api/proposals/<proposal_id>/approve")
 @tag(["proposals"])
+@requires("trade")
 @validate_response(DecisionResult, 200)
 @validate_response(ErrorResponse, 404)
 @validate_response(ErrorResponse, 409)
 async def approve_proposal(proposal_id: str) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
-    principal = await require_scope("trade")
+    principal = g.principal
     proposal, trade = await _gateway().engine.approve(proposal_id, principal)
     return _decision(proposal, trade)
 
 
 @api_bp.post("/api/proposals/<proposal_id>/reject")
 @tag(["proposals"])
+@requires("trade")
 @validate_request(Decision)
 @validate_response(DecisionResult, 200)
 @validate_response(ErrorResponse, 404)
 @validate_response(ErrorResponse, 409)
 async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
     """Reject a pending (or approved, not yet executed) proposal."""
-    principal = await require_scope("trade")
+    principal = g.principal
     return _decision(await _gateway().engine.reject(proposal_id, principal, data.reason), None)
 
 
 @api_bp.post("/api/proposals/approve")
 @tag(["proposals"])
+@requires("trade")
 @validate_request(BulkDecision)
 @validate_response(BulkResult)
 async def approve_proposals(data: BulkDecision) -> BulkResult:
     """Approve many proposals in one call; each succeeds or fails on its own."""
-    principal = await require_scope("trade")
+    principal = g.principal
     engine = _gateway().engine
     return await _bulk(data.proposal_ids, lambda pid: engine.approve(pid, principal))
 
 
 @api_bp.post("/api/proposals/reject")
 @tag(["proposals"])
+@requires("trade")
 @validate_request(BulkDecision)
 @validate_response(BulkResult)
 async def reject_proposals(data: BulkDecision) -> BulkResult:
     """Reject many proposals in one call; each succeeds or fails on its own."""
-    principal = await require_scope("trade")
+    principal = g.principal
     engine = _gateway().engine
     return await _bulk(data.proposal_ids,
                        lambda pid: engine.reject(pid, principal, data.reason))
@@ -301,20 +319,22 @@ async def reject_proposals(data: BulkDecision) -> BulkResult:
 
 @api_bp.post("/api/pause")
 @tag(["system"])
+@requires("trade")
 @validate_response(EngineState)
 async def post_pause() -> EngineState:
     """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
-    principal = await require_scope("trade")
+    principal = g.principal
     changed = await _gateway().engine.set_paused(True, principal)
     return EngineState(status="paused", changed=changed)
 
 
 @api_bp.post("/api/resume")
 @tag(["system"])
+@requires("trade")
 @validate_response(EngineState)
 async def post_resume() -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
-    principal = await require_scope("trade")
+    principal = g.principal
     changed = await _gateway().engine.set_paused(False, principal)
     return EngineState(status="running", changed=changed)
 

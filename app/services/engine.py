@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from app.errors import APIError
 from app.services import store
 from app.services.events import Event
+from app.services.market import round_price
 from app.services.store import Position, Proposal, Trade
 
 Publish = Callable[[list[Event]], Awaitable[None]]
@@ -103,7 +104,7 @@ class TradingEngine:
             return None
         price = await self._price(symbol)
         size = await self._risk_size(symbol, decision, price)
-        if size <= 0:
+        if size <= 0 or (decision == "buy" and await self._at_position_limit(symbol)):
             return None
         return await self.propose(symbol, decision, size,
                                   f"Agent {decision} signal ({confidence:.2f}): {reasoning}",
@@ -276,21 +277,21 @@ class TradingEngine:
         for position in positions:
             if abs(position.size) <= EPSILON:
                 continue
-            price = self._market.price(position.symbol) or position.entry_price
+            price = round_price(self._market.price(position.symbol) or position.entry_price)
             value = position.size * price
             pnl = (price - position.entry_price) * position.size
             total += value
             rows.append({
                 "symbol": position.symbol, "size": position.size,
-                "entry_price": round(position.entry_price, 8), "current_price": price,
+                "entry_price": round_price(position.entry_price), "current_price": price,
                 "value": round(value, 2), "pnl": round(pnl, 2),
-                "pnl_percent": round(100 * (price / position.entry_price - 1), 2)
+                "pnl_percent": _percent(price / position.entry_price - 1)
                 if position.entry_price else 0.0,
             })
         total_pnl = total - invested
         return {"total_value": round(total, 2), "available_cash": round(cash, 2),
                 "positions": rows, "total_pnl": round(total_pnl, 2),
-                "total_pnl_percent": round(100 * total_pnl / invested, 2) if invested else 0.0}
+                "total_pnl_percent": _percent(total_pnl / invested) if invested else 0.0}
 
     async def publish_portfolio(self) -> dict[str, Any]:
         snapshot = await self.portfolio()
@@ -335,6 +336,11 @@ class TradingEngine:
                            f"There is no price for {symbol} yet; retry shortly")
         return price
 
+    async def _at_position_limit(self, symbol: str) -> bool:
+        snapshot = await self.portfolio()
+        value = next((p["value"] for p in snapshot["positions"] if p["symbol"] == symbol), 0.0)
+        return value >= self.rules.max_position_share * snapshot["total_value"]
+
     async def _risk_size(self, symbol: str, action: str, price: float) -> float:
         """Size a trade at `risk_per_trade` of the portfolio's value; a sell never exceeds the
         position."""
@@ -355,6 +361,10 @@ def _after_fill(position: Position, trade: Trade) -> Position:
     size = round(position.size - trade.size, 10)
     return Position(position.symbol, size, position.entry_price if size > EPSILON else 0.0,
                     realized)
+
+
+def _percent(fraction: float) -> float:
+    return round(100 * fraction, 2) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def alert(level: str, code: str, message: str, **context: Any) -> Event:

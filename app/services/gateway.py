@@ -64,6 +64,7 @@ class Gateway:
                 "health": config.HEALTH_INTERVAL})
         self.commands: dict[str, Command] = {}
         self.started = time.time()
+        self.running = False  # between start() and stop(): serving
         self._tasks: list[asyncio.Task[None]] = []
         self._register_commands()
 
@@ -78,13 +79,15 @@ class Gateway:
         gc.set_threshold(50_000, 20, 100)
         await self.bus.start()
         await self.engine.load()
+        await self.simulation.restore()
         loops: list[Callable[[], Coroutine[Any, Any, None]]] = [self.manager.run_heartbeat]
         if self.config.SIMULATION:
-            await self.simulation.restore()
             loops += self.simulation.loops()
         self._tasks = [asyncio.create_task(loop()) for loop in loops]
+        self.running = True
 
     async def stop(self) -> None:
+        self.running = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

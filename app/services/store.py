@@ -115,7 +115,8 @@ async def select_proposals(connection: Connection, *, status: str | None = None,
                            offset: int = 0) -> list[Proposal]:
     rows = await connection.fetch_all(
         f"SELECT {PROPOSAL_COLUMNS} FROM proposals "
-        "WHERE (:status IS NULL OR status = :status) AND (:symbol IS NULL OR symbol = :symbol) "
+        "WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) "
+        "AND (CAST(:symbol AS TEXT) IS NULL OR symbol = :symbol) "
         "ORDER BY created_at DESC, id LIMIT :limit OFFSET :offset",
         {"status": status, "symbol": symbol, "limit": limit, "offset": offset},
     )
@@ -126,7 +127,8 @@ async def count_proposals(connection: Connection, *, status: str | None = None,
                           symbol: str | None = None) -> int:
     return int(await connection.fetch_val(
         "SELECT COUNT(*) FROM proposals "
-        "WHERE (:status IS NULL OR status = :status) AND (:symbol IS NULL OR symbol = :symbol)",
+        "WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) "
+        "AND (CAST(:symbol AS TEXT) IS NULL OR symbol = :symbol)",
         {"status": status, "symbol": symbol},
     ))
 
