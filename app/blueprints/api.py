@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -73,7 +73,7 @@ def requires(scope: str) -> Callable[[View], View]:
             g.principal = principal.name
             return await view(*args, **kwargs)
 
-        return guarded
+        return cast(View, guarded)
 
     return decorator
 
