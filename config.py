@@ -26,6 +26,10 @@ class Config:
 
     # Redis URL for the shared event stream across workers and hosts; empty = in-memory bus.
     REDIS_URL: str = ""
+    # Names of the Redis keys (stream, counter, leader lease): one prefix per deployment.
+    REDIS_PREFIX: str = "sigmax"
+    # Seconds after which a dead leader's lease runs out and another worker takes over.
+    LEADER_TTL: float = 6.0
 
     WS_MAX_CONNECTIONS: int = 1000
     WS_HEARTBEAT_INTERVAL: float = 30.0
@@ -106,6 +110,11 @@ class Config:
 
     def hypercorn_settings(self) -> dict[str, Any]:
         """The Hypercorn settings that follow from this configuration."""
+        if self.WORKERS > 1 and not self.REDIS_URL:
+            # Each worker would have its own in-memory stream: clients on different workers
+            # would see different events and different seq numbers.
+            raise SystemExit(f"WORKERS={self.WORKERS} needs REDIS_URL: without Redis every "
+                             "worker is an island. Set REDIS_URL or run one worker.")
         return {
             "bind": [f"{self.HOST}:{self.PORT}"],
             "workers": self.WORKERS,
@@ -124,7 +133,7 @@ class Config:
                     "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT", "MARKET_INTERVAL",
                     "ANALYSIS_INTERVAL", "PORTFOLIO_INTERVAL", "STATUS_INTERVAL",
                     "HEALTH_INTERVAL", "PROPOSAL_TTL", "INITIAL_CASH", "WS_COMMAND_RATE",
-                    "WS_COMMAND_BURST")
+                    "WS_COMMAND_BURST", "LEADER_TTL")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

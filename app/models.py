@@ -114,12 +114,20 @@ class IngestResult(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness (the worker answers) and readiness (status ok: its event stream works)."""
+
     status: Literal["ok", "degraded"]
     version: str
     uptime_seconds: float
     connections: int
     bus_backend: str
     last_seq: int
+    leader: bool = Field(description="this worker runs the simulated producers")
+    redis_connected: bool | None = Field(default=None, description="with REDIS_URL only")
+    stream_lag: int | None = Field(default=None, description="events behind the stream head")
+    receiving: bool | None = Field(
+        default=None, description="false: behind the stream head for too long (deaf worker)")
+    reason: str | None = None
 
 
 class ConnectionStats(BaseModel):

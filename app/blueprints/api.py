@@ -2,6 +2,7 @@
 text at `/metrics`. Every error is JSON `{error, code, details}`."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
@@ -46,6 +47,7 @@ from app.services.events import (
     normalize_symbol,
 )
 from app.services.gateway import Gateway
+from app.services.redis_bus import RedisBus
 
 api_bp = Blueprint("api", __name__)
 View = TypeVar("View", bound=Callable[..., Any])
@@ -80,14 +82,25 @@ def requires(scope: str) -> Callable[[View], View]:
 
 @api_bp.get("/api/health")
 @tag(["system"])
-@validate_response(Health)
-async def get_health() -> Health:
-    """Liveness and readiness of this worker."""
+@validate_response(Health, 200)
+@validate_response(Health, 503)
+async def get_health() -> tuple[Health, int]:
+    """Liveness and readiness of this worker: 503 while its event stream does not work."""
     gateway = _gateway()
-    return Health(status="ok", version=SERVER_VERSION,
-                  uptime_seconds=round(gateway.manager.get_stats()["uptime_seconds"], 3),
-                  connections=len(gateway.manager.connections),
-                  bus_backend=gateway.bus.backend, last_seq=gateway.bus.head)
+    bus = gateway.bus
+    health = Health(status="ok", version=SERVER_VERSION,
+                    uptime_seconds=round(time.time() - gateway.started, 3),
+                    connections=len(gateway.manager.connections),
+                    bus_backend=bus.backend, last_seq=bus.head, leader=gateway.is_leader)
+    if isinstance(bus, RedisBus):
+        health.redis_connected = bus.connected
+        health.stream_lag = bus.lag
+        health.receiving = not bus.deaf
+        if not bus.connected:
+            health.status, health.reason = "degraded", f"Redis unavailable: {bus.last_error}"
+        elif bus.deaf:
+            health.status, health.reason = "degraded", "not receiving the event stream"
+    return health, 200 if health.status == "ok" else 503
 
 
 @api_bp.get("/api/ws/stats")

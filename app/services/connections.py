@@ -400,7 +400,6 @@ class ConnectionManager:
         # Totals of connections that are gone, so the stats do not go backwards.
         self._closed_sent = 0
         self._closed_conflated = 0
-        bus.set_listener(self.fan_out)
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -500,6 +499,12 @@ class ConnectionManager:
         """Publish one event per symbol to `symbol:X` subscribers (and its type's topic)."""
         await self.bus.publish([Event(message["type"], message.get("data"), symbol=symbol)
                                 for symbol in symbols])
+
+    def notify_all(self, type_: str, data: dict[str, Any]) -> None:
+        """A notice to every connection of this worker, outside the stream (no seq): for what
+        concerns this worker only, such as losing its link to Redis."""
+        for conn in list(self.connections.values()):
+            conn.send_direct(envelope(type_, data, conn.id))
 
     async def publish(self, events: list[Event]) -> None:
         await self.bus.publish(events)

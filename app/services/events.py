@@ -117,18 +117,20 @@ class Event:
     symbols of its entries.
     """
 
-    __slots__ = ("type", "topic", "symbols", "data", "data_json", "timestamp", "created",
-                 "seq", "frame", "wire", "conflation_key")
+    __slots__ = ("type", "topic", "symbol", "symbols", "data", "data_json", "timestamp",
+                 "created", "seq", "frame", "wire", "conflation_key")
 
     def __init__(self, type_: str, data: Any, *, topic: str | None = None,
-                 symbol: str | None = None, data_json: str | None = None) -> None:
+                 symbol: str | None = None, data_json: str | None = None,
+                 created: float | None = None) -> None:
         self.type = type_
         self.topic = topic or EVENT_TOPICS[type_]
+        self.symbol = symbol
         self.data = data
         # Serializing here makes an unserializable payload fail at the publisher, not in fan-out.
         self.data_json = dumps(data) if data_json is None else data_json
         self.symbols = _routing_symbols(type_, data, symbol)
-        self.created = time.time()
+        self.created = time.time() if created is None else created
         self.timestamp = utc_timestamp(self.created)
         self.seq = 0
         self.frame = ""
@@ -156,6 +158,17 @@ class Event:
         if len(entries) == len(self.data):
             return self.frame
         return self.render(dumps(entries))
+
+    def encode(self) -> bytes:
+        """The event for another process (the Redis stream); `decode` reverses it."""
+        return orjson.dumps({"type": self.type, "topic": self.topic, "symbol": self.symbol,
+                             "created": self.created, "data": self.data})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Event:
+        fields = orjson.loads(payload)
+        return cls(fields["type"], fields["data"], topic=fields["topic"],
+                   symbol=fields["symbol"], created=fields["created"])
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": self.type, "data": self.data, "timestamp": self.timestamp,

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +15,18 @@ from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
 from app.services.connections import Connection, ConnectionManager
 from app.services.engine import RiskRules, TradingEngine
-from app.services.events import SERVER_VERSION, TOPICS, ClientError, ErrorCode, normalize_symbol
+from app.services.events import (
+    SERVER_VERSION,
+    TOPICS,
+    ClientError,
+    ErrorCode,
+    Event,
+    normalize_symbol,
+)
 from app.services.health import health_snapshot
+from app.services.leader import LeaderLease
 from app.services.market import SimulatedMarket
+from app.services.redis_bus import RedisBus
 from app.services.simulation import Simulation
 from config import Config
 
@@ -35,7 +44,19 @@ class Gateway:
     def __init__(self, config: Config, db: Any, bus: EventBus | None = None) -> None:
         self.config = config
         self.db = db
-        self.bus = bus or MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
+        self.lease: LeaderLease | None = None
+        if bus is not None:
+            self.bus = bus
+        elif config.REDIS_URL:
+            redis_bus = RedisBus(config.REDIS_URL, prefix=config.REDIS_PREFIX,
+                                 history_size=config.EVENT_HISTORY_SIZE,
+                                 history_max_age=config.EVENT_HISTORY_MAX_AGE)
+            redis_bus.on_link_change = self._on_link_change
+            self.bus = redis_bus
+            self.lease = LeaderLease(config.REDIS_URL, f"{config.REDIS_PREFIX}:leader",
+                                     config.LEADER_TTL)
+        else:
+            self.bus = MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
         self.manager = ConnectionManager(
             self.bus,
             max_connections=config.WS_MAX_CONNECTIONS,
@@ -62,10 +83,12 @@ class Gateway:
                 "market": config.MARKET_INTERVAL, "analysis": config.ANALYSIS_INTERVAL,
                 "portfolio": config.PORTFOLIO_INTERVAL, "status": config.STATUS_INTERVAL,
                 "health": config.HEALTH_INTERVAL})
+        self.bus.set_listener(self._on_events)
         self.commands: dict[str, Command] = {}
         self.started = time.time()
         self.running = False  # between start() and stop(): serving
         self._tasks: list[asyncio.Task[None]] = []
+        self._producers: list[asyncio.Task[None]] = []
         self._register_commands()
 
     def add_command(self, name: str, scope: str, handler: CommandHandler) -> None:
@@ -80,19 +103,49 @@ class Gateway:
         await self.bus.start()
         await self.engine.load()
         await self.simulation.restore()
-        loops: list[Callable[[], Coroutine[Any, Any, None]]] = [self.manager.run_heartbeat]
+        self._tasks = [asyncio.create_task(self.manager.run_heartbeat())]
         if self.config.SIMULATION:
-            loops += self.simulation.loops()
-        self._tasks = [asyncio.create_task(loop()) for loop in loops]
+            if self.lease is not None:
+                self._tasks.append(asyncio.create_task(
+                    self.lease.run(self._start_producers, self._stop_producers)))
+            else:
+                await self._start_producers()
         self.running = True
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this worker runs the producers (always, without Redis)."""
+        return self.config.SIMULATION and (self.lease is None or self.lease.is_leader)
+
+    async def _start_producers(self) -> None:
+        # A new leader continues from what the database says, not from what it saw.
+        await self.simulation.restore()
+        await self.engine.load()
+        self._producers = [asyncio.create_task(loop()) for loop in self.simulation.loops()]
+
+    async def _stop_producers(self) -> None:
+        await _cancel(self._producers)
+        self._producers = []
+
+    def _on_events(self, events: list[Event]) -> None:
+        self.manager.fan_out(events)
+        if not self.is_leader:
+            # Followers price approvals with what the leader's feed says.
+            for event in events:
+                if event.type == "market_update" and isinstance(event.data, list):
+                    self.market.restore({entry["symbol"]: entry["price"] for entry in event.data
+                                         if isinstance(entry, dict) and "price" in entry})
+
+    def _on_link_change(self, connected: bool, reason: str) -> None:
+        self.manager.notify_all("status_change", {
+            "status": "running" if connected else "degraded",
+            "reason": "event stream reconnected" if connected
+            else f"event stream unavailable: {reason}; reconnecting"})
 
     async def stop(self) -> None:
         self.running = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(self._tasks)
+        await self._stop_producers()
         self._tasks.clear()
         await self.bus.stop()
 
@@ -106,6 +159,7 @@ class Gateway:
             "connections": len(self.manager.connections),
             "last_seq": self.bus.head,
             "bus_backend": self.bus.backend,
+            "leader": self.is_leader,
             "available_topics": list(TOPICS),
             "counters": {**self.engine.counters,
                          "events_published": self.manager.counters["events_published"]},
@@ -160,6 +214,14 @@ class Gateway:
             ("resume", "trade", resume), ("analyze", "trade", analyze),
         ):
             self.add_command(name, scope, handler)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _text(value: Any, name: str) -> str:

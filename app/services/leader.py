@@ -1,0 +1,77 @@
+"""A leader lease in Redis: the simulated producers run in one worker of the deployment.
+
+The leader renews the lease well before it expires; if it dies, the lease runs out and another
+worker takes it within `ttl` seconds. Only the holder can renew or release it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class LeaderLease:
+    def __init__(self, url: str, key: str, ttl: float) -> None:
+        self._redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._key = key
+        self._ttl_ms = int(ttl * 1000)
+        self._interval = ttl / 3
+        self.holder_id = uuid.uuid4().hex
+        self.is_leader = False
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+
+    async def run(self, on_elected: Callable[[], Awaitable[None]],
+                  on_deposed: Callable[[], Awaitable[None]]) -> None:
+        """Hold the lease while alive; call back when it is won or lost."""
+        try:
+            while True:
+                held = await self._try_hold()
+                if held and not self.is_leader:
+                    self.is_leader = True
+                    log.info("this worker is the leader: it runs the producers")
+                    await on_elected()
+                elif not held and self.is_leader:
+                    self.is_leader = False
+                    log.warning("leader lease lost: stopping the producers here")
+                    await on_deposed()
+                await asyncio.sleep(self._interval)
+        finally:
+            if self.is_leader:
+                self.is_leader = False
+                await on_deposed()
+                try:
+                    await self._release(keys=[self._key], args=[self.holder_id])
+                except RedisError:
+                    pass  # it expires by itself
+            await self._redis.aclose()
+
+    async def _try_hold(self) -> bool:
+        try:
+            if self.is_leader:
+                return bool(await self._renew(keys=[self._key],
+                                              args=[self.holder_id, self._ttl_ms]))
+            return bool(await self._redis.set(self._key, self.holder_id, nx=True,
+                                              px=self._ttl_ms))
+        except RedisError:
+            # Without Redis nobody can prove leadership; stepping down avoids two leaders.
+            return False
