@@ -81,6 +81,7 @@ class ConnectedData(BaseModel):
     available_topics: list[str]
     heartbeat_interval: float
     last_seq: int
+    worker: str
 
 
 class CommandResultData(BaseModel):

@@ -223,3 +223,28 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIt
         async with fresh_postgres() as url:
             await migrate(url)
             yield url
+
+
+REDIS_URL = os.environ.get("SIGMAX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[tuple[str, str]]:
+    """(REDIS_URL, a key prefix of its own) on the machine's Redis; its keys are removed after."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as error:
+        await client.aclose()
+        unavailable("Redis at " + REDIS_URL, error)
+    prefix = f"sigmax-test-{uuid.uuid4().hex[:10]}"
+    try:
+        yield REDIS_URL, prefix
+    finally:
+        keys = [key async for key in client.scan_iter(f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

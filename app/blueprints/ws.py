@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -36,6 +38,9 @@ from app.services.gateway import Gateway
 from app.services.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
+
+# Which worker process serves the connection: useful when several share a port.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 ws_bp = Blueprint("ws", __name__)
 
@@ -82,6 +87,7 @@ async def gateway_socket() -> Response | None:
         "server_version": SERVER_VERSION,
         "available_topics": list(TOPICS),
         "heartbeat_interval": gateway.config.WS_HEARTBEAT_INTERVAL,
+        "worker": WORKER,
         "last_seq": gateway.bus.head,
     }, conn.id))
     conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))

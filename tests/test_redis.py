@@ -1,0 +1,225 @@
+"""Scale-out through Redis: several gateways (workers) share one event stream. Real Redis, real
+connections; fault tests start a redis-server of their own on a free port."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+
+from tests.conftest import free_socket, running_gateway
+
+
+@asynccontextmanager
+async def workers(count, redis, database_url, **settings):
+    """`count` gateways on one Redis stream and one database, like the workers of a host."""
+    url, prefix = redis
+    async with AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(running_gateway(
+            REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=database_url, **settings))
+            for _ in range(count)]
+        yield servers
+
+
+@pytest.fixture
+async def sqlite_url(tmp_path):
+    from app.services.database import migrate
+
+    url = f"sqlite:///{tmp_path}/shared.db"
+    await migrate(url)
+    return url
+
+
+async def publish_alerts(server, first, count):
+    events = [{"type": "alert", "symbol": "BTC/USDT" if n % 2 else None,
+               "data": {"level": "info", "message": "m", "n": n}}
+              for n in range(first, first + count)]
+    for event in events:
+        if event["symbol"] is None:
+            del event["symbol"]
+    response = await server.app.test_client().post("/api/events", json={"events": events})
+    assert response.status_code == 202, await response.get_json()
+    return await response.get_json()
+
+
+async def receive_n(client, count, timeout=20.0):
+    received = []
+    async with asyncio.timeout(timeout):
+        while len(received) < count:
+            event = await client.recv_event()
+            if "seq" in event:
+                received.append(event)
+    return received
+
+
+async def test_every_worker_delivers_every_event_once_in_order(redis_prefix, sqlite_url):
+    async with workers(2, redis_prefix, sqlite_url) as (a, b):
+        async with a.subscribed(["alerts"]) as on_a, \
+                b.subscribed(["alerts", "all"], ["BTC/USDT"]) as on_b, \
+                b.subscribed(symbols=["BTC/USDT"]) as on_b_symbol:
+            total = 0
+            for batch in range(20):  # through both workers, alternately
+                publisher = a if batch % 2 else b
+                result = await publish_alerts(publisher, total, 100)
+                assert result["accepted"] == 100
+                total += 100
+            first = (await receive_n(on_a, total))
+            seqs = [e["seq"] for e in first]
+            assert seqs == list(range(seqs[0], seqs[0] + total))  # gap-free, once each
+            assert [e["data"]["n"] for e in first] == list(range(total))
+            assert [e["seq"] for e in await receive_n(on_b, total)] == seqs
+            by_symbol = await receive_n(on_b_symbol, total // 2)
+            assert [e["data"]["n"] for e in by_symbol] == list(range(1, total, 2))
+            for client in (on_a, on_b, on_b_symbol):
+                await client.no_message(0.3)
+            assert a.gateway.bus.head == b.gateway.bus.head == seqs[-1]
+
+
+async def test_resume_on_another_worker_without_gap_or_duplicate(redis_prefix, sqlite_url):
+    async with workers(2, redis_prefix, sqlite_url) as (a, b):
+        async with a.subscribed(["alerts"]) as client:
+            seen = await receive_n_after(client, a, 0, 50)
+        last = seen[-1]["seq"]
+        await publish_alerts(a, 50, 30)  # missed while away
+        async with b.client() as client:
+            await client.greeting()
+            reply = await client.request("subscribe", {"topics": ["alerts"], "since": last})
+            assert reply["data"]["recovered"] is True
+            assert reply["data"]["replayed"] == 30
+            await publish_alerts(b, 80, 20)  # live after the replay
+            resumed = await receive_n(client, 50)
+            assert [e["seq"] for e in resumed] == list(range(last + 1, last + 51))
+            assert [e["data"]["n"] for e in resumed] == list(range(50, 100))
+            await client.no_message(0.3)
+
+
+async def receive_n_after(client, server, first, count):
+    await publish_alerts(server, first, count)
+    return await receive_n(client, count)
+
+
+async def test_resume_ahead_of_a_lagging_worker_skips_what_the_client_has(redis_prefix,
+                                                                          sqlite_url):
+    async with workers(1, redis_prefix, sqlite_url) as (a,):
+        result = await publish_alerts(a, 0, 10)
+        async with a.client() as client:
+            await client.greeting()
+            # A client that saw up to seq 7 elsewhere: it gets 8..10 once, nothing before.
+            reply = await client.request("subscribe", {"topics": ["alerts"],
+                                                       "since": result["last_seq"] - 3})
+            assert reply["data"]["recovered"] is True
+            events = await receive_n(client, 3)
+            assert [e["seq"] for e in events] == list(range(result["last_seq"] - 2,
+                                                              result["last_seq"] + 1))
+            await client.no_message(0.3)
+
+
+async def test_exactly_one_leader_and_failover(redis_prefix, sqlite_url):
+    settings = dict(SIMULATION=True, LEADER_TTL=1.0, MARKET_INTERVAL=0.1,
+                    ANALYSIS_INTERVAL=5, PORTFOLIO_INTERVAL=5, STATUS_INTERVAL=5,
+                    HEALTH_INTERVAL=5)
+    url, prefix = redis_prefix
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running_gateway(
+            REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, **settings))
+        second_stack = AsyncExitStack()
+        second = await second_stack.enter_async_context(running_gateway(
+            REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, **settings))
+        try:
+            async with asyncio.timeout(5):
+                while not (first.gateway.is_leader or second.gateway.is_leader):
+                    await asyncio.sleep(0.05)
+            assert first.gateway.is_leader != second.gateway.is_leader
+            leader, follower = (first, second) if first.gateway.is_leader else (second, first)
+            async with follower.subscribed(["market"]) as client:
+                before = await receive_n(client, 3)
+                assert all(e["type"] == "market_update" for e in before)
+                # the leader goes away
+                if leader is second:
+                    await second_stack.aclose()
+                else:
+                    await stack.aclose()
+                async with asyncio.timeout(5):
+                    while not follower.gateway.is_leader:
+                        await asyncio.sleep(0.05)
+                after = await receive_n(client, 3, timeout=10)
+                seqs = [e["seq"] for e in before + after]
+                assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        finally:
+            await second_stack.aclose()
+
+
+class OwnRedis:
+    """A redis-server of the test's own on `port`, which it can stop and start again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = aioredis.from_url(f"redis://127.0.0.1:{self.port}/0")
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        await client.ping()
+                        return
+                    except Exception:
+                        await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@asynccontextmanager
+async def own_redis():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    redis = OwnRedis(port)
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
+    async with own_redis() as redis:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        async with running_gateway(REDIS_URL=url, DATABASE_URL=sqlite_url) as server:
+            async with server.subscribed(["alerts"]) as client:
+                before = await receive_n_after(client, server, 0, 5)
+                redis.stop()  # it keeps nothing: the stream and the counter are gone
+                notice = await client.next_of("status_change", timeout=10)
+                assert notice["data"]["status"] == "degraded"
+                response = await server.app.test_client().get("/api/health")
+                assert response.status_code == 503
+                assert (await response.get_json())["redis_connected"] is False
+                failed = await server.app.test_client().post(
+                    "/api/events", json={"events": [{"type": "alert", "data": {
+                        "level": "info", "message": "not published"}}]})
+                assert failed.status_code == 503
+                assert (await failed.get_json())["code"] == "BUS_UNAVAILABLE"
+                await redis.start()
+                notice = await client.next_of("status_change", timeout=15)
+                assert notice["data"]["status"] == "running"
+                after = await receive_n_after(client, server, 5, 5)
+                assert after[0]["seq"] == before[-1]["seq"] + 1  # no seq is used twice
+                assert [e["data"]["n"] for e in after] == list(range(5, 10))
+                health = await server.app.test_client().get("/api/health")
+                assert health.status_code == 200
