@@ -3,13 +3,21 @@ connections; fault tests start a redis-server of their own on a free port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import urllib.request
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import pytest
+import websockets
 
-from tests.conftest import free_socket, running_gateway
+from tests.conftest import Client, free_socket, running_gateway
 
 
 @asynccontextmanager
@@ -223,3 +231,116 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
                 assert [e["data"]["n"] for e in after] == list(range(5, 10))
                 health = await server.app.test_client().get("/api/health")
                 assert health.status_code == 200
+
+
+# -- real Hypercorn processes -------------------------------------------------------------------
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def start_host(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`hypercorn -w N` with the repository's config, as a deployment runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "--config", "file:hypercorn_config.py", "wsgi:app"],
+        cwd=REPOSITORY, env={**os.environ, **env, "PORT": str(port), "WORKERS": str(workers)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_host(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def post_alerts(port: int, first: int, count: int) -> None:
+    body = json.dumps({"events": [
+        {"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
+        for n in range(first, first + count)]}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/events", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+
+
+async def open_client(port: int, since: int | None = None):
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}/api/ws")
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+    client = Client(ws)
+    connected = await client.greeting()
+    data = {"topics": ["alerts"]}
+    if since is not None:
+        data["since"] = since
+    reply = await client.request("subscribe", data)
+    assert reply["type"] == "subscribed"
+    return client, connected["data"]["worker"]
+
+
+async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix, tmp_path):
+    url, prefix = redis_prefix
+    database = f"sqlite:///{tmp_path}/hosts.db"
+    env = {"REDIS_URL": url, "REDIS_PREFIX": prefix, "DATABASE_URL": database,
+           "SIMULATION": "false", "LOG_LEVEL": "WARNING"}
+    migrated = subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPOSITORY,
+                              env={**os.environ, **env}, capture_output=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
+    ports = []
+    for _ in range(2):
+        sock = free_socket()
+        ports.append(sock.getsockname()[1])
+        sock.close()
+    host_a = start_host(ports[0], 2, env)
+    host_b = start_host(ports[1], 1, env)
+    clients = []
+    try:
+        on_a = []
+        workers_seen = set()
+        for _ in range(40):  # bounded: until both workers of host A serve clients
+            client, worker = await open_client(ports[0])
+            on_a.append((client, worker))
+            workers_seen.add(worker)
+            if len(workers_seen) == 2 and len(on_a) >= 6:
+                break
+        assert len(workers_seen) == 2, "host A's two workers should both take connections"
+        on_b = [(await open_client(ports[1])) for _ in range(2)]
+        clients = [c for c, _ in on_a + on_b]
+
+        for batch in range(6):
+            await asyncio.to_thread(post_alerts, ports[batch % 2], batch * 50, 50)
+        first_seqs = None
+        for client in clients:
+            events = await receive_n(client, 300)
+            seqs = [e["seq"] for e in events]
+            assert [e["data"]["n"] for e in events] == list(range(300))
+            first_seqs = first_seqs or seqs
+            assert seqs == first_seqs == list(range(seqs[0], seqs[0] + 300))
+        last_seen = first_seqs[-1]
+
+        # SIGKILL one worker of host A: Hypercorn then stops that whole host, so its clients
+        # reconnect to host B and resume from the last seq they saw.
+        victim = int(next(iter(workers_seen)).rsplit(":", 1)[1])
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.to_thread(post_alerts, ports[1], 300, 50)  # while they are away
+        resumed = []
+        for client, _ in on_a:
+            with contextlib.suppress(Exception):
+                await client.ws.close()
+            again, _ = await open_client(ports[1], since=last_seen)
+            resumed.append(again)
+        await asyncio.to_thread(post_alerts, ports[1], 350, 50)
+        for client in resumed + [c for c, _ in on_b]:
+            events = await receive_n(client, 100)
+            assert [e["seq"] for e in events] == list(range(last_seen + 1, last_seen + 101))
+            assert [e["data"]["n"] for e in events] == list(range(300, 400))
+            await client.no_message(0.2)
+        clients += resumed
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.ws.close()
+        stop_host(host_a)
+        stop_host(host_b)
