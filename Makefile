@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run migrate test lint
+.PHONY: run migrate test lint bench
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m app migrate
@@ -15,6 +15,9 @@ migrate: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/pytest
+
+bench: $(VENV)/.runtime
+	$(BIN)/python benchmarks/run.py --reps 3
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app client tests config.py wsgi.py
