@@ -384,6 +384,7 @@ class ConnectionManager:
         self.connection_timeout = connection_timeout
         self.close_timeout = close_timeout
         self.fast_path = fast_path
+        self.shutdown_watch: asyncio.Task[None] | None = None
         self.index = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
         self.started = time.time()
@@ -411,8 +412,11 @@ class ConnectionManager:
             self.counters["connections_rejected"] += 1
             raise ConnectionLimitExceeded(self.max_connections)
         send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
+        raw = raw_transport(send) if self.fast_path else None
+        if raw is not None and raw.shutting_down is not None and self.shutdown_watch is None:
+            self.shutdown_watch = asyncio.create_task(self._close_all_on(raw.shutting_down()))
         conn = Connection(send, queue_size=self.queue_size, close_timeout=self.close_timeout,
-                          raw=raw_transport(send) if self.fast_path else None,
+                          raw=raw,
                           principal=metadata.get("principal", "anonymous"),
                           scopes=frozenset(metadata.get("scopes", ())),
                           remote=metadata.get("remote", ""), joined_seq=self.bus.head)
@@ -428,6 +432,17 @@ class ConnectionManager:
         self.index.remove(conn, list(conn.keys))
         self._closed_sent += conn.sent
         self._closed_conflated += conn.conflated
+
+    async def _close_all_on(self, shutting_down: Awaitable[None]) -> None:
+        """When the server shuts down, tell every client and close with 1001 at once, rather
+        than leaving them to be cut off after the graceful timeout."""
+        await shutting_down
+        log.info("shutting down: closing %d connections with 1001", len(self.connections))
+        for conn in list(self.connections.values()):
+            conn.close(CloseCode.GOING_AWAY, "SERVER_SHUTDOWN", notice=envelope(
+                "status_change", {"status": "shutting_down",
+                                  "reason": "the server is shutting down; reconnect and "
+                                            "resume with `since`"}, conn.id))
 
     async def disconnect(self, connection_id: str) -> None:
         conn = self.connections.get(connection_id)

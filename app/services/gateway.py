@@ -144,6 +144,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self.running = False
+        if self.manager.shutdown_watch is not None:
+            self._tasks.append(self.manager.shutdown_watch)
         await _cancel(self._tasks)
         await self._stop_producers()
         self._tasks.clear()

@@ -35,6 +35,8 @@ def text_frame(payload: bytes) -> bytes:
 class RawTransport:
     transport: asyncio.WriteTransport
     drain: Callable[[], Awaitable[None]]
+    # Returns when the Hypercorn worker starts shutting down (None when that cannot be seen).
+    shutting_down: Callable[[], Awaitable[None]] | None = None
 
 
 def _hypercorn_classes() -> tuple[type, type, type] | None:
@@ -68,4 +70,5 @@ def raw_transport(asgi_send: Any) -> RawTransport | None:
     transport = getattr(writer, "transport", None)
     if not isinstance(writer, asyncio.StreamWriter) or transport is None:
         return None
-    return RawTransport(transport, writer.drain)
+    terminated = getattr(getattr(server, "context", None), "terminated", None)
+    return RawTransport(transport, writer.drain, getattr(terminated, "wait", None))
