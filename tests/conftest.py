@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +253,39 @@ async def redis_prefix() -> AsyncIterator[tuple[str, str]]:
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+# -- real Hypercorn processes -------------------------------------------------------------------
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def migrate_with_cli(env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPOSITORY,
+                          env={**os.environ, **env}, capture_output=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def start_host(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`hypercorn -w N` with the repository's config, as a deployment runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "--config", "file:hypercorn_config.py", "wsgi:app"],
+        cwd=REPOSITORY, env={**os.environ, **env, "PORT": str(port), "WORKERS": str(workers)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_host(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+async def connect_when_up(port: int) -> Client:
+    """A client of the gateway on `port`, once it accepts connections (within 20 s)."""
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                return Client(await websockets.connect(f"ws://127.0.0.1:{port}/api/ws"))
+            except OSError:
+                await asyncio.sleep(0.1)

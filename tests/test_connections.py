@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 from contextlib import AsyncExitStack
 
 import pytest
 import websockets
 
-from tests.conftest import Client, free_socket
+from tests.conftest import connect_when_up, free_socket, migrate_with_cli, start_host, stop_host
 
 
 async def test_server_pings_on_the_heartbeat_interval(gateway_factory):
@@ -228,32 +225,21 @@ async def test_a_stalled_client_is_dropped_after_the_close_timeout(gateway_facto
 
 
 async def test_sigterm_tells_clients_and_closes_with_1001(tmp_path):
-    from tests.test_redis import REPOSITORY, start_host, stop_host
-
-    database = f"sqlite:///{tmp_path}/shutdown.db"
-    env = {"DATABASE_URL": database, "SIMULATION": "false", "LOG_LEVEL": "WARNING"}
-    migrated = subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPOSITORY,
-                              env={**os.environ, **env}, capture_output=True, timeout=60)
-    assert migrated.returncode == 0, migrated.stderr
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/shutdown.db", "SIMULATION": "false",
+           "LOG_LEVEL": "WARNING"}
+    migrate_with_cli(env)
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     host = start_host(port, 1, env)
     try:
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    ws = await websockets.connect(f"ws://127.0.0.1:{port}/api/ws")
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
-        client = Client(ws)
+        client = await connect_when_up(port)
         await client.greeting()
         host.send_signal(signal.SIGTERM)
         notice = await client.next_of("status_change", timeout=5)
         assert notice["data"]["status"] == "shutting_down"
-        await asyncio.wait_for(ws.wait_closed(), 5)
-        assert ws.close_code == 1001
+        await asyncio.wait_for(client.ws.wait_closed(), 5)
+        assert client.ws.close_code == 1001
         assert host.wait(timeout=10) == 0
     finally:
         stop_host(host)

@@ -9,15 +9,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.request
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import pytest
-import websockets
 
-from tests.conftest import Client, free_socket, running_gateway
+from tests.conftest import (
+    connect_when_up,
+    free_socket,
+    migrate_with_cli,
+    running_gateway,
+    start_host,
+    stop_host,
+)
 
 
 @asynccontextmanager
@@ -235,23 +239,6 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
 
 # -- real Hypercorn processes -------------------------------------------------------------------
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def start_host(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`hypercorn -w N` with the repository's config, as a deployment runs it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "hypercorn", "--config", "file:hypercorn_config.py", "wsgi:app"],
-        cwd=REPOSITORY, env={**os.environ, **env, "PORT": str(port), "WORKERS": str(workers)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop_host(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
 def post_alerts(port: int, first: int, count: int) -> None:
     body = json.dumps({"events": [
         {"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
@@ -263,14 +250,7 @@ def post_alerts(port: int, first: int, count: int) -> None:
 
 
 async def open_client(port: int, since: int | None = None):
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                ws = await websockets.connect(f"ws://127.0.0.1:{port}/api/ws")
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-    client = Client(ws)
+    client = await connect_when_up(port)
     connected = await client.greeting()
     data = {"topics": ["alerts"]}
     if since is not None:
@@ -285,9 +265,7 @@ async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix,
     database = f"sqlite:///{tmp_path}/hosts.db"
     env = {"REDIS_URL": url, "REDIS_PREFIX": prefix, "DATABASE_URL": database,
            "SIMULATION": "false", "LOG_LEVEL": "WARNING"}
-    migrated = subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPOSITORY,
-                              env={**os.environ, **env}, capture_output=True, timeout=60)
-    assert migrated.returncode == 0, migrated.stderr
+    migrate_with_cli(env)
     ports = []
     for _ in range(2):
         sock = free_socket()

@@ -272,9 +272,8 @@ async def get_trades(query_args: PageQuery) -> TradePage:
 @validate_response(ErrorResponse, 400)
 async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
     """Create a manual proposal; without `size` the risk rule sizes it."""
-    principal = g.principal
     proposal = await _gateway().engine.propose(
-        _symbol(data.symbol), data.action, data.size, f"{data.reason} (by {principal})")
+        _symbol(data.symbol), data.action, data.size, f"{data.reason} (by {g.principal})")
     return ProposalOut(**proposal.as_dict()), 201
 
 
@@ -287,8 +286,7 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
 async def approve_proposal(proposal_id: str) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
-    principal = g.principal
-    proposal, trade = await _gateway().engine.approve(proposal_id, principal)
+    proposal, trade = await _gateway().engine.approve(proposal_id, g.principal)
     return _decision(proposal, trade)
 
 
@@ -301,8 +299,7 @@ async def approve_proposal(proposal_id: str) -> DecisionResult:
 @validate_response(ErrorResponse, 409)
 async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
     """Reject a pending (or approved, not yet executed) proposal."""
-    principal = g.principal
-    return _decision(await _gateway().engine.reject(proposal_id, principal, data.reason), None)
+    return _decision(await _gateway().engine.reject(proposal_id, g.principal, data.reason), None)
 
 
 @api_bp.post("/api/proposals/approve")
@@ -312,9 +309,8 @@ async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
 @validate_response(BulkResult)
 async def approve_proposals(data: BulkDecision) -> BulkResult:
     """Approve many proposals in one call; each succeeds or fails on its own."""
-    principal = g.principal
     engine = _gateway().engine
-    return await _bulk(data.proposal_ids, lambda pid: engine.approve(pid, principal))
+    return await _bulk(data.proposal_ids, lambda pid: engine.approve(pid, g.principal))
 
 
 @api_bp.post("/api/proposals/reject")
@@ -324,10 +320,9 @@ async def approve_proposals(data: BulkDecision) -> BulkResult:
 @validate_response(BulkResult)
 async def reject_proposals(data: BulkDecision) -> BulkResult:
     """Reject many proposals in one call; each succeeds or fails on its own."""
-    principal = g.principal
     engine = _gateway().engine
     return await _bulk(data.proposal_ids,
-                       lambda pid: engine.reject(pid, principal, data.reason))
+                       lambda pid: engine.reject(pid, g.principal, data.reason))
 
 
 @api_bp.post("/api/pause")
@@ -336,9 +331,7 @@ async def reject_proposals(data: BulkDecision) -> BulkResult:
 @validate_response(EngineState)
 async def post_pause() -> EngineState:
     """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
-    principal = g.principal
-    changed = await _gateway().engine.set_paused(True, principal)
-    return EngineState(status="paused", changed=changed)
+    return await _set_paused(True)
 
 
 @api_bp.post("/api/resume")
@@ -347,9 +340,12 @@ async def post_pause() -> EngineState:
 @validate_response(EngineState)
 async def post_resume() -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
-    principal = g.principal
-    changed = await _gateway().engine.set_paused(False, principal)
-    return EngineState(status="running", changed=changed)
+    return await _set_paused(False)
+
+
+async def _set_paused(paused: bool) -> EngineState:
+    changed = await _gateway().engine.set_paused(paused, g.principal)
+    return EngineState(status="paused" if paused else "running", changed=changed)
 
 
 def _symbol(raw: str) -> str:

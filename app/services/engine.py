@@ -31,15 +31,17 @@ class PriceSource(Protocol):
 
 @dataclass(frozen=True)
 class RiskRules:
-    fee_rate: float = 0.001
-    slippage: float = 0.0005
-    risk_per_trade: float = 0.02
-    max_position_share: float = 0.25
-    max_drawdown: float = 0.10
-    proposal_ttl: float = 300.0
-    confidence_threshold: float = 0.7
-    auto_approve: bool = False
-    initial_cash: float = 100_000.0
+    """The engine's settings (their defaults and meaning: config.py)."""
+
+    fee_rate: float
+    slippage: float
+    risk_per_trade: float
+    max_position_share: float
+    max_drawdown: float
+    proposal_ttl: float
+    confidence_threshold: float
+    auto_approve: bool
+    initial_cash: float
 
 
 class TradingEngine:
