@@ -291,16 +291,8 @@ class ProposalOut(BaseModel):
     status_reason: str | None
 
 
-class TradeOut(BaseModel):
-    proposal_id: str
-    symbol: str
-    action: str
-    size: float
-    filled_price: float
-    order_id: str
-    status: str
-    fee: float
-    timestamp: str
+# A trade in REST answers is the `trade_executed` data.
+TradeOut = TradeExecutedData
 
 
 class ProposalPage(BaseModel):

@@ -7,14 +7,16 @@ so `/asyncapi.json` and `/docs/websocket` cannot drift from what the gateway doe
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from jinja2 import Environment, StrictUndefined
 from markupsafe import Markup, escape
@@ -22,6 +24,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 from quart import Blueprint, Quart, Response, abort, current_app, redirect, request, url_for
 from quart.helpers import send_from_directory
+from quart.typing import ResponseReturnValue
 from quart_schema import hide
 from quart_schema.openapi import ExternalDocumentation
 
@@ -245,7 +248,7 @@ def asyncapi_document(host: str | None = None, secure: bool = False) -> dict[str
         summary, model = CLIENT_MESSAGES.get(type_, ("", None))
         data = registry.of(model, "validation") if model is not None else {"type": "object"}
         messages[f"client.{type_}"] = _message(
-            type_, summary, {"allOf": [client_envelope, {
+            f"client.{type_}", summary, {"allOf": [client_envelope, {
                 "type": "object",
                 "properties": {"type": {"const": type_}, "data": data},
                 "required": ["type"] + (["data"] if type_ == "command" else [])}]})
@@ -256,15 +259,7 @@ def asyncapi_document(host: str | None = None, secure: bool = False) -> dict[str
             "type": "object",
             "properties": {"type": {"const": type_}, "data": registry.of(model)}}]})
     for type_, topic in EVENT_TOPICS.items():
-        summary = f"Stream event on topic {topic!r}"
-        if type_ in PER_SYMBOL_LIST_TYPES:
-            summary += " and the `symbol:*` of its entries"
-        else:
-            summary += " and `symbol:*` when it has a symbol"
-        if type_ == "system_status":
-            summary += "; also the reply to get_status, and sent after `connected`"
-        if type_ in CONFLATABLE_TYPES:
-            summary += ". A snapshot: conflated for slow consumers"
+        summary = f"Stream event on topic {topic!r}. {_event_note(type_)}"
         messages[type_] = _message(type_, summary, {"allOf": [server_envelope, {
             "type": "object",
             "properties": {"type": {"const": type_},
@@ -281,6 +276,8 @@ def asyncapi_document(host: str | None = None, secure: bool = False) -> dict[str
             "description": _asyncapi_description(),
         },
         "defaultContentType": "application/json",
+        "tags": [{"name": f"topic:{topic}", "description": TOPIC_NOTES.get(topic, "")}
+                 for topic in TOPICS if topic != "all"],
         "channels": {
             WS_PATH: {
                 "description": "The event stream: subscribe to topics and symbols, receive "
@@ -330,9 +327,25 @@ def asyncapi_document(host: str | None = None, secure: bool = False) -> dict[str
     return document
 
 
-def _message(type_: str, summary: str, payload: dict[str, Any],
+def _event_note(type_: str) -> str:
+    """How a stream event type is routed and delivered, in a sentence or three."""
+    if type_ in PER_SYMBOL_LIST_TYPES:
+        note = ("Also delivered to `symbol:X` subscribers, restricted to the entries of their "
+                "symbols.")
+    else:
+        note = "Also delivered to `symbol:X` subscribers when published with a symbol."
+    if type_ == "system_status":
+        note += " The same message answers `get_status` and follows `connected`."
+    if type_ in CONFLATABLE_TYPES:
+        note += " A snapshot: conflated for slow consumers."
+    return note
+
+
+def _message(message_id: str, summary: str, payload: dict[str, Any],
              tags: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"name": type_, "title": type_, "payload": payload}
+    type_ = message_id.removeprefix("client.")
+    message: dict[str, Any] = {"messageId": message_id, "name": type_, "title": type_,
+                               "payload": payload}
     if summary:
         message["summary"] = summary
     if tags:
@@ -433,6 +446,13 @@ def _data_section(registry: SchemaRegistry, name: str, summary: str, annotation:
     return Section(name, summary, fields, topic, note)
 
 
+def _model_names(annotation: Any) -> set[str]:
+    """The models a message's data is made of at its top (a model, or a list of models)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation.__name__}
+    return {name for arg in get_args(annotation) for name in _model_names(arg)}
+
+
 def _nested_objects(registry: SchemaRegistry, top: Iterable[str]) -> list[Section]:
     """Objects that only appear inside others (PositionData in a portfolio), to be listed too."""
     shown = set(top)
@@ -447,8 +467,6 @@ def _commands() -> list[dict[str, str]]:
     commands = getattr(gateway, "commands", {}) or {}
     listed = []
     for name, command in sorted(commands.items()):
-        import inspect
-
         parameters = list(inspect.signature(command.handler).parameters.values())[1:]
         args = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}?"
                          for p in parameters)
@@ -470,26 +488,33 @@ def websocket_page_context(config: Config, ws_url: str, commands: list[dict[str,
         client_messages.append(section)
     replies = [_data_section(registry, type_, summary, model)
                for type_, (summary, model) in REPLIES.items()]
-    events = [_data_section(registry, type_, "", _event_data_annotation(type_), topic=topic,
-                            note="" if _event_data_annotation(type_) is not None
+    events = [_data_section(registry, type_, _event_note(type_), _event_data_annotation(type_),
+                            topic=topic, note="" if _event_data_annotation(type_) is not None
                             else "`data` as the producer sent it.")
               for type_, topic in EVENT_TOPICS.items()]
-    top = {"ClientMessage", "ServerEvent"} | {
-        str(registry.of(model).get("$ref", "")).rsplit("/", 1)[-1]
-        for _, model in [*CLIENT_MESSAGES.values(), *REPLIES.values()] if model is not None
-    } | {str(registry.of(a).get("$ref", "")).rsplit("/", 1)[-1]
-         for a in EVENT_DATA_MODELS.values()}
-    nested = _nested_objects(registry, top)
+    shown = {"ClientMessage", "ServerEvent", "ErrorData"}
+    for annotation in [*(m for _, m in CLIENT_MESSAGES.values()),
+                       *(m for _, m in REPLIES.values()), *EVENT_DATA_MODELS.values()]:
+        shown |= _model_names(annotation)
+    nested = _nested_objects(registry, shown)
 
     topic_events = {topic: [t for t, tp in EVENT_TOPICS.items() if tp == topic or topic == "all"]
                     for topic in TOPICS}
-    closes = []
+    closes: list[dict[str, Any]] = []
+    close_of: dict[str, int] = {}
     for name, code in close_codes().items():
-        when, errors = CLOSE_NOTES.get(code, ("", ()))
-        closes.append({"code": code, "name": name, "when": when, "errors": errors})
-    close_of = {error: close["code"] for close in closes for error in close["errors"]}
+        when, sent_first = CLOSE_NOTES.get(code, ("", ()))
+        closes.append({"code": code, "name": name, "when": when, "errors": sent_first})
+        close_of.update(dict.fromkeys(sent_first, code))
     errors = [{"code": code, "when": ERROR_NOTES.get(code, ""), "closes": close_of.get(code)}
               for code in error_codes()]
+    examples = {
+        "subscribe": {"type": "subscribe", "data": {"topics": ["proposals", "market"],
+                                                    "symbols": ["BTC/USDT"]},
+                      "request_id": "r1"},
+        "resume": {"type": "subscribe", "data": {"topics": ["proposals", "market"],
+                                                 "symbols": ["BTC/USDT"], "since": 1234}},
+    }
     return {
         "version": SERVER_VERSION,
         "ws_path": WS_PATH,
@@ -509,7 +534,9 @@ def websocket_page_context(config: Config, ws_url: str, commands: list[dict[str,
         "errors": errors,
         "error_fields": _fields(registry, registry.ref(ErrorData)),
         "closes": closes,
+        "close": close_codes(),
         "commands": commands,
+        "examples": {name: json.dumps(example) for name, example in examples.items()},
     }
 
 
@@ -525,7 +552,6 @@ def _inline_code(text: str) -> Markup:
 _ENV = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True,
                    lstrip_blocks=True)
 _ENV.filters["md"] = _inline_code
-_ENV.filters["tojson_text"] = lambda value: json.dumps(value)
 
 WEBSOCKET_TEMPLATE = _ENV.from_string("""\
 <!doctype html>
@@ -541,6 +567,8 @@ h1 { margin-bottom: .2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #
 h3 { margin: 1.6rem 0 .3rem; } h3 code { font-size: 1.05em; }
 nav a { margin-right: .9rem; white-space: nowrap; }
 table { border-collapse: collapse; width: 100%; margin: .5rem 0 1rem; font-size: .94rem; }
+table.fields { table-layout: fixed; } table.fields th:nth-child(1) { width: 30%; }
+table.fields th:nth-child(2) { width: 24%; } td { overflow-wrap: anywhere; }
 th, td { text-align: left; vertical-align: top; padding: .3rem .6rem;
          border-bottom: 1px solid #e4e4e4; }
 th { background: #f5f5f7; }
@@ -567,7 +595,7 @@ pre code { background: none; padding: 0; }
 
 {% macro field_table(fields) %}
 {% if fields %}
-<table>
+<table class="fields">
 <tr><th>field</th><th>type</th><th>description</th></tr>
 {% for f in fields %}
 <tr><td><code>{{ f.name }}</code>{% if f.required %} <span class="req">required</span>{% endif %}
@@ -594,7 +622,7 @@ text frame.</p>
 <p>When the gateway has API keys (<code>API_KEYS</code>), pass one as
 <code>?api_key=KEY</code> or in the <code>X-API-Key</code> header. Without a valid key the
 server sends an <code>error</code> with code <code>AUTHENTICATION_FAILED</code> and closes with
-{{ config.__class__.__name__ and "" }}1008. A key's scopes (<code>read</code>,
+{{ close.POLICY_VIOLATION }}. A key's scopes (<code>read</code>,
 <code>trade</code>, <code>publish</code>) decide which commands it may run. Browsers may connect
 only from the configured origins (<code>CORS_ORIGINS</code>) or the gateway's own.</p>
 <p>Flow:</p>
@@ -607,12 +635,12 @@ id, topics, heartbeat interval, <code>last_seq</code>), then a <code>system_stat
 <li>The server sends <code>ping</code> every {{ config.WS_HEARTBEAT_INTERVAL }} s
 (<code>WS_HEARTBEAT_INTERVAL</code>); the client answers <code>pong</code>. A connection with no
 client message for {{ config.WS_CONNECTION_TIMEOUT }} s (<code>WS_CONNECTION_TIMEOUT</code>) is
-closed with <code>CONNECTION_TIMEOUT</code>, 1001.</li>
+closed with <code>CONNECTION_TIMEOUT</code>, {{ close.GOING_AWAY }}.</li>
 </ol>
 <p>Client messages are at most {{ config.WS_MAX_MESSAGE_SIZE }} bytes
 (<code>WS_MAX_MESSAGE_SIZE</code>). A message that cannot be processed gets an
 <code>error</code> and the connection stays open.</p>
-<pre><code>{{ '{"type": "subscribe", "data": {"topics": ["proposals", "market"], "symbols": ["BTC/USDT"]}, "request_id": "r1"}' }}</code></pre>
+<pre><code>{{ examples.subscribe }}</code></pre>
 
 <h2 id="envelope">Envelope</h2>
 <p>Every client message:</p>
@@ -654,7 +682,7 @@ optional.</p>
 subscription receives every stream event about that symbol, whatever its topic. A client
 subscribed to a symbol but not to the event's topic receives
 {% for t in per_symbol %}<code>{{ t }}</code>{% if not loop.last %}, {% endif %}{% endfor %}
-restricted to the entries of its symbols.</p>
+{{ " " }}restricted to the entries of its symbols.</p>
 
 <h2 id="events">Stream events</h2>
 <p>Sent to every connection subscribed to the topic (or <code>all</code>) or to a symbol of the
@@ -679,7 +707,7 @@ The <code>subscribed</code> reply then has <code>replayed</code> (how many) and
 the client should reload the state over REST. The gateway keeps the last
 {{ config.EVENT_HISTORY_SIZE }} events (<code>EVENT_HISTORY_SIZE</code>) for at most
 {{ config.EVENT_HISTORY_MAX_AGE }} s (<code>EVENT_HISTORY_MAX_AGE</code>).</p>
-<pre><code>{{ '{"type": "subscribe", "data": {"topics": ["proposals"], "since": 1234}}' }}</code></pre>
+<pre><code>{{ examples.resume }}</code></pre>
 
 <h2 id="slow">Slow consumers</h2>
 <p>Each connection has a queue of at most {{ config.WS_SEND_QUEUE_SIZE }} frames
@@ -687,16 +715,17 @@ the client should reload the state over REST. The gateway keeps the last
 full, snapshots ({% for t in conflated %}<code>{{ t }}</code>{% if not loop.last %},
 {% endif %}{% endfor %}) are conflated: only the newest per type and symbol is kept. When that
 is not enough, the client gets an <code>error</code> with code <code>SLOW_CONSUMER</code> and the
-connection is closed with 1008; the client reconnects and resumes with <code>since</code>.</p>
+connection is closed with {{ close.POLICY_VIOLATION }}; the client reconnects and resumes with
+<code>since</code>.</p>
 
 <h2 id="errors">Errors</h2>
 <p>An <code>error</code> message's <code>data</code>:</p>
 {{ field_table(error_fields) }}
 <table>
-<tr><th>code</th><th>when</th><th>then</th></tr>
+<tr><th>code</th><th>when</th><th>connection</th></tr>
 {% for e in errors %}
 <tr id="error-{{ e.code }}"><td><code>{{ e.code }}</code></td><td>{{ e.when | md }}</td>
-<td>{% if e.closes %}close {{ e.closes }}{% else %}connection stays open{% endif %}</td></tr>
+<td>{% if e.closes %}close {{ e.closes }}{% else %}stays open{% endif %}</td></tr>
 {% endfor %}
 </table>
 
@@ -745,6 +774,9 @@ UIS: tuple[UIAssets, ...] = (
              {"QUART_SCHEMA_SCALAR_JS_URL": "scalar/scalar.standalone.js"}),
 )
 
+# Scalar's defaults fetch fonts from its CDN and send telemetry: neither, here.
+SCALAR_CONFIGURATION = {"withDefaultFonts": False, "telemetry": False}
+
 MIMETYPES = {".js": "text/javascript", ".css": "text/css"}
 ASSET_MAX_AGE = 24 * 3600
 
@@ -788,7 +820,8 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
     gateway (`/docs/assets/...`) instead of a CDN, so that they work without internet access.
 
     A UI whose package is not installed redirects to one that is (it is never loaded from a
-    CDN); only when no UI is installed are quart-schema's defaults left alone. Call after
+    CDN); only when no UI is installed are quart-schema's defaults left alone. The UI pages get
+    a Content-Security-Policy that lets them load nothing from other hosts. Call after
     `QuartSchema(app, ...)`.
     """
     assets = find_assets() if assets is None else assets
@@ -809,16 +842,46 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
         log.warning("no documentation UI package is installed: /docs loads from a CDN")
         return
     # quart-schema's pages load Redoc as a classic script, but Redoc 3 is an ES module, and
-    # Scalar fetches its fonts from its CDN unless told not to: these two get pages of our own.
-    own_pages: dict[str, Callable[[], Any]] = {"redoc_ui": _redoc_page, "scalar_ui": _scalar_page}
+    # Redoc and Scalar send telemetry unless told not to: these two get pages of our own.
+    own_pages: dict[str, Callable[..., Any]] = {"redoc_ui": _redoc_page,
+                                                "scalar_ui": _scalar_page}
     for ui in UIS:
-        if ui.ui not in app.view_functions:
+        view = app.view_functions.get(ui.ui)
+        if view is None:
             continue
         if ui.ui not in offline:
             app.view_functions[ui.ui] = _redirect_to(offline[0])
-        elif ui.ui in own_pages:
-            app.view_functions[ui.ui] = own_pages[ui.ui]
+        else:
+            app.view_functions[ui.ui] = _self_contained(own_pages.get(ui.ui, view))
     _link_rest_docs(app)
+
+
+# What a documentation UI page may load: its own origin only. Inline scripts and styles are
+# what quart-schema's Swagger page and the UIs themselves use; blob: is for Redoc's workers.
+UI_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+          "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+          "connect-src 'self'; worker-src 'self' blob:; base-uri 'self'; form-action 'self'; "
+          "frame-ancestors 'self'")
+# The WebSocket page runs no script and loads nothing.
+PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'self'")
+
+
+def _self_contained(view: Callable[..., Any]) -> Callable[..., Any]:
+    """`view` with a Content-Security-Policy that keeps the page on this origin: nothing it
+    loads (a logo, telemetry, fonts) can reach another host, online or not."""
+    if getattr(view, "_offline_docs_page", False):  # configure_docs ran already
+        return view
+
+    @hide
+    @functools.wraps(view)
+    async def page(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+        response = await current_app.make_response(await view(*args, **kwargs))
+        response.headers.setdefault("Content-Security-Policy", UI_CSP)
+        return response
+
+    page._offline_docs_page = True  # type: ignore[attr-defined]
+    return page
 
 
 def _redirect_to(endpoint: str) -> Callable[[], Any]:
@@ -832,6 +895,12 @@ def _redirect_to(endpoint: str) -> Callable[[], Any]:
 def _schema_info() -> tuple[str, str]:
     extension = current_app.extensions["QUART_SCHEMA"]
     return extension.info.title, url_for("openapi")
+
+
+def _js(value: Any) -> Markup:
+    """`value` as a JavaScript literal that is safe inside a <script> element."""
+    text = json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")
+    return Markup(text.replace("&", "\\u0026"))
 
 
 UI_PAGE = _ENV.from_string("""\
@@ -851,21 +920,26 @@ UI_PAGE = _ENV.from_string("""\
 </html>
 """)
 
+# Redoc's options: no telemetry (it would report to Redocly's servers).
+REDOC_OPTIONS = {"disableTelemetry": True}
 
-@hide
+
 async def _redoc_page() -> str:
     title, openapi_url = _schema_info()
-    body = Markup('<redoc spec-url="{}"></redoc>\n<script type="module" src="{}"></script>').format(
-        openapi_url, current_app.config["QUART_SCHEMA_REDOC_JS_URL"])
+    body = Markup(
+        '<div id="redoc"></div>\n<script type="module">\n'
+        'import {{ init }} from {};\n'
+        'init({}, {}, document.getElementById("redoc"));\n</script>').format(
+        _js(current_app.config["QUART_SCHEMA_REDOC_JS_URL"]), _js(openapi_url),
+        _js(REDOC_OPTIONS))
     return UI_PAGE.render(title=title, openapi_url=openapi_url, body=body)
 
 
-@hide
 async def _scalar_page() -> str:
     title, openapi_url = _schema_info()
     body = Markup('<script id="api-reference" data-url="{}" data-configuration="{}"></script>\n'
                   '<script src="{}"></script>').format(
-        openapi_url, json.dumps({"withDefaultFonts": False, "hideClientButton": True}),
+        openapi_url, json.dumps(SCALAR_CONFIGURATION),
         current_app.config["QUART_SCHEMA_SCALAR_JS_URL"])
     return UI_PAGE.render(title=title, openapi_url=openapi_url, body=body)
 
@@ -901,7 +975,9 @@ async def websocket_page() -> Response:
     scheme = "wss" if request.scheme in ("https", "wss") else "ws"
     context = websocket_page_context(config if isinstance(config, Config) else Config(),
                                      f"{scheme}://{request.host}{WS_PATH}", _commands())
-    return Response(render_websocket_page(context), content_type="text/html; charset=utf-8")
+    response = Response(render_websocket_page(context), content_type="text/html; charset=utf-8")
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    return response
 
 
 @docs_bp.get(f"{ASSETS_PATH}/<path:filename>")
