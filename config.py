@@ -30,6 +30,8 @@ class Config:
     REDIS_PREFIX: str = "sigmax"
     # Seconds after which a dead leader's lease runs out and another worker takes over.
     LEADER_TTL: float = 6.0
+    # A worker behind the Redis stream's head this long is reported not receiving (503).
+    REDIS_DEAF_AFTER: float = 10.0
 
     WS_MAX_CONNECTIONS: int = 1000
     WS_HEARTBEAT_INTERVAL: float = 30.0
@@ -133,7 +135,7 @@ class Config:
                     "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT", "MARKET_INTERVAL",
                     "ANALYSIS_INTERVAL", "PORTFOLIO_INTERVAL", "STATUS_INTERVAL",
                     "HEALTH_INTERVAL", "PROPOSAL_TTL", "INITIAL_CASH", "WS_COMMAND_RATE",
-                    "WS_COMMAND_BURST", "LEADER_TTL")
+                    "WS_COMMAND_BURST", "LEADER_TTL", "REDIS_DEAF_AFTER")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

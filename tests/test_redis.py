@@ -322,3 +322,20 @@ async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix,
                 await client.ws.close()
         stop_host(host_a)
         stop_host(host_b)
+
+
+async def test_a_deaf_worker_is_reported_unhealthy(redis_prefix, sqlite_url):
+    async with workers(2, redis_prefix, sqlite_url, REDIS_DEAF_AFTER=0.5) as (a, b):
+        reader = b.gateway.bus._tasks[0]  # stands for a reader stuck in a bad state
+        reader.cancel()
+        await publish_alerts(a, 0, 3)
+        async with asyncio.timeout(10):
+            while True:
+                response = await b.app.test_client().get("/api/health")
+                if response.status_code == 503:
+                    break
+                await asyncio.sleep(0.2)
+        health = await response.get_json()
+        assert health["receiving"] is False and health["stream_lag"] == 3
+        assert health["reason"] == "not receiving the event stream"
+        assert (await a.app.test_client().get("/api/health")).status_code == 200

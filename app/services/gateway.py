@@ -50,7 +50,8 @@ class Gateway:
         elif config.REDIS_URL:
             redis_bus = RedisBus(config.REDIS_URL, prefix=config.REDIS_PREFIX,
                                  history_size=config.EVENT_HISTORY_SIZE,
-                                 history_max_age=config.EVENT_HISTORY_MAX_AGE)
+                                 history_max_age=config.EVENT_HISTORY_MAX_AGE,
+                                 deaf_after=config.REDIS_DEAF_AFTER)
             redis_bus.on_link_change = self._on_link_change
             self.bus = redis_bus
             self.lease = LeaderLease(config.REDIS_URL, f"{config.REDIS_PREFIX}:leader",

@@ -46,8 +46,7 @@ return current
 
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
-# A worker whose head stays behind the stream's for this long is not receiving: unhealthy.
-DEAF_AFTER = 10.0
+WATCH_INTERVAL = 1.0
 
 
 class BusUnavailable(APIError):
@@ -60,8 +59,8 @@ class BusUnavailable(APIError):
 class RedisBus:
     backend = "redis"
 
-    def __init__(self, url: str, *, prefix: str, history_size: int,
-                 history_max_age: float) -> None:
+    def __init__(self, url: str, *, prefix: str, history_size: int, history_max_age: float,
+                 deaf_after: float = 10.0) -> None:
         self._redis = aioredis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5,
                                         socket_connect_timeout=5, health_check_interval=10)
         self._stream = f"{prefix}:events"
@@ -72,7 +71,9 @@ class RedisBus:
         self._raise_counter = self._redis.register_script(_RAISE_COUNTER)
         self._listener: Listener = lambda events: None
         self._head = 0
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # A worker whose head stays behind the stream's this long is not receiving: unhealthy.
+        self._deaf_after = deaf_after
         self._link: bool | None = None  # unknown until the first attempt
         self.last_error: str | None = None
         self.stream_head = 0  # the counter as last seen in Redis
@@ -94,7 +95,7 @@ class RedisBus:
     @property
     def deaf(self) -> bool:
         return (self._behind_since is not None
-                and time.monotonic() - self._behind_since > DEAF_AFTER)
+                and time.monotonic() - self._behind_since > self._deaf_after)
 
     def set_listener(self, listener: Listener) -> None:
         self._listener = listener
@@ -107,13 +108,13 @@ class RedisBus:
         except RedisError as error:
             # Start anyway: the consumer keeps trying, and the worker reports degraded.
             self._set_link(False, str(error))
-        self._task = asyncio.create_task(self._consume())
+        self._tasks = [asyncio.create_task(self._consume()), asyncio.create_task(self._watch())]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self._redis.aclose()
 
     async def publish(self, events: list[Event]) -> None:
@@ -173,11 +174,20 @@ class RedisBus:
             events = [self._event(entry_id, fields) for entry_id, fields in entries]
             self._head = events[-1].seq
             self._listener(events)
-        self.stream_head = int(await self._redis.get(self._counter) or 0)
-        if self.stream_head > self._head:
-            self._behind_since = self._behind_since or time.monotonic()
-        else:
-            self._behind_since = None
+
+    async def _watch(self) -> None:
+        """Compare this worker's head with the stream's, apart from the reading itself: a
+        reader that is stuck, or reads nothing while the stream grows, is a deaf worker."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                self.stream_head = int(await self._redis.get(self._counter) or 0)
+            except (RedisError, OSError):
+                continue  # the reader reports the link
+            if self.stream_head > self._head:
+                self._behind_since = self._behind_since or time.monotonic()
+            else:
+                self._behind_since = None
 
     def _event(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
         event = Event.decode(fields[b"e"])
