@@ -73,6 +73,8 @@ class Config:
     RISK_PER_TRADE: float = 0.02
     MAX_POSITION_SHARE: float = 0.25
     MAX_DRAWDOWN: float = 0.10
+    # Topics and symbols one connection may hold.
+    WS_MAX_SUBSCRIPTIONS: int = 500
     # WebSocket commands per connection: a sustained rate per second and a burst.
     WS_COMMAND_RATE: float = 5.0
     WS_COMMAND_BURST: int = 20
@@ -135,7 +137,7 @@ class Config:
                     "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT", "MARKET_INTERVAL",
                     "ANALYSIS_INTERVAL", "PORTFOLIO_INTERVAL", "STATUS_INTERVAL",
                     "HEALTH_INTERVAL", "PROPOSAL_TTL", "INITIAL_CASH", "WS_COMMAND_RATE",
-                    "WS_COMMAND_BURST", "LEADER_TTL", "REDIS_DEAF_AFTER")
+                    "WS_COMMAND_BURST", "LEADER_TTL", "REDIS_DEAF_AFTER", "WS_MAX_SUBSCRIPTIONS")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

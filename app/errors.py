@@ -33,6 +33,11 @@ def describe_validation_error(error: Exception | None) -> str:
     return "; ".join(parts)
 
 
+def quoted(value: Any) -> str:
+    """A client's value in an error message: its repr, cut short (a value may be megabytes)."""
+    return excerpt(repr(value), 80)
+
+
 def excerpt(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Response, current_app, g, request
 from quart_schema import tag, validate_querystring, validate_request, validate_response
 
-from app.errors import APIError, describe_validation_error, excerpt
+from app.errors import APIError, describe_validation_error, excerpt, quoted
 from app.models import (
     EVENT_DATA_MODELS,
     BulkDecision,
@@ -139,15 +139,18 @@ def _event(position: int, type_: str, topic: str | None, symbol: str | None,
         return APIError(400, "INVALID_EVENT", f"Invalid event at events[{position}]", details)
 
     if type_ not in EVENT_TOPICS:
-        raise invalid(f"Unknown type {type_!r}; known: {', '.join(sorted(EVENT_TOPICS))}")
+        raise invalid(f"Unknown type {quoted(type_)}; known: "
+                      f"{', '.join(sorted(EVENT_TOPICS))}")
     if topic is not None and topic not in PUBLISHABLE_TOPICS:
-        raise invalid(f"Unknown topic {topic!r}; known: {', '.join(sorted(PUBLISHABLE_TOPICS))}")
+        raise invalid(f"Unknown topic {quoted(topic)}; known: "
+                      f"{', '.join(sorted(PUBLISHABLE_TOPICS))}")
     if topic is not None and topic != EVENT_TOPICS[type_]:
-        raise invalid(f"Type {type_!r} belongs to topic {EVENT_TOPICS[type_]!r}, not {topic!r}")
+        raise invalid(f"Type {quoted(type_)} belongs to topic {EVENT_TOPICS[type_]!r}, "
+                      f"not {quoted(topic)}")
     if symbol is not None:
         normalized = normalize_symbol(symbol)
         if normalized is None:
-            raise invalid(f"Symbol {symbol!r} is not BASE/QUOTE (for example BTC/USDT)")
+            raise invalid(f"Symbol {quoted(symbol)} is not BASE/QUOTE (for example BTC/USDT)")
         symbol = normalized
     if type_ in PER_SYMBOL_LIST_TYPES:
         if not isinstance(data, list):
@@ -243,7 +246,7 @@ async def get_proposal(proposal_id: str) -> ProposalOut:
         proposal = await store.select_proposal(connection, proposal_id)
     if proposal is None:
         raise APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
-                       f"No proposal {proposal_id!r}")
+                       f"No proposal {quoted(proposal_id)}")
     return ProposalOut(**proposal.as_dict())
 
 
@@ -352,7 +355,7 @@ def _symbol(raw: str) -> str:
     symbol = normalize_symbol(raw)
     if symbol is None:
         raise APIError(400, "INVALID_SYMBOL", "Invalid symbol format",
-                       f"Symbol {raw!r} is not BASE/QUOTE (for example BTC/USDT)")
+                       f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
     return symbol
 
 

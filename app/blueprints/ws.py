@@ -20,7 +20,7 @@ from quart_cors import cors_exempt
 from quart_schema.conversion import model_load
 from quart_schema.mixins import SchemaValidationError
 
-from app.errors import APIError, describe_validation_error, excerpt
+from app.errors import APIError, describe_validation_error, excerpt, quoted
 from app.models import ClientMessage, CommandData, SubscriptionData
 from app.services.connections import ASGI_SEND_KEY, Connection, ConnectionLimitExceeded
 from app.services.events import (
@@ -130,7 +130,7 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
         handler = HANDLERS.get(message.type)
         if handler is None:
             raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
-                                f"Message type {message.type!r} is not one of "
+                                f"Message type {quoted(message.type)} is not one of "
                                 f"{', '.join(MESSAGE_TYPES)}")
         await handler(gateway, conn, message)
     except (ClientError, APIError) as error:
@@ -187,7 +187,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], int | N
                 topics.append(topic)
         else:
             raise ClientError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
-                                f"Topic {raw_topic!r} does not exist; available: "
+                                f"Topic {quoted(raw_topic)} does not exist; available: "
                                 f"{', '.join(TOPICS)}")
     for raw_symbol in data.symbols:
         _add_symbol(symbols, raw_symbol)
@@ -198,7 +198,7 @@ def _add_symbol(symbols: list[str], raw: str) -> None:
     symbol = normalize_symbol(raw)
     if symbol is None:
         raise ClientError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
-                            f"Symbol {raw!r} is not BASE/QUOTE (for example BTC/USDT)")
+                            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
     if symbol not in symbols:
         symbols.append(symbol)
 
@@ -209,6 +209,12 @@ def _keys(topics: list[str], symbols: list[str]) -> list[str]:
 
 async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
     topics, symbols, since = _subscription(message)
+    keys = _keys(topics, symbols)
+    limit = gateway.config.WS_MAX_SUBSCRIPTIONS
+    if len(conn.keys | set(keys)) > limit:
+        raise ClientError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions",
+                          f"A connection may hold {limit} topics and symbols; this subscribe "
+                          f"would make {len(conn.keys | set(keys))}")
     reply: dict[str, Any] = {
         "topics": topics,
         "symbols": symbols,
@@ -221,8 +227,7 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
             reply["replayed"] = replayed
         conn.send_direct(envelope("subscribed", reply, conn.id, message.request_id))
 
-    await gateway.manager.subscribe_with_resume(conn, _keys(topics, symbols), since,
-                                                acknowledge)
+    await gateway.manager.subscribe_with_resume(conn, keys, since, acknowledge)
 
 
 async def _unsubscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
@@ -263,7 +268,7 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
     command = gateway.commands.get(data.command)
     if command is None:
         raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
-                            f"Command {data.command!r} is not one of "
+                            f"Command {quoted(data.command)} is not one of "
                             f"{', '.join(sorted(gateway.commands))}")
     bucket = conn.command_bucket
     if bucket is None:
@@ -277,14 +282,14 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
                           f"{bucket.burst:g}); retry in {wait:.2f} s")
     if command.scope not in conn.scopes:
         raise ClientError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
-                            f"Command {data.command!r} needs an API key with the "
+                            f"Command {quoted(data.command)} needs an API key with the "
                             f"{command.scope!r} scope")
     args = data.model_extra or {}
     try:
         inspect.signature(command.handler).bind(conn, **args)
     except TypeError as error:
         raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
-                            f"Command {data.command!r}: {error}") from None
+                            f"Command {quoted(data.command)}: {error}") from None
     result = await command.handler(conn, **args)
     conn.send_direct(envelope("command_result", {
         "command": data.command, "success": True, "result": result,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.errors import APIError
+from app.errors import APIError, quoted
 from app.services import store
 from app.services.events import Event
 from app.services.market import round_price
@@ -70,7 +70,8 @@ class TradingEngine:
         """Create a proposal; without `size`, the risk rule sizes it."""
         if symbol not in self._market.symbols:
             raise APIError(400, "UNKNOWN_SYMBOL", "Unknown symbol",
-                           f"{symbol!r} is not traded; symbols: {', '.join(self._market.symbols)}")
+                           f"{quoted(symbol)} is not traded; symbols: "
+                           f"{', '.join(self._market.symbols)}")
         price = await self._price(symbol)
         if size is None:
             size = await self._risk_size(symbol, action, price)
@@ -171,10 +172,10 @@ class TradingEngine:
         existing = await store.select_proposal(connection, proposal_id)
         if existing is None:
             return APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
-                            f"No proposal {proposal_id!r}")
+                            f"No proposal {quoted(proposal_id)}")
         return APIError(409, f"PROPOSAL_{existing.status.upper()}",
                         f"Proposal already {existing.status}",
-                        f"Cannot {verb} {proposal_id!r}: it is {existing.status}"
+                        f"Cannot {verb} {quoted(proposal_id)}: it is {existing.status}"
                         + (f" ({existing.status_reason})" if existing.status_reason else ""))
 
     # -- execution --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from app.errors import quoted
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
 from app.services.connections import Connection, ConnectionManager
@@ -207,7 +208,8 @@ class Gateway:
             normalized = normalize_symbol(_text(symbol, "symbol"))
             if normalized not in self.market.symbols:
                 raise ClientError(ErrorCode.INVALID_SYMBOL, "Unknown symbol",
-                                  f"{symbol!r} is not one of {', '.join(self.market.symbols)}")
+                                  f"{quoted(symbol)} is not one of "
+                                  f"{', '.join(self.market.symbols)}")
             return (await simulation.analyze(normalized)).as_dict()
 
         for name, scope, handler in (
