@@ -12,7 +12,7 @@ from quart_cors import cors
 from quart_schema import QuartSchema
 
 from app.blueprints.api import api_bp
-from app.blueprints.docs import docs_bp
+from app.blueprints.docs import configure_docs, docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
 from app.services.connections import ASGI_SEND_KEY
@@ -38,6 +38,7 @@ def create_app(config: Config | None = None) -> Quart:
     app.json = StrictJSONProvider(app)
     app.config["SIGMAX"] = config
     QuartSchema(app, info={"title": "SIGMAX Gateway", "version": SERVER_VERSION})
+    configure_docs(app)
     register_error_handlers(app)
     app.register_blueprint(ws_bp)
     app.register_blueprint(api_bp)

@@ -87,6 +87,9 @@ REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
     "error": ("A message could not be processed, or the server is about to close", ErrorData),
 }
 
+# Stream event types that are also sent to one connection as a reply (without `seq`).
+ALSO_DIRECT = frozenset({"system_status"})
+
 ENVELOPE_NOTES: dict[str, str] = {
     "type": "The message type.",
     "data": "The payload; its shape depends on `type`.",
@@ -260,12 +263,13 @@ def asyncapi_document(host: str | None = None, secure: bool = False) -> dict[str
             "properties": {"type": {"const": type_}, "data": registry.of(model)}}]})
     for type_, topic in EVENT_TOPICS.items():
         summary = f"Stream event on topic {topic!r}. {_event_note(type_)}"
-        messages[type_] = _message(type_, summary, {"allOf": [server_envelope, {
-            "type": "object",
-            "properties": {"type": {"const": type_},
-                           "data": registry.of(_event_data_annotation(type_)),
-                           "seq": {"type": "integer", "minimum": 1}},
-            "required": ["seq"]}]}, tags=[{"name": f"topic:{topic}"}])
+        event: dict[str, Any] = {"type": "object", "properties": {
+            "type": {"const": type_}, "data": registry.of(_event_data_annotation(type_))}}
+        if type_ not in ALSO_DIRECT:  # a direct reply has no seq
+            event["properties"]["seq"] = {"type": "integer", "minimum": 1}
+            event["required"] = ["seq"]
+        messages[type_] = _message(type_, summary, {"allOf": [server_envelope, event]},
+                                   tags=[{"name": f"topic:{topic}"}])
 
     document: dict[str, Any] = {
         "asyncapi": "2.6.0",
@@ -334,8 +338,9 @@ def _event_note(type_: str) -> str:
                 "symbols.")
     else:
         note = "Also delivered to `symbol:X` subscribers when published with a symbol."
-    if type_ == "system_status":
-        note += " The same message answers `get_status` and follows `connected`."
+    if type_ in ALSO_DIRECT:
+        note += (" Also sent directly, without `seq`: it answers `get_status` and follows "
+                 "`connected`.")
     if type_ in CONFLATABLE_TYPES:
         note += " A snapshot: conflated for slow consumers."
     return note

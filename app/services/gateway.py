@@ -32,6 +32,7 @@ from app.services.simulation import Simulation
 from config import Config
 
 CommandHandler = Callable[..., Awaitable[Any]]
+PRODUCER_STOP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Gateway:
         self.running = False  # between start() and stop(): serving
         self._tasks: list[asyncio.Task[None]] = []
         self._producers: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._register_commands()
 
     def add_command(self, name: str, scope: str, handler: CommandHandler) -> None:
@@ -123,9 +125,15 @@ class Gateway:
         # A new leader continues from what the database says, not from what it saw.
         await self.simulation.restore()
         await self.engine.load()
-        self._producers = [asyncio.create_task(loop()) for loop in self.simulation.loops()]
+        self._stopping = asyncio.Event()
+        self._producers = [asyncio.create_task(loop())
+                           for loop in self.simulation.loops(self._stopping)]
 
     async def _stop_producers(self) -> None:
+        """Let each producer finish its tick (bounded), then cancel what is left."""
+        self._stopping.set()
+        if self._producers:
+            await asyncio.wait(self._producers, timeout=PRODUCER_STOP_TIMEOUT)
         await _cancel(self._producers)
         self._producers = []
 

@@ -4,6 +4,7 @@ trading engine. Each runs as its own loop that logs a failure and carries on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -41,14 +42,15 @@ class Simulation:
         if prices:
             self.market.restore(prices)
 
-    def loops(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+    def loops(self, stopping: asyncio.Event) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        """The producer loops; each ends between two ticks once `stopping` is set."""
         every = self._intervals
         return [
-            _periodic(every["market"], self.tick_market, "market"),
-            _periodic(every["analysis"], self.analyze_all, "analysis"),
-            _periodic(every["portfolio"], self.tick_portfolio, "portfolio"),
-            _periodic(every["status"], self.publish_status, "status"),
-            _periodic(every["health"], self.publish_health, "health"),
+            _periodic(every["market"], self.tick_market, "market", stopping),
+            _periodic(every["analysis"], self.analyze_all, "analysis", stopping),
+            _periodic(every["portfolio"], self.tick_portfolio, "portfolio", stopping),
+            _periodic(every["status"], self.publish_status, "status", stopping),
+            _periodic(every["health"], self.publish_health, "health", stopping),
         ]
 
     async def tick_market(self) -> None:
@@ -83,23 +85,25 @@ class Simulation:
         await self._publish([Event("health_update", self.latest_health)])
 
 
-def _periodic(interval: float, work: Callable[[], Awaitable[None]],
-              name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+def _periodic(interval: float, work: Callable[[], Awaitable[None]], name: str,
+              stopping: asyncio.Event) -> Callable[[], Coroutine[Any, Any, None]]:
     async def loop() -> None:
         failing = False
-        while True:
+        while not stopping.is_set():
             started = time.monotonic()
             try:
                 await work()
                 if failing:
                     log.info("%s producer recovered", name)
                 failing = False
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 if not failing:  # once per outage, not once per tick
                     log.exception("%s producer failed; retrying every %.1f s", name, interval)
                 failing = True
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            # Sleep until the next tick, or stop at once: never in the middle of a tick, so a
+            # database write is not cut off.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(),
+                                       max(0.0, interval - (time.monotonic() - started)))
 
     return loop
