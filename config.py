@@ -23,6 +23,8 @@ class Config:
     HOST: str = "127.0.0.1"
     PORT: int = 8000
     WORKERS: int = 1
+    # Hypercorn's event loop: asyncio, or uvloop (needs the uvloop package; see the README).
+    WORKER_CLASS: str = "asyncio"
 
     # Redis URL for the shared event stream across workers and hosts; empty = in-memory bus.
     REDIS_URL: str = ""
@@ -122,6 +124,7 @@ class Config:
         return {
             "bind": [f"{self.HOST}:{self.PORT}"],
             "workers": self.WORKERS,
+            "worker_class": self.WORKER_CLASS,
             # Oversized client messages are closed by Hypercorn with 1009.
             "websocket_max_message_size": self.WS_MAX_MESSAGE_SIZE,
             # The gateway sends its own heartbeat events and checks the replies.
