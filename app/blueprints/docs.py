@@ -836,7 +836,7 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
         if ui.ui not in app.view_functions:  # disabled in QuartSchema(...)
             continue
         if not all(public in assets for public in ui.files):
-            log.warning("%s is not installed: %s redirects to another documentation UI",
+            log.info("%s is not installed: %s redirects to another documentation UI",
                         ui.distribution, ui.ui)
             continue
         version = _version(ui.distribution)
