@@ -837,7 +837,7 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
             continue
         if not all(public in assets for public in ui.files):
             log.info("%s is not installed: %s redirects to another documentation UI",
-                        ui.distribution, ui.ui)
+                     ui.distribution, ui.ui)
             continue
         version = _version(ui.distribution)
         for key, public in ui.config_keys.items():
