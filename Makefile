@@ -21,6 +21,7 @@ bench: $(VENV)/.runtime
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app client tests config.py wsgi.py
+	$(BIN)/mypy app config.py client/sigmax_client
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,6 @@ $(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+$(VENV)/.dev: requirements.txt requirements-dev.txt client/pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
