@@ -171,10 +171,6 @@ class Event:
         return cls(fields["type"], fields["data"], topic=fields["topic"],
                    symbol=fields["symbol"], created=fields["created"])
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "data": self.data, "timestamp": self.timestamp,
-                "connection_id": None, "seq": self.seq}
-
 
 def _routing_symbols(type_: str, data: Any, symbol: str | None) -> tuple[str, ...]:
     symbols: list[str] = [symbol] if symbol else []

@@ -32,8 +32,6 @@ class Simulation:
         self._publish = publish
         self._system_status = system_status
         self._intervals = intervals
-        self.latest_analysis: dict[str, Analysis] = {}
-        self.latest_health: dict[str, Any] | None = None
 
     async def restore(self) -> None:
         """Continue the random walk from the last persisted prices."""
@@ -63,7 +61,6 @@ class Simulation:
     async def analyze(self, symbol: str) -> Analysis:
         """Run the analysis of one symbol now, publish it, and let the engine act on it."""
         analysis = analyze(symbol, self.market.prices(symbol))
-        self.latest_analysis[symbol] = analysis
         await self._publish([Event("analysis_update", analysis.as_dict(), symbol=symbol)])
         await self.engine.consider(symbol, analysis.decision, analysis.confidence,
                                    analysis.reasoning)
@@ -81,8 +78,7 @@ class Simulation:
         await self._publish([Event("system_status", self._system_status())])
 
     async def publish_health(self) -> None:
-        self.latest_health = health_snapshot()
-        await self._publish([Event("health_update", self.latest_health)])
+        await self._publish([Event("health_update", health_snapshot())])
 
 
 def _periodic(interval: float, work: Callable[[], Awaitable[None]], name: str,
