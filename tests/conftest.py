@@ -125,16 +125,18 @@ class Client:
             raise AssertionError(f"unexpected message {message}")
 
 
-def free_socket() -> socket.socket:
+def free_socket(port: int = 0) -> socket.socket:
+    """A listening loopback socket, on `port` or (0) on a free one."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(1024)
     return sock
 
 
 @asynccontextmanager
-async def running_gateway(**settings: Any) -> AsyncIterator[RunningGateway]:
+async def running_gateway(*, port: int | None = None,
+                          **settings: Any) -> AsyncIterator[RunningGateway]:
     """A gateway on a fresh, migrated database (a new SQLite file unless DATABASE_URL is given),
     with the simulation off unless asked: tests publish what they need."""
     with tempfile.TemporaryDirectory() as folder:
@@ -142,14 +144,16 @@ async def running_gateway(**settings: Any) -> AsyncIterator[RunningGateway]:
             settings["DATABASE_URL"] = f"sqlite:///{folder}/gateway.db"
             await migrate(settings["DATABASE_URL"])
         settings.setdefault("SIMULATION", False)
-        async with _serving(replace(Config(), **settings)) as running:
+        async with _serving(replace(Config(), **settings), port) as running:
             yield running
 
 
 @asynccontextmanager
-async def _serving(config: Config) -> AsyncIterator[RunningGateway]:
+async def _serving(config: Config, port: int | None) -> AsyncIterator[RunningGateway]:
+    """Serve on `port`, or on a free one: a gateway restarted on the port of the one before
+    it finds its clients reconnecting."""
     app = create_app(config)
-    sock = free_socket()
+    sock = free_socket(port or 0)
     port = sock.getsockname()[1]
     hypercorn_config = HypercornConfig.from_mapping(
         {**config.hypercorn_settings(), "bind": [f"fd://{sock.detach()}"],

@@ -9,27 +9,22 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import textwrap
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as serve_websocket
 
-from app import create_app
 from app.services.database import migrate
 from app.services.events import Event
-from config import Config
 from tests.conftest import RunningGateway, free_socket, running_gateway
 
 # The package under test is this repository's client/, installed or not.
@@ -141,35 +136,6 @@ def closed_port() -> int:
     port: int = sock.getsockname()[1]
     sock.close()
     return port
-
-
-@asynccontextmanager
-async def gateway_on(port: int, **settings: Any) -> AsyncIterator[RunningGateway]:
-    """A gateway on `port` (as conftest's `running_gateway`, which picks a free port itself):
-    stop one and start another on the same port to restart a gateway under its clients."""
-    settings.setdefault("SIMULATION", False)
-    config = replace(Config(), **settings)
-    app = create_app(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(128)
-    hypercorn_config = HypercornConfig.from_mapping(
-        {**config.hypercorn_settings(), "bind": [f"fd://{sock.detach()}"],
-         "graceful_timeout": 1.0})
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(app, hypercorn_config, shutdown_trigger=stop.wait))
-    running = RunningGateway(app, port)
-    async with asyncio.timeout(10):
-        while not running.gateway.running:
-            if server.done():
-                server.result()
-            await asyncio.sleep(0.005)
-    try:
-        yield running
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
 
 
 @dataclass
@@ -972,14 +938,14 @@ async def test_resumes_across_a_restart_without_gap_or_duplicate(redis_prefix, t
     port = closed_port()
     client = clients(queue_size=10, **FAST)
     published: list[int] = []
-    async with gateway_on(port, **settings) as first:
+    async with running_gateway(port=port, **settings) as first:
         await client.connect(first.url)
         await client.subscribe(topics=["alerts"], symbols=["BTC/USDT"])
         collector = Collector(client, delay=0.002)  # slow: events are in flight at the stop
         published += await publish_alerts(first, 300, pad="x" * 500)
         await collector.wait_for(20)
     assert len(collector.seqs) < len(published)  # stopped mid-stream
-    async with gateway_on(port, **settings) as second:
+    async with running_gateway(port=port, **settings) as second:
         # Published before the client is back: it gets them replayed.
         published += await publish_alerts(second, 100, start=300, symbol="BTC/USDT")
         await until(lambda: client.reconnects == 1 and client.is_connected(), timeout=15)
@@ -1047,13 +1013,14 @@ async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(
     await migrate(database)
     port = closed_port()
     client = clients(**FAST)
-    async with gateway_on(port, DATABASE_URL=database) as first:
+    async with running_gateway(port=port, DATABASE_URL=database) as first:
         await client.connect(first.url)
         await client.subscribe(topics=["alerts"])
         collector = Collector(client)
         before = await publish_alerts(first, 10)
         await collector.wait_for(10)
-    async with gateway_on(port, DATABASE_URL=database) as second:  # in-memory bus: seq from 1
+    # in-memory bus: the seq starts from 1 again
+    async with running_gateway(port=port, DATABASE_URL=database) as second:
         await until(lambda: client.reconnects == 1 and client.is_connected(), timeout=10)
         after = await publish_alerts(second, 3)
         await collector.wait_for(13)
@@ -1279,7 +1246,8 @@ async def test_cli_reconnects_across_a_restart(tmp_path):
     await migrate(database)
     port = closed_port()
     async with contextlib.AsyncExitStack() as first_gateway:
-        first = await first_gateway.enter_async_context(gateway_on(port, DATABASE_URL=database))
+        first = await first_gateway.enter_async_context(
+            running_gateway(port=port, DATABASE_URL=database))
         async with cli("tail", "--url", first.url, "--topics", "alerts", "--json") as process:
             await read_until(process.stderr, "subscribed to")
             await publish_alerts(first, 2)
@@ -1287,7 +1255,7 @@ async def test_cli_reconnects_across_a_restart(tmp_path):
             await first_gateway.aclose()
             # A new gateway on the same port, with a new (in-memory) sequence: the CLI comes
             # back, says that it must resync, and prints the new events.
-            async with gateway_on(port, DATABASE_URL=database) as second:
+            async with running_gateway(port=port, DATABASE_URL=database) as second:
                 await read_until(process.stderr, "resubscribed to alerts from seq 2")
                 await publish_alerts(second, 2)
                 while [e["seq"] for e in events][-2:] != [1, 2] or len(events) < 4:
