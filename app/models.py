@@ -32,6 +32,7 @@ class SubscriptionData(Strict):
     topics: list[str] = Field(default_factory=list)
     symbols: list[str] = Field(default_factory=list)
     since: int | None = Field(default=None, ge=0)
+    stream_id: str | None = Field(default=None, description="the stream `since` belongs to")
 
 
 class CommandData(Strict):
@@ -81,6 +82,7 @@ class ConnectedData(BaseModel):
     available_topics: list[str]
     heartbeat_interval: float
     last_seq: int
+    stream_id: str
     worker: str
 
 

@@ -1032,6 +1032,30 @@ async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(
     assert {e.data["status"] for e in notices if e.type == "status_change"} == {"shutting_down"}
 
 
+async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(tmp_path,
+                                                                                clients):
+    """The new gateway's seq 4.. are other events than the old one's: the stream id tells."""
+    database = f"sqlite:///{tmp_path}/gateway.db"
+    await migrate(database)
+    port = closed_port()
+    client = clients(**FAST)
+    async with running_gateway(port=port, DATABASE_URL=database) as first:
+        await client.connect(first.url)
+        await client.subscribe(topics=["alerts"])
+        collector = Collector(client)
+        before = await publish_alerts(first, 3)
+        await collector.wait_for(3)
+    async with running_gateway(port=port, DATABASE_URL=database) as second:
+        early = await publish_alerts(second, 10)  # before the client is back
+        await until(lambda: client.reconnects == 1 and client.is_connected(), timeout=10)
+        after = await publish_alerts(second, 2)
+        await collector.wait_for(3 + 2)
+    assert before == [1, 2, 3] and early == list(range(1, 11)) and after == [11, 12]
+    events = [e for e in collector.events if e.type != "status_change"]
+    assert [e.type for e in events] == ["alert"] * 3 + [RESYNC_REQUIRED] + ["alert"] * 2
+    assert [e.seq for e in events if e.seq is not None] == [1, 2, 3, 11, 12]
+
+
 async def test_a_slow_consumer_closed_by_the_gateway_resumes_without_loss(gateway_factory,
                                                                         clients):
     async with gateway_factory(WS_SEND_QUEUE_SIZE=10) as server:

@@ -171,3 +171,18 @@ async def test_a_mixed_batch_reaches_each_client_once_in_order(server):
             assert all([(d["symbol"], d["n"]) for d in e["data"]] == [(symbol, e["seq"] - 1)]
                        for e in views)
         assert all(len(e["data"]) == 3 for e in received["market"])
+
+
+async def test_resume_from_another_stream_is_not_recovered(server):
+    for n in range(1, 6):
+        await server.publish("alert", {"n": n})
+    async with server.client() as client:
+        connected = await client.greeting()
+        stream_id = connected["data"]["stream_id"]
+        other = await client.request("subscribe", {"topics": ["alerts"], "since": 2,
+                                                   "stream_id": "a-stream-before-a-restart"})
+        assert (other["data"]["recovered"], other["data"]["replayed"]) == (False, 0)
+        await client.no_message()
+        same = await client.request("subscribe", {"topics": ["alerts"], "since": 2,
+                                                  "stream_id": stream_id})
+        assert (same["data"]["recovered"], same["data"]["replayed"]) == (True, 3)

@@ -89,6 +89,7 @@ async def gateway_socket() -> Response | None:
         "heartbeat_interval": gateway.config.WS_HEARTBEAT_INTERVAL,
         "worker": WORKER,
         "last_seq": gateway.bus.head,
+        "stream_id": gateway.bus.stream_id,
     }, conn.id))
     conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))
     conn.attach()
@@ -173,8 +174,8 @@ def _load(data: dict[str, Any], model: type[Any]) -> Any:
                             describe_validation_error(error.validation_error)) from None
 
 
-def _subscription(message: ClientMessage) -> tuple[list[str], list[str], int | None]:
-    """Validated, normalised (topics, symbols, since); `symbol:X` topics count as symbols."""
+def _subscription(message: ClientMessage) -> tuple[list[str], list[str], SubscriptionData]:
+    """Validated, normalised (topics, symbols, data); `symbol:X` topics count as symbols."""
     data: SubscriptionData = _load(message.data or {}, SubscriptionData)
     topics: list[str] = []
     symbols: list[str] = []
@@ -191,7 +192,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], int | N
                                 f"{', '.join(TOPICS)}")
     for raw_symbol in data.symbols:
         _add_symbol(symbols, raw_symbol)
-    return topics, symbols, data.since
+    return topics, symbols, data
 
 
 def _add_symbol(symbols: list[str], raw: str) -> None:
@@ -208,7 +209,8 @@ def _keys(topics: list[str], symbols: list[str]) -> list[str]:
 
 
 async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
-    topics, symbols, since = _subscription(message)
+    topics, symbols, data = _subscription(message)
+    since = data.since
     keys = _keys(topics, symbols)
     limit = gateway.config.WS_MAX_SUBSCRIPTIONS
     if len(conn.keys | set(keys)) > limit:
@@ -227,7 +229,7 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
             reply["replayed"] = replayed
         conn.send_direct(envelope("subscribed", reply, conn.id, message.request_id))
 
-    await gateway.manager.subscribe_with_resume(conn, keys, since, acknowledge)
+    await gateway.manager.subscribe_with_resume(conn, keys, since, acknowledge, data.stream_id)
 
 
 async def _unsubscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:

@@ -6,6 +6,7 @@ implements the same interface to link every worker and host.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -18,6 +19,9 @@ Listener = Callable[[list[Event]], None]
 
 class EventBus(Protocol):
     backend: str
+    # Names this stream: a `since` from another stream (a restarted in-memory gateway, a Redis
+    # emptied by a restart) means nothing here.
+    stream_id: str
 
     @property
     def head(self) -> int:
@@ -45,6 +49,7 @@ class MemoryBus:
     backend = "memory"
 
     def __init__(self, history_size: int, history_max_age: float) -> None:
+        self.stream_id = uuid.uuid4().hex
         self._history: deque[Event] = deque(maxlen=history_size)
         self._history_max_age = history_max_age
         self._seq = 0

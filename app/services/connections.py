@@ -464,14 +464,16 @@ class ConnectionManager:
         self.index.remove(self.connections[connection_id], [topic])
 
     async def subscribe_with_resume(self, conn: Connection, keys: list[str], since: int | None,
-                                    acknowledge: Callable[[int, bool], None]) -> None:
+                                    acknowledge: Callable[[int, bool], None],
+                                    stream_id: str | None = None) -> None:
         """Add `keys`; with `since`, replay the missed events that match the subscription and
-        that this connection did not get live, then continue live.
+        that this connection did not get live, then continue live. A `since` of another
+        stream (`stream_id`) cannot be resumed: nothing is replayed, and recovered is false.
 
         `acknowledge(replayed, recovered)` queues the reply, so that it precedes the replay."""
-        if since is None:
+        if since is None or (stream_id is not None and stream_id != self.bus.stream_id):
             self.index.add(conn, keys)
-            acknowledge(0, True)
+            acknowledge(0, since is None)
             return
         before = set(conn.keys)
         joined = conn.joined_seq

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -65,6 +66,8 @@ class RedisBus:
                                         socket_connect_timeout=5, health_check_interval=10)
         self._stream = f"{prefix}:events"
         self._counter = f"{prefix}:seq"
+        self._stream_key = f"{prefix}:stream-id"
+        self.stream_id = ""
         self._history_size = history_size
         self._history_max_age = history_max_age
         self._publish = self._redis.register_script(_PUBLISH)
@@ -104,6 +107,7 @@ class RedisBus:
         try:
             self._head = int(await self._redis.get(self._counter) or 0)
             self.stream_head = self._head
+            await self._read_stream_id()
             self._set_link(True, "")
         except RedisError as error:
             # Start anyway: the consumer keeps trying, and the worker reports degraded.
@@ -164,7 +168,14 @@ class RedisBus:
         await self._redis.ping()  # type: ignore[misc]  # redis-py types sync and async alike
         self.stream_head = int(await self._raise_counter(keys=[self._counter],
                                                           args=[self._head]))
+        await self._read_stream_id()
         self._set_link(True, "")
+
+    async def _read_stream_id(self) -> None:
+        """The deployment's stream id, created by whichever worker comes first; a Redis that
+        restarted empty gets a new one (its history is gone)."""
+        await self._redis.set(self._stream_key, uuid.uuid4().hex, nx=True)
+        self.stream_id = (await self._redis.get(self._stream_key) or b"").decode()
 
     async def _read_once(self) -> None:
         reply = await self._redis.xread({self._stream: f"{self._head}-0"}, count=READ_COUNT,

@@ -125,6 +125,10 @@ class SigmaxWebSocketClient:
         self._last_seq: int | None = None
         self._resume_from: int | None = None  # where to resume before any event was seen
         self._server_head: int | None = None  # the gateway's last seq when this connection opened
+        self._server_stream: str | None = None  # the stream this connection serves
+        # The stream that _last_seq / _resume_from count in: a seq means nothing in another one
+        # (a gateway restarted without its history), and the gateway says so when told.
+        self._position_stream: str | None = None
         self._greeting_status_due = False
         self._listen_called = False
         self._closing = False
@@ -146,7 +150,7 @@ class SigmaxWebSocketClient:
         self.url, self._api_key = url, api_key
         self._closing, self._failure = False, None
         self._topics, self._symbols = [], []
-        self._last_seq = self._resume_from = None
+        self._last_seq = self._resume_from = self._position_stream = None
         self._listen_called = False
         self._ready = asyncio.Event()
         ws = await self._open()
@@ -187,6 +191,7 @@ class SigmaxWebSocketClient:
         if self._last_seq is None and self._resume_from is None:
             # Nothing seen yet: a reconnect resumes from where this subscription started.
             self._resume_from = since if since is not None else self._server_head
+            self._position_stream = None if since is not None else self._server_stream
         return confirmed
 
     async def unsubscribe(self, topics: str | Iterable[str] | None = None,
@@ -389,6 +394,8 @@ class SigmaxWebSocketClient:
         head = data.get("last_seq")
         self.connection_id = connection_id if isinstance(connection_id, str) else None
         self._server_head = head if isinstance(head, int) else None
+        stream = data.get("stream_id")
+        self._server_stream = stream if isinstance(stream, str) else None
         self._greeting_status_due = True
         log.info("connected to %s (connection %s)", url, self.connection_id)
         return ws
@@ -488,6 +495,8 @@ class SigmaxWebSocketClient:
         data: dict[str, Any] = {"topics": list(self._topics), "symbols": list(self._symbols)}
         if since is not None:
             data["since"] = since
+            if self._position_stream is not None:
+                data["stream_id"] = self._position_stream
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         reply = await self._exchange(ws, "subscribe", data, deadline=deadline,
                                      resume_since=since)
@@ -595,6 +604,7 @@ class SigmaxWebSocketClient:
                 self.duplicates_dropped += 1
                 return
             self._last_seq = event.seq
+            self._position_stream = self._server_stream
         if kind == "error":
             data = event.data if isinstance(event.data, dict) else {}
             log.warning("gateway error %s: %s", data.get("code"), data.get("details"))
@@ -611,6 +621,7 @@ class SigmaxWebSocketClient:
         # The gateway may have restarted its sequence: what follows is new whatever its seq.
         self._last_seq = None
         self._resume_from = self._server_head
+        self._position_stream = self._server_stream
         await self._deliver(WSEvent(RESYNC_REQUIRED, {
             "reason": f"events after seq {since} are no longer available; reload state "
                       "over REST",
