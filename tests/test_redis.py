@@ -277,12 +277,15 @@ async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix,
     try:
         on_a = []
         workers_seen = set()
-        for _ in range(40):  # bounded: until both workers of host A serve clients
+        # Bounded: until both workers of host A serve clients (the second may still be
+        # starting while the first takes every connection).
+        for _ in range(200):
             client, worker = await open_client(ports[0])
             on_a.append((client, worker))
             workers_seen.add(worker)
             if len(workers_seen) == 2 and len(on_a) >= 6:
                 break
+            await asyncio.sleep(0.1)
         assert len(workers_seen) == 2, "host A's two workers should both take connections"
         on_b = [(await open_client(ports[1])) for _ in range(2)]
         clients = [c for c, _ in on_a + on_b]
