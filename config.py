@@ -36,6 +36,8 @@ class Config:
     REDIS_DEAF_AFTER: float = 10.0
 
     WS_MAX_CONNECTIONS: int = 1000
+    # Connections one API key may hold at once (0 = no limit); without keys it does not apply.
+    WS_MAX_CONNECTIONS_PER_KEY: int = 100
     WS_HEARTBEAT_INTERVAL: float = 30.0
     WS_CONNECTION_TIMEOUT: float = 60.0
     # Largest client message accepted; bigger frames are closed with 1009 by Hypercorn.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Quart
+from quart import Quart, Response, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -43,7 +43,22 @@ def excerpt(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def register_error_handlers(app: Quart) -> None:
+    @app.after_request
+    async def add_security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.path.startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
     @app.errorhandler(APIError)
     async def api_error(error: APIError) -> tuple[dict[str, Any], int]:
         return error_body(error.code, error.error, error.details), error.status

@@ -243,3 +243,20 @@ async def test_sigterm_tells_clients_and_closes_with_1001(tmp_path):
         assert host.wait(timeout=10) == 0
     finally:
         stop_host(host)
+
+
+async def test_connections_per_api_key_are_limited(gateway_factory):
+    async with gateway_factory(API_KEYS=("bot-key:read", "other:read"),
+                               WS_MAX_CONNECTIONS_PER_KEY=2) as server:
+        async with server.client("?api_key=bot-key") as first, \
+                server.client("?api_key=bot-key") as second:
+            await first.greeting()
+            await second.greeting()
+            async with server.client("?api_key=bot-key") as third:
+                error = await third.recv()
+                assert error["data"]["code"] == "MAX_CONNECTIONS_EXCEEDED"
+                assert "API key" in error["data"]["details"]
+                await third.ws.wait_closed()
+                assert third.ws.close_code == 1013
+            async with server.client("?api_key=other") as other:
+                await other.greeting()

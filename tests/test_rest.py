@@ -136,3 +136,10 @@ async def test_cors_allows_configured_origins_only(server):
     assert allowed.headers.get("Access-Control-Allow-Origin") == "http://localhost:3000"
     foreign = await client.get("/api/health", headers={"Origin": "http://evil.example"})
     assert "Access-Control-Allow-Origin" not in foreign.headers
+
+
+async def test_rest_responses_carry_security_headers(server):
+    response = await server.app.test_client().get("/api/health")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Cache-Control"] == "no-store"

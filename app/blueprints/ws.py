@@ -74,11 +74,9 @@ async def gateway_socket() -> Response | None:
         connection_id = await gateway.manager.connect(websocket, {
             "principal": principal.name, "scopes": principal.scopes,
             "remote": websocket.remote_addr or ""})
-    except ConnectionLimitExceeded:
+    except ConnectionLimitExceeded as limit:
         await _refuse(send, CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
-                      "Connection limit reached",
-                      f"The gateway serves at most {gateway.manager.max_connections} "
-                      "connections; retry later")
+                      "Connection limit reached", f"{limit}; retry later")
         return None
     conn = gateway.manager.connections[connection_id]
     conn.send_direct(envelope("connected", {

@@ -376,7 +376,7 @@ class ConnectionManager:
 
     def __init__(self, bus: EventBus, *, max_connections: int, queue_size: int,
                  heartbeat_interval: float, connection_timeout: float,
-                 close_timeout: float, fast_path: bool = True) -> None:
+                 close_timeout: float, fast_path: bool = True, max_per_key: int = 0) -> None:
         self.bus = bus
         self.max_connections = max_connections
         self.queue_size = queue_size
@@ -384,6 +384,7 @@ class ConnectionManager:
         self.connection_timeout = connection_timeout
         self.close_timeout = close_timeout
         self.fast_path = fast_path
+        self.max_per_key = max_per_key  # connections per API key; 0 = no limit
         self.shutdown_watch: asyncio.Task[None] | None = None
         self.index = SubscriptionIndex()
         self.connections: dict[str, Connection] = {}
@@ -410,14 +411,22 @@ class ConnectionManager:
         Raises ConnectionLimitExceeded when the limit is reached."""
         if len(self.connections) >= self.max_connections:
             self.counters["connections_rejected"] += 1
-            raise ConnectionLimitExceeded(self.max_connections)
+            raise ConnectionLimitExceeded(
+                f"The gateway serves at most {self.max_connections} connections")
+        principal = metadata.get("principal", "anonymous")
+        if (principal != "anonymous" and self.max_per_key
+                and sum(c.principal == principal for c in self.connections.values())
+                >= self.max_per_key):
+            self.counters["connections_rejected"] += 1
+            raise ConnectionLimitExceeded(
+                f"An API key may hold at most {self.max_per_key} connections")
         send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
         raw = raw_transport(send) if self.fast_path else None
         if raw is not None and raw.shutting_down is not None and self.shutdown_watch is None:
             self.shutdown_watch = asyncio.create_task(self._close_all_on(raw.shutting_down()))
         conn = Connection(send, queue_size=self.queue_size, close_timeout=self.close_timeout,
                           raw=raw,
-                          principal=metadata.get("principal", "anonymous"),
+                          principal=principal,
                           scopes=frozenset(metadata.get("scopes", ())),
                           remote=metadata.get("remote", ""), joined_seq=self.bus.head)
         conn.on_slow_consumer = self._count_slow_consumer

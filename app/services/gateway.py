@@ -68,6 +68,7 @@ class Gateway:
             connection_timeout=config.WS_CONNECTION_TIMEOUT,
             close_timeout=config.WS_CLOSE_TIMEOUT,
             fast_path=config.WS_FAST_PATH,
+            max_per_key=config.WS_MAX_CONNECTIONS_PER_KEY,
         )
         self.api_keys = ApiKeys(config.API_KEYS, db)
         symbols = [normalize_symbol(s) for s in config.SYMBOLS]
