@@ -83,6 +83,10 @@ class Config:
     WS_COMMAND_RATE: float = 5.0
     WS_COMMAND_BURST: int = 20
 
+    # REST requests per second per client (its API key, else its address); 0 = no limit.
+    # The ingest endpoint is not limited: it is the engine's bulk path.
+    REST_RATE_LIMIT: int = 200
+
     # Comma separated `key` or `key:scope+scope`; scopes are read, trade, publish. A key without
     # scopes has all of them. Empty = no authentication (local paper trading).
     API_KEYS: tuple[str, ...] = ()

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from datetime import timedelta
 from typing import Any
 
 import orjson
-from quart import Quart
+from quart import Quart, request
 from quart.json.provider import DefaultJSONProvider
 from quart_cors import cors
+from quart_rate_limiter import RateLimit, RateLimiter
 from quart_schema import QuartSchema
 
 from app.blueprints.api import api_bp
 from app.blueprints.docs import configure_docs, docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
+from app.services.auth import hash_key
 from app.services.connections import ASGI_SEND_KEY
 from app.services.database import attach_database
 from app.services.events import SERVER_VERSION
@@ -45,6 +48,9 @@ def create_app(config: Config | None = None) -> Quart:
     app.register_blueprint(docs_bp)
     cors(app, allow_origin=list(config.CORS_ORIGINS), allow_headers=["Content-Type", "X-API-Key"])
 
+    if config.REST_RATE_LIMIT:
+        RateLimiter(app, key_function=_rate_limit_key, skip_function=_not_rate_limited,
+                    default_limits=[RateLimit(config.REST_RATE_LIMIT, timedelta(seconds=1))])
     db = attach_database(app, config.DATABASE_URL)
     gateway = Gateway(config, db)
     app.extensions["gateway"] = gateway
@@ -62,6 +68,16 @@ def create_app(config: Config | None = None) -> Quart:
 
     app.asgi_app = _expose_asgi_send(app.asgi_app)  # type: ignore[method-assign]
     return app
+
+
+async def _rate_limit_key() -> str:
+    key = request.headers.get("X-API-Key")
+    # A hash: the limiter's store must not hold the keys themselves.
+    return f"key:{hash_key(key)}" if key else f"addr:{request.remote_addr}"
+
+
+async def _not_rate_limited() -> bool:
+    return request.path == "/api/events"
 
 
 def _configure_logging(level: str) -> None:

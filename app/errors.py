@@ -69,6 +69,11 @@ def register_error_handlers(app: Quart) -> None:
                           describe_validation_error(error.validation_error)), 400
 
     @app.errorhandler(HTTPException)
-    async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
+    async def http_error(
+            error: HTTPException) -> tuple[dict[str, Any], int, list[tuple[str, str]]]:
         code = (error.name or "error").upper().replace(" ", "_")
-        return error_body(code, error.name or "Error", error.description or ""), error.code or 500
+        # Keep what tells the client how to go on (429's Retry-After), not the HTML type.
+        headers = [(name, value) for name, value in error.get_headers()
+                   if name.lower() in ("retry-after", "allow")]
+        return (error_body(code, error.name or "Error", error.description or ""),
+                error.code or 500, headers)

@@ -143,3 +143,17 @@ async def test_rest_responses_carry_security_headers(server):
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["X-Frame-Options"] == "DENY"
     assert response.headers["Cache-Control"] == "no-store"
+
+
+async def test_rest_is_rate_limited_per_client_with_retry_after(gateway_factory):
+    async with gateway_factory(REST_RATE_LIMIT=3) as server:
+        client = server.app.test_client()
+        statuses = [(await client.get("/api/health")).status_code for _ in range(5)]
+        assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429
+        limited = await client.get("/api/health")
+        assert limited.status_code == 429
+        assert int(limited.headers["Retry-After"]) >= 0
+        assert (await limited.get_json())["code"] == "TOO_MANY_REQUESTS"
+        event = {"events": [{"type": "alert", "data": {"level": "info", "message": "m"}}]}
+        for _ in range(5):  # the engine's ingest path is not limited
+            assert (await client.post("/api/events", json=event)).status_code == 202
