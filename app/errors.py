@@ -68,6 +68,11 @@ def register_error_handlers(app: Quart) -> None:
         return error_body("VALIDATION_ERROR", "Invalid request body",
                           describe_validation_error(error.validation_error)), 400
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def undecodable_body(error: UnicodeDecodeError) -> tuple[dict[str, Any], int]:
+        return error_body("BAD_REQUEST", "Bad Request",
+                          f"The body is not valid UTF-8 (byte {error.start})"), 400
+
     @app.errorhandler(HTTPException)
     async def http_error(
             error: HTTPException) -> tuple[dict[str, Any], int, list[tuple[str, str]]]:

@@ -157,3 +157,10 @@ async def test_rest_is_rate_limited_per_client_with_retry_after(gateway_factory)
         event = {"events": [{"type": "alert", "data": {"level": "info", "message": "m"}}]}
         for _ in range(5):  # the engine's ingest path is not limited
             assert (await client.post("/api/events", json=event)).status_code == 202
+
+
+async def test_a_body_that_is_not_utf8_is_a_json_400(server):
+    response = await server.app.test_client().post(
+        "/api/proposals", data=b"a\xfb5", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert (await response.get_json())["code"] == "BAD_REQUEST"

@@ -267,6 +267,8 @@ async def test_reject_bulk_and_expiry(database_url):
      "UNKNOWN_SYMBOL"),
     ("post", "/api/proposals", {"symbol": "BTCUSDT", "action": "buy", "size": 1}, 400,
      "INVALID_SYMBOL"),
+    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 5e-324}, 400,
+     "INVALID_SIZE"),
     ("get", "/api/proposals?limit=0", None, 400, "VALIDATION_ERROR"),
     ("get", "/api/proposals?status=lost", None, 400, "VALIDATION_ERROR"),
     ("post", "/api/proposals/approve", {"proposal_ids": []}, 400, "VALIDATION_ERROR"),

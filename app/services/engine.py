@@ -78,9 +78,13 @@ class TradingEngine:
             if size <= 0:
                 raise APIError(422, "NOTHING_TO_SELL", "Nothing to sell",
                                f"There is no {symbol} position to sell")
+        size = round(size, 8)
+        if size <= 0:
+            raise APIError(400, "INVALID_SIZE", "Size too small",
+                           "The smallest size is 0.00000001")
         now = time.time()
         proposal = Proposal(id=store.new_id("prop"), symbol=symbol, action=action,
-                            size=round(size, 8), reason=reason, confidence=confidence,
+                            size=size, reason=reason, confidence=confidence,
                             source=source, status="pending", created_at=now,
                             expires_at=now + self.rules.proposal_ttl)
         async with self._db.connection() as connection:
