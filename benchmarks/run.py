@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -266,11 +267,10 @@ def warm_up(url: str, clients: int) -> None:
     time.sleep(1.0)
 
 
-def run_loadgen(url: str, publish: str, server: subprocess.Popen, wl: str, quick: bool,
-                label: str) -> dict:
-    """Run the load generator; sample the server at its phase marks (stderr `@@mark name ms`)."""
-    if WORKLOADS[wl].get("warmup"):
-        warm_up(url, WORKLOADS[wl]["warmup"])
+def run_marked_loadgen(url: str, publish: str, wl: str, quick: bool, label: str,
+                       sample_at: Callable[[str, int], dict]) -> tuple[dict, dict[str, dict]]:
+    """Run the load generator; at each of its phase marks (stderr `@@mark name ms`) record
+    `sample_at(name, loadgen_pid)`. Returns (its JSON result, or {"error": ...}; the marks)."""
     cmd = ["taskset", "-c", LOADGEN_CPU, "node", LOADGEN, "--url", url, "--publish-url", publish,
            "--label", label] + loadgen_args(wl, quick)
     proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -284,8 +284,7 @@ def run_loadgen(url: str, publish: str, server: subprocess.Popen, wl: str, quick
         for line in proc.stderr:
             if line.startswith("@@mark "):
                 name = line.split()[1]
-                marks[name] = sample(process_tree(server.pid))
-                marks[name]["loadgen"] = sample([proc.pid])["cpu"]
+                marks[name] = sample_at(name, proc.pid)
             elif len(errors) < 50:
                 errors.append(line.rstrip())
 
@@ -301,15 +300,34 @@ def run_loadgen(url: str, publish: str, server: subprocess.Popen, wl: str, quick
     try:
         proc.wait(timeout=240)
     except subprocess.TimeoutExpired:
-        stop(proc, "loadgen", grace=1)
-        return {"error": "loadgen did not finish within 240 s"}
+        return {"error": "loadgen did not finish within 240 s"}, marks
+    finally:
+        if proc.poll() is None:
+            stop(proc, "loadgen", grace=1)
     for t in threads:
         t.join(timeout=5)
     lines = [x for x in out if x.startswith("{")]
     if not lines:
-        return {"error": f"loadgen exit {proc.returncode}: {' | '.join(errors[-3:])[:300]}"}
+        return {"error": f"loadgen exit {proc.returncode}: {' | '.join(errors[-3:])[:300]}"}, marks
     r = json.loads(lines[-1])
     r["loadgen_exit"] = proc.returncode
+    return r, marks
+
+
+def run_loadgen(url: str, publish: str, server: subprocess.Popen, wl: str, quick: bool,
+                label: str) -> dict:
+    """Run the load generator; sample the server at its phase marks."""
+    if WORKLOADS[wl].get("warmup"):
+        warm_up(url, WORKLOADS[wl]["warmup"])
+
+    def sample_at(name: str, loadgen_pid: int) -> dict:
+        m = sample(process_tree(server.pid))
+        m["loadgen"] = sample([loadgen_pid])["cpu"]
+        return m
+
+    r, marks = run_marked_loadgen(url, publish, wl, quick, label, sample_at)
+    if "error" in r:
+        return r
     a, b = marks.get("measure-start"), marks.get("measure-end")
     if a and b and b["t"] > a["t"]:
         dt = b["t"] - a["t"]

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -42,18 +41,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402  (benchmarks/run.py: server start/stop, /proc sampling, loadgen args)
 from run import (  # noqa: E402
     BENCH,
-    LOADGEN,
     LOADGEN_BOUND_PCT,
     LOADGEN_CPU,
     ROOT,
     SERVER_CPU,
     WORKLOADS,
-    loadgen_args,
     log,
     med,
     notes,
     num,
     process_tree,
+    run_marked_loadgen,
     sample,
     start_server,
     stop,
@@ -195,52 +193,19 @@ def measure(url: str, publish: str, server: subprocess.Popen, port: int, wl: str
     """Run the load generator; at its phase marks sample the gateway's process tree (in total and
     per worker), the load generator, Redis and the machine, as run.run_loadgen does for the tree."""
     workers = worker_pids(server.pid)
-    cmd = ["taskset", "-c", LOADGEN_CPU, "node", LOADGEN, "--url", url, "--publish-url", publish,
-           "--label", label] + loadgen_args(wl, quick)
-    proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
-    marks: dict[str, dict] = {}
-    errors: list[str] = []
-    out: list[str] = []
 
-    def read_err() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if line.startswith("@@mark "):
-                name = line.split()[1]
-                m = sample(process_tree(server.pid))
-                m["workers"] = [sample([w])["cpu"] for w in workers]
-                m["loadgen"] = sample([proc.pid])["cpu"]
-                m["redis"] = sample([rpid])["cpu"] if rpid else None
-                if name == "connected":
-                    m["conns"] = connections_per_worker(port, workers)
-                marks[name] = m
-            elif len(errors) < 50:
-                errors.append(line.rstrip())
+    def sample_at(name: str, loadgen_pid: int) -> dict:
+        m = sample(process_tree(server.pid))
+        m["workers"] = [sample([w])["cpu"] for w in workers]
+        m["loadgen"] = sample([loadgen_pid])["cpu"]
+        m["redis"] = sample([rpid])["cpu"] if rpid else None
+        if name == "connected":
+            m["conns"] = connections_per_worker(port, workers)
+        return m
 
-    def read_out() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.append(line)
-
-    threads = [threading.Thread(target=read_err, daemon=True),
-               threading.Thread(target=read_out, daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        proc.wait(timeout=240)
-    except subprocess.TimeoutExpired:
-        return {"error": "loadgen did not finish within 240 s"}
-    finally:
-        if proc.poll() is None:
-            stop(proc, "loadgen", grace=1)
-    for t in threads:
-        t.join(timeout=5)
-    lines = [x for x in out if x.startswith("{")]
-    if not lines:
-        return {"error": f"loadgen exit {proc.returncode}: {' | '.join(errors[-3:])[:300]}"}
-    r = json.loads(lines[-1])
-    r["loadgen_exit"] = proc.returncode
+    r, marks = run_marked_loadgen(url, publish, wl, quick, label, sample_at)
+    if "error" in r:
+        return r
     r["workers"] = len(workers)
     if "connected" in marks:
         r["conns_per_worker"] = marks["connected"]["conns"]
