@@ -512,30 +512,28 @@ misrouted; W3L p99 <= {W3L_P99_RATIO}x the reference's; W4 <= {W4_KB:g} KB per c
 
 
 # ------------------------------------------------------------------ main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default="W1,W2,W3L,W4", help="comma list of " + ",".join(WORKLOADS))
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options run.py and scale.py share."""
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="3 s windows (1 s ramp): a smoke run")
     ap.add_argument("--python", default=os.path.join(ROOT, ".venv", "bin", "python"),
-                    help="interpreter (with hypercorn next to it) for both servers")
+                    help="interpreter (with hypercorn next to it) for the servers")
     ap.add_argument("--results", default=os.path.join(BENCH, "results"))
     ap.add_argument("--quiet-wait", type=float, default=10,
                     help="max s to wait before each run for other load to drop (default 10)")
     ap.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the gateway (repeatable)")
-    a = ap.parse_args()
+
+
+def check_common_arguments(a: argparse.Namespace) -> dict[str, str]:
+    """Exit with the reason unless the shared options and the machine are usable; returns the
+    --gateway-env settings."""
     gateway_env = {}
     for item in a.gateway_env:
         name, sep, value = item.partition("=")
         if not sep or not name:
             sys.exit(f"--gateway-env {item!r}: expected NAME=VALUE")
         gateway_env[name] = value
-
-    wls = [w.strip() for w in a.workloads.split(",") if w.strip()]
-    for w in wls:
-        if w not in WORKLOADS:
-            sys.exit(f"unknown workload {w}; known: {', '.join(WORKLOADS)}")
     if not 1 <= a.reps <= 20:
         sys.exit("--reps must be 1..20")
     if (os.cpu_count() or 1) < 2:
@@ -543,9 +541,24 @@ def main() -> None:
     for tool in ("taskset", "node"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found")
+    a.python = os.path.abspath(a.python)
     if not os.path.exists(a.python) or not os.path.exists(
             os.path.join(os.path.dirname(a.python), "hypercorn")):
         sys.exit(f"{a.python} (with hypercorn) not found: run `make test` first")
+    return gateway_env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="W1,W2,W3L,W4", help="comma list of " + ",".join(WORKLOADS))
+    add_common_arguments(ap)
+    a = ap.parse_args()
+    gateway_env = check_common_arguments(a)
+
+    wls = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    for w in wls:
+        if w not in WORKLOADS:
+            sys.exit(f"unknown workload {w}; known: {', '.join(WORKLOADS)}")
 
     # 5000 clients + 5000 server sockets: raise the open-files limit for us and the children
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

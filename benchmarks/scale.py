@@ -40,12 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run  # noqa: E402  (benchmarks/run.py: server start/stop, /proc sampling, loadgen args)
 from run import (  # noqa: E402
-    BENCH,
     LOADGEN_BOUND_PCT,
     LOADGEN_CPU,
     ROOT,
     SERVER_CPU,
     WORKLOADS,
+    add_common_arguments,
+    check_common_arguments,
     log,
     med,
     notes,
@@ -328,36 +329,13 @@ LEGEND = f"""\
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="3 s windows (1 s ramp): a smoke run")
+    add_common_arguments(ap)
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    ap.add_argument("--python", default=os.path.join(ROOT, ".venv", "bin", "python"),
-                    help="interpreter (with hypercorn next to it) for the gateway")
-    ap.add_argument("--results", default=os.path.join(BENCH, "results"))
-    ap.add_argument("--quiet-wait", type=float, default=10,
-                    help="max s to wait before each run for other load to drop (default 10)")
-    ap.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra environment for the gateway in every configuration (repeatable)")
     a = ap.parse_args()
-    extra_env = {}
-    for item in a.gateway_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            sys.exit(f"--gateway-env {item!r}: expected NAME=VALUE")
-        if name in ("WORKERS", "REDIS_URL", "REDIS_PREFIX"):
+    extra_env = check_common_arguments(a)
+    for name in ("WORKERS", "REDIS_URL", "REDIS_PREFIX"):
+        if name in extra_env:
             sys.exit(f"--gateway-env {name}: set by the configurations")
-        extra_env[name] = value
-    if not 1 <= a.reps <= 20:
-        sys.exit("--reps must be 1..20")
-    if (os.cpu_count() or 1) < 2:
-        sys.exit("needs 2 CPUs (gateway on CPU 0, load generator on CPU 1)")
-    for tool in ("taskset", "node"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found")
-    a.python = os.path.abspath(a.python)
-    if not os.path.exists(a.python) or not os.path.exists(
-            os.path.join(os.path.dirname(a.python), "hypercorn")):
-        sys.exit(f"{a.python} (with hypercorn) not found: run `make test` first")
 
     try:
         rinfo = redis_call(a.python, a.redis_url, "ping")
