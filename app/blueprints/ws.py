@@ -211,10 +211,11 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
     since = data.since
     keys = _keys(topics, symbols)
     limit = gateway.config.WS_MAX_SUBSCRIPTIONS
-    if len(conn.keys | set(keys)) > limit:
+    total = len(conn.keys.union(keys))
+    if total > limit:
         raise ClientError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions",
                           f"A connection may hold {limit} topics and symbols; this subscribe "
-                          f"would make {len(conn.keys | set(keys))}")
+                          f"would make {total}")
     reply: dict[str, Any] = {
         "topics": topics,
         "symbols": symbols,

@@ -160,16 +160,19 @@ class Event:
             return self.frame
         return self.render(dumps(entries))
 
-    def encode(self) -> bytes:
-        """The event for another process (the Redis stream); `decode` reverses it."""
-        return orjson.dumps({"type": self.type, "topic": self.topic, "symbol": self.symbol,
-                             "created": self.created, "data": self.data})
+    def encode(self) -> tuple[bytes, bytes]:
+        """The event for another process (the Redis stream): its routing fields, and its data
+        as already serialized. `decode` reverses it."""
+        meta = orjson.dumps({"type": self.type, "topic": self.topic, "symbol": self.symbol,
+                             "created": self.created})
+        return meta, self.data_json.encode()
 
     @classmethod
-    def decode(cls, payload: bytes) -> Event:
-        fields = orjson.loads(payload)
-        return cls(fields["type"], fields["data"], topic=fields["topic"],
-                   symbol=fields["symbol"], created=fields["created"])
+    def decode(cls, meta: bytes, data_json: bytes) -> Event:
+        fields = orjson.loads(meta)
+        text = data_json.decode()
+        return cls(fields["type"], orjson.loads(text), topic=fields["topic"],
+                   symbol=fields["symbol"], created=fields["created"], data_json=text)
 
 
 def _routing_symbols(type_: str, data: Any, symbol: str | None) -> tuple[str, ...]:

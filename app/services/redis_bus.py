@@ -27,11 +27,13 @@ from app.services.events import Event
 
 log = logging.getLogger(__name__)
 
+# ARGV: the stream's length bound, then (routing fields, data) for each event.
 _PUBLISH = """
-local count = #ARGV - 1
+local count = (#ARGV - 1) / 2
 local last = redis.call('INCRBY', KEYS[2], count)
 for i = 1, count do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], (last - count + i) .. '-0', 'e', ARGV[i + 1])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], (last - count + i) .. '-0',
+             'm', ARGV[2 * i], 'd', ARGV[2 * i + 1])
 end
 return last
 """
@@ -125,9 +127,9 @@ class RedisBus:
         if not events:
             return
         try:
-            last = int(await self._publish(keys=[self._stream, self._counter],
-                                           args=[self._history_size,
-                                                 *(e.encode() for e in events)]))
+            last = int(await self._publish(
+                keys=[self._stream, self._counter],
+                args=[self._history_size, *(part for e in events for part in e.encode())]))
         except RedisError as error:
             raise BusUnavailable(f"Redis: {error}") from error
         for offset, event in enumerate(events):
@@ -201,7 +203,7 @@ class RedisBus:
                 self._behind_since = None
 
     def _event(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
-        event = Event.decode(fields[b"e"])
+        event = Event.decode(fields[b"m"], fields[b"d"])
         event.stamp(int(entry_id.split(b"-", 1)[0]))
         return event
 
