@@ -404,3 +404,22 @@ async def test_api_keys_from_the_cli_are_hashed_scoped_and_revocable(tmp_path):
             assert (await revoked.recv())["data"]["code"] == "AUTHENTICATION_FAILED"
     bad = run_cli(url, "keys", "create", "--scopes", "admin")
     assert bad.returncode == 2 and "unknown scopes" in bad.stderr
+
+
+async def test_confident_analyses_become_proposals_sized_by_the_risk_rule(database_url):
+    context, server = await started(database_url)
+    try:
+        engine = server.gateway.engine
+        price = server.gateway.market.price("BTC/USDT")
+        assert await engine.consider("BTC/USDT", "buy", 0.5, "weak") is None
+        assert await engine.consider("BTC/USDT", "sell", 0.9, "nothing held") is None
+        assert await engine.consider("BTC/USDT", "hold", 0.9, "no action") is None
+        proposal = await engine.consider("BTC/USDT", "buy", 0.9, "RSI 28 oversold")
+        assert proposal is not None and proposal.source == "agent"
+        assert proposal.size == pytest.approx(0.02 * 100_000 / price, rel=1e-6)
+        assert "RSI 28 oversold" in proposal.reason
+        # one open proposal per symbol at most
+        assert await engine.consider("BTC/USDT", "buy", 0.95, "again") is None
+        assert await engine.consider("ETH/USDT", "buy", 0.95, "other symbol") is not None
+    finally:
+        await context.__aexit__(None, None, None)

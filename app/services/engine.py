@@ -74,7 +74,7 @@ class TradingEngine:
                            f"{', '.join(self._market.symbols)}")
         price = await self._price(symbol)
         if size is None:
-            size = await self._risk_size(symbol, action, price)
+            size = self._risk_size(await self.portfolio(), symbol, action, price)
             if size <= 0:
                 raise APIError(422, "NOTHING_TO_SELL", "Nothing to sell",
                                f"There is no {symbol} position to sell")
@@ -104,14 +104,14 @@ class TradingEngine:
         if confidence < self.rules.confidence_threshold:
             return None
         async with self._db.connection() as connection:
-            open_count = (await store.count_proposals(connection, status="pending", symbol=symbol)
-                          + await store.count_proposals(connection, status="approved",
-                                                        symbol=symbol))
-        if open_count:
-            return None
+            if await store.count_open_proposals(connection, symbol):
+                return None
         price = await self._price(symbol)
-        size = await self._risk_size(symbol, decision, price)
-        if size <= 0 or (decision == "buy" and await self._at_position_limit(symbol)):
+        snapshot = await self.portfolio()
+        size = self._risk_size(snapshot, symbol, decision, price)
+        held_value = _position(snapshot, symbol, "value")
+        at_limit = held_value >= self.rules.max_position_share * snapshot["total_value"]
+        if size <= 0 or (decision == "buy" and at_limit):
             return None
         return await self.propose(symbol, decision, size,
                                   f"Agent {decision} signal ({confidence:.2f}): {reasoning}",
@@ -343,20 +343,19 @@ class TradingEngine:
                            f"There is no price for {symbol} yet; retry shortly")
         return price
 
-    async def _at_position_limit(self, symbol: str) -> bool:
-        snapshot = await self.portfolio()
-        value = next((p["value"] for p in snapshot["positions"] if p["symbol"] == symbol), 0.0)
-        return value >= self.rules.max_position_share * snapshot["total_value"]
-
-    async def _risk_size(self, symbol: str, action: str, price: float) -> float:
+    def _risk_size(self, snapshot: dict[str, Any], symbol: str, action: str,
+                   price: float) -> float:
         """Size a trade at `risk_per_trade` of the portfolio's value; a sell never exceeds the
         position."""
-        snapshot = await self.portfolio()
         size = self.rules.risk_per_trade * snapshot["total_value"] / price
         if action == "sell":
-            held = next((p["size"] for p in snapshot["positions"] if p["symbol"] == symbol), 0.0)
-            size = min(size, held)
+            size = min(size, _position(snapshot, symbol, "size"))
         return round(size, 8)
+
+
+def _position(snapshot: dict[str, Any], symbol: str, field: str) -> float:
+    """A field of the snapshot's position in `symbol` (0 without one)."""
+    return next((p[field] for p in snapshot["positions"] if p["symbol"] == symbol), 0.0)
 
 
 def _after_fill(position: Position, trade: Trade) -> Position:

@@ -133,6 +133,13 @@ async def count_proposals(connection: Connection, *, status: str | None = None,
     ))
 
 
+async def count_open_proposals(connection: Connection, symbol: str) -> int:
+    """Proposals of `symbol` still waiting: pending, or approved and not yet executed."""
+    return int(await connection.fetch_val(
+        "SELECT COUNT(*) FROM proposals WHERE symbol = :symbol "
+        "AND (status = 'pending' OR status = 'approved')", {"symbol": symbol}))
+
+
 async def transition_proposal(connection: Connection, proposal_id: str, *, from_status: str,
                               to_status: str, by: str | None, at: float,
                               reason: str | None = None,
