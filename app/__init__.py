@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from quart import Quart, request
+from quart import Quart, Response, request
 from quart.json.provider import DefaultJSONProvider
 from quart_cors import cors
 from quart_rate_limiter import RateLimit, RateLimiter
@@ -65,6 +65,12 @@ def create_app(config: Config | None = None) -> Quart:
     @app.after_serving
     async def stop_gateway() -> None:
         await gateway.stop()
+
+    @app.after_request
+    async def count_rate_limited(response: Response) -> Response:
+        if response.status_code == 429:
+            gateway.manager.refuse("rest_rate")
+        return response
 
     app.asgi_app = _expose_asgi_send(app.asgi_app)  # type: ignore[method-assign]
     return app

@@ -152,7 +152,14 @@ class ConnectionStats(BaseModel):
     last_seq: int
     bus_backend: str
     subscriptions: dict[str, int]
+    refusals: dict[str, int] = Field(
+        description="Requests refused by each abuse limit: connections, connections_per_key, "
+                    "subscriptions, command_rate, message_size, rest_rate")
     uptime_seconds: float
+    event_loop_lag_ms: float = Field(description="How late the worker's event loop last woke "
+                                                 "a 100 ms timer")
+    event_loop_lag_max_ms: float = Field(description="The largest such lag since start")
+    rss_bytes: int = Field(description="The worker's resident memory")
 
 
 class ErrorResponse(BaseModel):

@@ -109,8 +109,9 @@ async def get_health() -> tuple[Health, int]:
 @validate_response(ConnectionStats, 200)
 @validate_response(ErrorResponse, 401)
 async def get_ws_stats() -> ConnectionStats:
-    """The connection manager's counters: connections, deliveries, queues, conflation."""
-    return ConnectionStats(**_gateway().manager.get_stats())
+    """The connection manager's counters (connections, deliveries, queues, conflation, refusals
+    by each abuse limit) and this worker's memory and event-loop lag."""
+    return ConnectionStats(**_gateway().stats())
 
 
 @api_bp.post("/api/events")
@@ -174,8 +175,8 @@ def _event(position: int, type_: str, topic: str | None, symbol: str | None,
 
 @api_bp.get("/metrics")
 async def get_metrics() -> Response:
-    """Prometheus text exposition of the connection manager's stats."""
-    stats = _gateway().manager.get_stats()
+    """Prometheus text exposition of the gateway's stats."""
+    stats = _gateway().stats()
     lines = []
     for name, value in stats.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -185,6 +186,9 @@ async def get_metrics() -> Response:
     for key, count in stats["subscriptions"].items():
         label = orjson.dumps(key).decode()
         lines.append(f"sigmax_ws_subscribers{{key={label}}} {count}")
+    lines.append("# TYPE sigmax_limit_refusals_total counter")
+    for limit, count in stats["refusals"].items():
+        lines.append(f'sigmax_limit_refusals_total{{limit="{limit}"}} {count}')
     return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
 
 

@@ -173,33 +173,34 @@ def _load(data: dict[str, Any], model: type[Any]) -> Any:
 
 
 def _subscription(message: ClientMessage) -> tuple[list[str], list[str], SubscriptionData]:
-    """Validated, normalised (topics, symbols, data); `symbol:X` topics count as symbols."""
+    """Validated, normalised (topics, symbols, data), each once and in the order given;
+    `symbol:X` topics count as symbols."""
     data: SubscriptionData = _load(message.data or {}, SubscriptionData)
-    topics: list[str] = []
-    symbols: list[str] = []
+    # Dicts, not lists, keep the first occurrence: a list's `in` made a subscribe of n
+    # symbols quadratic (10,000 of them blocked the event loop for half a second).
+    topics: dict[str, None] = {}
+    symbols: dict[str, None] = {}
     for raw_topic in data.topics:
         topic = raw_topic.strip().lower()
         if topic.startswith(SYMBOL_PREFIX):
-            _add_symbol(symbols, raw_topic.strip()[len(SYMBOL_PREFIX):])
+            symbols[_symbol(raw_topic.strip()[len(SYMBOL_PREFIX):])] = None
         elif topic in TOPICS:
-            if topic not in topics:
-                topics.append(topic)
+            topics[topic] = None
         else:
             raise ClientError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
                                 f"Topic {quoted(raw_topic)} does not exist; available: "
                                 f"{', '.join(TOPICS)}")
     for raw_symbol in data.symbols:
-        _add_symbol(symbols, raw_symbol)
-    return topics, symbols, data
+        symbols[_symbol(raw_symbol)] = None
+    return list(topics), list(symbols), data
 
 
-def _add_symbol(symbols: list[str], raw: str) -> None:
+def _symbol(raw: str) -> str:
     symbol = normalize_symbol(raw)
     if symbol is None:
         raise ClientError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
                             f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
-    if symbol not in symbols:
-        symbols.append(symbol)
+    return symbol
 
 
 def _keys(topics: list[str], symbols: list[str]) -> list[str]:
@@ -213,6 +214,7 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
     limit = gateway.config.WS_MAX_SUBSCRIPTIONS
     total = len(conn.keys.union(keys))
     if total > limit:
+        gateway.manager.refuse("subscriptions")
         raise ClientError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions",
                           f"A connection may hold {limit} topics and symbols; this subscribe "
                           f"would make {total}")
@@ -278,6 +280,7 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
                                                    config.WS_COMMAND_BURST)
     wait = bucket.take()
     if wait:
+        gateway.manager.refuse("command_rate")
         raise ClientError(ErrorCode.RATE_LIMITED, "Too many commands",
                           f"At most {bucket.rate:g} commands per second (bursts of "
                           f"{bucket.burst:g}); retry in {wait:.2f} s")

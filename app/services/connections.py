@@ -25,7 +25,7 @@ from app.services.events import (
     error_envelope,
 )
 from app.services.ratelimit import TokenBucket
-from app.services.transport import RawTransport, raw_transport, text_frame
+from app.services.transport import RawTransport, closed_for_size, raw_transport, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ Delivery = tuple[Event, str, bytes]
 # Bytes a transport may hold unsent before frames wait in the connection's own queue instead
 # (asyncio's default high-water mark).
 WRITE_BUFFER_LIMIT = 64 * 1024
+# The abuse limits whose refusals are counted: connections per worker and per API key,
+# subscriptions per connection, commands per second, message size, REST requests per second.
+LIMITS = ("connections", "connections_per_key", "subscriptions", "command_rate",
+          "message_size", "rest_rate")
 
 
 class ConnectionLimitExceeded(Exception):
@@ -399,6 +403,8 @@ class ConnectionManager:
             "slow_consumer_closes": 0,
             "timeouts": 0,
         }
+        # Requests refused by each abuse limit (see LIMITS), for /metrics.
+        self.refusals = dict.fromkeys(LIMITS, 0)
         # Totals of connections that are gone, so the stats do not go backwards.
         self._closed_sent = 0
         self._closed_conflated = 0
@@ -410,14 +416,14 @@ class ConnectionManager:
 
         Raises ConnectionLimitExceeded when the limit is reached."""
         if len(self.connections) >= self.max_connections:
-            self.counters["connections_rejected"] += 1
+            self.refuse("connections")
             raise ConnectionLimitExceeded(
                 f"The gateway serves at most {self.max_connections} connections")
         principal = metadata.get("principal", "anonymous")
         if (principal != "anonymous" and self.max_per_key
                 and sum(c.principal == principal for c in self.connections.values())
                 >= self.max_per_key):
-            self.counters["connections_rejected"] += 1
+            self.refuse("connections_per_key")
             raise ConnectionLimitExceeded(
                 f"An API key may hold at most {self.max_per_key} connections")
         send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
@@ -434,11 +440,19 @@ class ConnectionManager:
         self.counters["connections_total"] += 1
         return conn.id
 
+    def refuse(self, limit: str) -> None:
+        """Count a request refused by `limit` (one of LIMITS)."""
+        self.refusals[limit] += 1
+        if limit in ("connections", "connections_per_key"):
+            self.counters["connections_rejected"] += 1
+
     def forget(self, conn: Connection) -> None:
         """Remove a connection from the registry and every subscription (idempotent)."""
         if self.connections.pop(conn.id, None) is None:
             return
         self.index.remove(conn, list(conn.keys))
+        if closed_for_size(conn._send):
+            self.refuse("message_size")
         self._closed_sent += conn.sent
         self._closed_conflated += conn.conflated
 
@@ -617,6 +631,7 @@ class ConnectionManager:
             "last_seq": self.bus.head,
             "bus_backend": self.bus.backend,
             "subscriptions": topic_counts,
+            "refusals": dict(self.refusals),
             "uptime_seconds": round(time.time() - self.started, 3),
         }
 

@@ -24,7 +24,7 @@ from app.services.events import (
     Event,
     normalize_symbol,
 )
-from app.services.health import health_snapshot
+from app.services.health import LoopLagMonitor, health_snapshot, process_rss
 from app.services.leader import LeaderLease
 from app.services.market import SimulatedMarket
 from app.services.redis_bus import RedisBus
@@ -89,6 +89,7 @@ class Gateway:
                 "health": config.HEALTH_INTERVAL})
         self.bus.set_listener(self._on_events)
         self.commands: dict[str, Command] = {}
+        self.loop_lag = LoopLagMonitor()
         self.started = time.time()
         self.running = False  # between start() and stop(): serving
         self._tasks: list[asyncio.Task[None]] = []
@@ -108,7 +109,8 @@ class Gateway:
         await self.bus.start()
         await self.engine.load()
         await self.simulation.restore()
-        self._tasks = [asyncio.create_task(self.manager.run_heartbeat())]
+        self._tasks = [asyncio.create_task(self.manager.run_heartbeat()),
+                       asyncio.create_task(self.loop_lag.run())]
         if self.config.SIMULATION:
             if self.lease is not None:
                 self._tasks.append(asyncio.create_task(
@@ -161,6 +163,10 @@ class Gateway:
         await self._stop_producers()
         self._tasks.clear()
         await self.bus.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """The connection manager's stats with this worker's memory and event-loop lag."""
+        return {**self.manager.get_stats(), **self.loop_lag.stats(), "rss_bytes": process_rss()}
 
     def system_status(self) -> dict[str, Any]:
         return {

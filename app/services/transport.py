@@ -72,3 +72,12 @@ def raw_transport(asgi_send: Any) -> RawTransport | None:
         return None
     terminated = getattr(getattr(server, "context", None), "terminated", None)
     return RawTransport(transport, writer.drain, getattr(terminated, "wait", None))
+
+
+def closed_for_size(asgi_send: Any) -> bool:
+    """Whether Hypercorn closed this WebSocket with 1009 because a client message went over
+    `websocket_max_message_size`. Hypercorn does not tell the app (its ASGI disconnect says
+    1006); its message buffer is left holding more than the limit."""
+    buffer = getattr(getattr(asgi_send, "__self__", None), "buffer", None)
+    limit = getattr(buffer, "max_length", None)
+    return isinstance(limit, int) and getattr(buffer, "length", 0) > limit
