@@ -14,6 +14,7 @@ from quart_rate_limiter import RateLimit, RateLimiter
 from quart_schema import QuartSchema
 
 from app.blueprints.api import api_bp
+from app.blueprints.dashboard import dashboard_bp
 from app.blueprints.docs import configure_docs, docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
@@ -46,6 +47,7 @@ def create_app(config: Config | None = None) -> Quart:
     app.register_blueprint(ws_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(docs_bp)
+    app.register_blueprint(dashboard_bp)
     cors(app, allow_origin=list(config.CORS_ORIGINS), allow_headers=["Content-Type", "X-API-Key"])
 
     if config.REST_RATE_LIMIT:
