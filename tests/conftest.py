@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import websockets
@@ -271,12 +271,15 @@ def migrate_with_cli(env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def start_host(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`hypercorn -w N` with the repository's config, as a deployment runs it."""
+def start_host(port: int, workers: int, env: dict[str, str],
+               log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """`hypercorn -w N` with the repository's config, as a deployment runs it; its output goes
+    to `log` (default: nowhere)."""
+    output = log or subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "hypercorn", "--config", "file:hypercorn_config.py", "wsgi:app"],
         cwd=REPOSITORY, env={**os.environ, **env, "PORT": str(port), "WORKERS": str(workers)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=output, stderr=output, start_new_session=True)
 
 
 def stop_host(process: subprocess.Popen[bytes]) -> None:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
+import urllib.error
+import urllib.request
 from contextlib import AsyncExitStack
 
 import pytest
@@ -260,3 +263,63 @@ async def test_connections_per_api_key_are_limited(gateway_factory):
                 assert third.ws.close_code == 1013
             async with server.client("?api_key=other") as other:
                 await other.greeting()
+
+
+def http(port: int, method: str, path: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     headers=headers, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def test_api_keys_never_reach_the_logs(tmp_path):
+    """A host logging at DEBUG, served keys right and wrong by query and header, on WebSocket
+    and REST, through refusals of every kind: no key appears in its output."""
+    keys = {"reader": "secret-reader-7f3a", "trader": "secret-trader-9c1d",
+            "wrong": "secret-wrong-5e2b"}
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/keys.db", "SIMULATION": "false",
+           "LOG_LEVEL": "DEBUG", "WS_MAX_CONNECTIONS_PER_KEY": "1",
+           "API_KEYS": f"{keys['reader']}:read,{keys['trader']}"}
+    migrate_with_cli(env)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    log_path = tmp_path / "host.log"
+    with log_path.open("wb") as log:
+        host = start_host(port, 1, env, log)
+    try:
+        await (await connect_when_up(port)).ws.close()  # refused: no key; the host is up
+        url = f"ws://127.0.0.1:{port}/api/ws"
+        for query, headers in ((f"?api_key={keys['reader']}", {}),
+                               ("", {"X-API-Key": keys["trader"]}),
+                               (f"?api_key={keys['wrong']}", {}),
+                               ("", {"X-API-Key": keys["wrong"]})):
+            async with websockets.connect(url + query, additional_headers=headers) as ws:
+                first = json.loads(await ws.recv())
+                if first["type"] == "connected":
+                    await ws.send(json.dumps({"type": "command",
+                                              "data": {"command": "pause"}}))
+                    await ws.recv()
+                    async with websockets.connect(url + query, additional_headers=headers) as again:
+                        await again.wait_closed()  # over the per-key limit
+                assert all(key not in json.dumps(first) for key in keys.values())
+        for method, path, key in (("GET", "/api/status", keys["wrong"]),
+                                  ("POST", "/api/pause", keys["reader"]),
+                                  ("GET", "/api/status", keys["trader"]),
+                                  ("POST", "/api/events", keys["wrong"])):
+            assert await asyncio.to_thread(http, port, method, path, {"X-API-Key": key}) in (
+                200, 400, 401, 403)
+    finally:
+        host.send_signal(signal.SIGTERM)
+        host.wait(timeout=15)
+        stop_host(host)
+    output = log_path.read_text()
+    # The refusals are logged, by address and principal, without the key.
+    assert output.count("refused a WebSocket from 127.0.0.1: wrong API key") == 2
+    assert "refused a WebSocket of key#1 from 127.0.0.1" in output
+    assert "refused GET /api/status from 127.0.0.1: wrong API key" in output
+    for key in keys.values():
+        assert key not in output

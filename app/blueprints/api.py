@@ -2,6 +2,7 @@
 text at `/metrics`. Every error is JSON `{error, code, details}`."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -49,6 +50,7 @@ from app.services.events import (
 from app.services.gateway import Gateway
 from app.services.redis_bus import RedisBus
 
+log = logging.getLogger(__name__)
 api_bp = Blueprint("api", __name__)
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -64,9 +66,11 @@ def requires(scope: str) -> Callable[[View], View]:
     def decorator(view: View) -> View:
         @wraps(view)
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            principal = await _gateway().api_keys.authenticate(
-                request.headers.get("X-API-Key") or request.args.get("api_key"))
+            presented = request.headers.get("X-API-Key") or request.args.get("api_key")
+            principal = await _gateway().api_keys.authenticate(presented)
             if principal is None:
+                log.info("refused %s %s from %s: %s", request.method, request.path,
+                         request.remote_addr, "wrong API key" if presented else "no API key")
                 raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
                                "Send a valid key in the X-API-Key header")
             if not principal.can(scope):

@@ -65,6 +65,8 @@ async def gateway_socket() -> Response | None:
     principal = await gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.counters["auth_failures"] += 1
+        log.info("refused a WebSocket from %s: %s", websocket.remote_addr,
+                 "wrong API key" if presented else "no API key")
         await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
                       "Invalid API key",
                       "Pass a valid key as ?api_key= or in the X-API-Key header" if presented
@@ -75,6 +77,8 @@ async def gateway_socket() -> Response | None:
             "principal": principal.name, "scopes": principal.scopes,
             "remote": websocket.remote_addr or ""})
     except ConnectionLimitExceeded as limit:
+        log.info("refused a WebSocket of %s from %s: %s", principal.name,
+                 websocket.remote_addr, limit)
         await _refuse(send, CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
                       "Connection limit reached", f"{limit}; retry later")
         return None
