@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run migrate test lint bench
+.PHONY: run migrate test lint bench browser
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m app migrate
@@ -18,6 +18,18 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.runtime
 	$(BIN)/python benchmarks/run.py --reps 3
+
+# Headless Chromium for the dashboard's browser test (tests/test_browser.py): Debian's package.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then echo "browser: $$($(CHROMIUM) --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+	  echo "browser: $(CHROMIUM) is missing; install it as root: apt-get install -y chromium" >&2; \
+	  exit 1; \
+	fi
+	@command -v node >/dev/null || echo "browser: node (20 or newer) is missing too" >&2
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app client tests config.py wsgi.py
