@@ -1,0 +1,19 @@
+/** The SIGMAX WebSocket API client: `new SigmaxWebSocket(options)`, then `connect(url)`. */
+export {
+  DEFAULT_URL,
+  SigmaxWebSocket,
+  backoffDelay,
+} from './client.js';
+export type {
+  ConnectionState,
+  EventDataMap,
+  EventHandler,
+  EventType,
+  ResyncRequiredData,
+  SigmaxEvent,
+  SigmaxOptions,
+  StateDetail,
+  StateHandler,
+} from './client.js';
+export { ClientErrorCode, SigmaxError } from './errors.js';
+export * from './events.generated.js';
