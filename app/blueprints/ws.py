@@ -35,6 +35,7 @@ from app.services.events import (
     normalize_symbol,
 )
 from app.services.gateway import Gateway
+from app.services.transport import raw_transport, text_frame
 from app.services.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,17 @@ def _origin_allowed(allowed: tuple[str, ...]) -> bool:
 
 async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], close_code: int,
                   code: str, error: str, details: str) -> None:
-    """Tell the client why with an error event, then close with `close_code`."""
-    await send({"type": "websocket.send", "text": error_envelope(code, error, details, None)})
+    """Tell the client why with an error event, then close with `close_code`.
+
+    The event goes out uncompressed where the transport can be reached: a client that inflates
+    in the background (Node's built-in WebSocket) drops a compressed message that arrives
+    right before the close, and would see only 1006."""
+    notice = error_envelope(code, error, details, None)
+    raw = raw_transport(send)
+    if raw is not None:
+        raw.transport.write(text_frame(notice.encode()))
+    else:
+        await send({"type": "websocket.send", "text": notice})
     await send({"type": "websocket.close", "code": close_code, "reason": code})
 
 
