@@ -35,8 +35,8 @@ from app.services.events import (
     normalize_symbol,
 )
 from app.services.gateway import Gateway
-from app.services.transport import raw_transport, text_frame
 from app.services.ratelimit import TokenBucket
+from app.services.transport import raw_transport, text_frame
 
 log = logging.getLogger(__name__)
 
