@@ -13,7 +13,7 @@ from quart_cors import cors
 from quart_rate_limiter import RateLimit, RateLimiter
 from quart_schema import QuartSchema
 
-from app.blueprints.api import api_bp
+from app.blueprints.api import NOT_RATE_LIMITED, RestOpenAPIProvider, api_bp
 from app.blueprints.dashboard import dashboard_bp
 from app.blueprints.docs import configure_docs, docs_bp
 from app.blueprints.ws import ws_bp
@@ -41,7 +41,8 @@ def create_app(config: Config | None = None) -> Quart:
     app = Quart(__name__)
     app.json = StrictJSONProvider(app)
     app.config["SIGMAX"] = config
-    QuartSchema(app, info={"title": "SIGMAX Gateway", "version": SERVER_VERSION})
+    QuartSchema(app, info={"title": "SIGMAX Gateway", "version": SERVER_VERSION},
+                openapi_provider_class=RestOpenAPIProvider)
     configure_docs(app)
     register_error_handlers(app)
     app.register_blueprint(ws_bp)
@@ -85,7 +86,7 @@ async def _rate_limit_key() -> str:
 
 
 async def _not_rate_limited() -> bool:
-    return request.path == "/api/events"
+    return request.path in NOT_RATE_LIMITED
 
 
 def _configure_logging(level: str) -> None:

@@ -29,7 +29,8 @@ def describe_validation_error(error: Exception | None) -> str:
     parts = []
     for item in errors()[:5]:
         where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']} (got {excerpt(item.get('input'))})")
+        # quoted: the string "1" and the number 1 read differently.
+        parts.append(f"{where}: {item['msg']} (got {quoted(item.get('input'))})")
     return "; ".join(parts)
 
 

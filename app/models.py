@@ -5,11 +5,37 @@ rather than something silently converted.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from typing_extensions import TypeAliasType
+
+from app.services.events import EVENT_TOPICS
 
 MAX_BATCH_EVENTS = 10_000
+# The smallest proposal size: sizes are kept to 8 decimals.
+MIN_PROPOSAL_SIZE = 1e-8
+# A symbol as clients may write it (BASE/QUOTE, any case), and as the stream carries it.
+SYMBOL_PATTERN = r"^[A-Za-z0-9]{1,20}/[A-Za-z0-9]{1,20}$"
+CANONICAL_SYMBOL_PATTERN = r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$"
+# In a request model's JSON schema, marks a field whose OpenAPI schema lists the symbols the
+# gateway trades (SYMBOLS, a setting: the OpenAPI document fills them in).
+TRADED_SYMBOL = "x-traded-symbol"
+# The largest offset a page query may ask for: a 64-bit SQL integer.
+MAX_OFFSET = 2**63 - 1
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's integer: 2.0 is one, which strict mode alone would refuse (true and "2" it
+    # still refuses).
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer the gateway can send on (orjson writes 64 bits, signed or not).
+SerializableInt = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_integral)]
+JsonValue = TypeAliasType(
+    "JsonValue",
+    "None | bool | SerializableInt | float | str | list[JsonValue] | dict[str, JsonValue]")
 
 
 class Strict(BaseModel):
@@ -174,10 +200,11 @@ class EventData(BaseModel):
     """Extra fields are kept: they reach clients as sent."""
 
     model_config = ConfigDict(strict=True, extra="allow")
+    __pydantic_extra__: dict[str, JsonValue]
 
 
 class MarketEntry(EventData):
-    symbol: str = Field(examples=["BTC/USDT"])
+    symbol: str = Field(examples=["BTC/USDT"], pattern=CANONICAL_SYMBOL_PATTERN)
     price: float = Field(examples=[95000.0])
     volume_24h: float = Field(examples=[1000000])
     change_24h: float = Field(examples=[2.5])
@@ -250,7 +277,7 @@ class HealthData(EventData):
     cpu_percent: float
     memory_percent: float
     disk_percent: float
-    process_count: int
+    process_count: SerializableInt
 
 
 class StatusChangeData(EventData):
@@ -320,21 +347,27 @@ class TradePage(BaseModel):
 
 class ProposalQuery(BaseModel):
     status: Literal["pending", "approved", "executed", "rejected", "expired"] | None = None
-    symbol: str | None = None
+    # Documented, not validated here: an invalid symbol is INVALID_SYMBOL, as everywhere.
+    symbol: str | None = Field(default=None, examples=["BTC/USDT"],
+                               json_schema_extra={"pattern": SYMBOL_PATTERN})
     limit: int = Field(default=50, ge=1, le=500)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
 
 
 class PageQuery(BaseModel):
     limit: int = Field(default=50, ge=1, le=500)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
 
 
 class NewProposal(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    symbol: str = Field(examples=["BTC/USDT"])
+    # An unknown or malformed symbol is refused by the engine (UNKNOWN_SYMBOL, INVALID_SYMBOL);
+    # the document lists the traded ones.
+    symbol: str = Field(examples=["BTC/USDT"], json_schema_extra={TRADED_SYMBOL: True})
     action: Literal["buy", "sell"]
-    size: float | None = Field(default=None, gt=0, description="default: sized by the risk rule")
+    # At least MIN_PROPOSAL_SIZE: documented; a smaller one is INVALID_SIZE from the engine.
+    size: Annotated[float, Field(gt=0, json_schema_extra={"minimum": MIN_PROPOSAL_SIZE})] | None = (
+        Field(default=None, description="default: sized by the risk rule"))
     reason: str = Field(default="Manual proposal", max_length=500)
 
 
@@ -374,3 +407,34 @@ class EngineState(BaseModel):
 
 class MarketSnapshot(BaseModel):
     symbols: list[MarketEntry]
+
+
+# -- ingest, as documented: each event type with the data its stream event carries ---------------
+
+def _ingest_event_model(type_: str, topic: str) -> type[BaseModel]:
+    data: Any = EVENT_DATA_MODELS[type_]
+    its_type: Any = Literal[type_]
+    its_topic: Any = Literal[topic] | None
+    a_symbol: Any = str | None
+    return create_model(
+        "Ingest" + "".join(part.title() for part in type_.split("_")),
+        __config__=ConfigDict(extra="forbid"),
+        type=(its_type, ...),
+        topic=(its_topic, Field(default=None, description="the type's topic")),
+        symbol=(a_symbol, Field(default=None, pattern=SYMBOL_PATTERN, examples=["BTC/USDT"])),
+        data=(data, Field(description="delivered to clients exactly as sent")),
+    )
+
+
+_INGEST_EVENT_MODELS = tuple(_ingest_event_model(t, topic) for t, topic in EVENT_TOPICS.items())
+IngestEventDocument = Annotated[Union[_INGEST_EVENT_MODELS],  # type: ignore[valid-type]  # noqa: UP007
+                                Field(discriminator="type")]
+
+
+# Documents the body of `POST /api/events`; EventBatch parses it, then each event is checked
+# against its type (see the ingest view), so that an error names the event.
+class EventBatchDocument(BaseModel):
+    """Events to publish, all or nothing: each `type` with the data its stream event carries."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[IngestEventDocument] = Field(max_length=MAX_BATCH_EVENTS)

@@ -1,5 +1,6 @@
 """REST API under `/api`: state, trading operations, event ingest, connection stats; Prometheus
-text at `/metrics`. Every error is JSON `{error, code, details}`."""
+text at `/metrics`. Every error is JSON `{error, code, details}`, and the OpenAPI document lists
+each error an operation can answer with (RestOpenAPIProvider)."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +12,21 @@ from typing import Any, TypeVar, cast
 import orjson
 from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Response, current_app, g, request
-from quart_schema import tag, validate_querystring, validate_request, validate_response
+from quart_schema import (
+    document_request,
+    hide,
+    tag,
+    validate_querystring,
+    validate_request,
+    validate_response,
+)
+from quart_schema.openapi import OpenAPIProvider
+from werkzeug.routing import BaseConverter, Rule
 
 from app.errors import APIError, describe_validation_error, excerpt, quoted
 from app.models import (
     EVENT_DATA_MODELS,
+    TRADED_SYMBOL,
     BulkDecision,
     BulkItem,
     BulkResult,
@@ -25,6 +36,7 @@ from app.models import (
     EngineState,
     ErrorResponse,
     EventBatch,
+    EventBatchDocument,
     Health,
     IngestResult,
     MarketSnapshot,
@@ -54,9 +66,121 @@ log = logging.getLogger(__name__)
 api_bp = Blueprint("api", __name__)
 View = TypeVar("View", bound=Callable[..., Any])
 
+# The engine's ingest path is not rate limited.
+NOT_RATE_LIMITED = frozenset({"/api/events"})
+
+API_KEY_SCHEME = "ApiKey"
+API_KEY_SECURITY = {
+    "type": "apiKey", "in": "header", "name": "X-API-Key",
+    "description": "Needed once the gateway has API keys (API_KEYS, or keys created with "
+                   "`python -m app keys create`); with none it is open. An operation names the "
+                   "scope its key needs. `?api_key=` is accepted too."}
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid input: the body or query string does not match the schema "
+         "(`VALIDATION_ERROR`, `BAD_REQUEST`), or a value is refused, for example "
+         "`INVALID_SYMBOL`, `UNKNOWN_SYMBOL`, `INVALID_EVENT`",
+    401: "The gateway has API keys and the request has no valid one (`AUTHENTICATION_FAILED`)",
+    403: "The API key lacks the scope this operation needs (`FORBIDDEN`)",
+    404: "No such proposal (`PROPOSAL_NOT_FOUND`)",
+    409: "The proposal is decided already (`PROPOSAL_APPROVED`, `PROPOSAL_REJECTED`, ...)",
+    422: "A trading rule refuses the request (`NOTHING_TO_SELL`)",
+    429: "Too many requests from this client (`TOO_MANY_REQUESTS`); retry after `Retry-After` "
+         "seconds",
+    503: "Not possible now, retry: the event stream is unavailable (`BUS_UNAVAILABLE`), or there "
+         "is no market price yet (`NO_PRICE`)",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "required": True,
+                               "schema": {"type": "integer", "minimum": 0}}}
+_ERROR_STATUSES = "_sigmax_error_statuses"
+_REQUIRED_SCOPE = "_sigmax_required_scope"
+
 
 def _gateway() -> Gateway:
     return current_app.extensions["gateway"]
+
+
+def errors(*statuses: int) -> Callable[[View], View]:
+    """Document that the view answers with the JSON error of each of `statuses` (raised as
+    APIError), besides those RestOpenAPIProvider adds to every operation of its kind."""
+
+    def decorator(view: View) -> View:
+        setattr(view, _ERROR_STATUSES, (*getattr(view, _ERROR_STATUSES, ()), *statuses))
+        return view
+
+    return decorator
+
+
+class RestOpenAPIProvider(OpenAPIProvider):
+    """quart-schema's OpenAPI document, completed with what operations share: request bodies
+    are required; each operation lists the JSON error of every status it can answer with (400
+    when it validates input, 401 and 403 when it needs a key scope, 429 when it is rate
+    limited, and those named with `errors`); the API key scheme; the traded symbols."""
+
+    def schema(self) -> dict[str, Any]:
+        document = super().schema()
+        # Here rather than QuartSchema(security_schemes=...), which drops the description.
+        document["components"]["securitySchemes"] = {API_KEY_SCHEME: API_KEY_SECURITY}
+        return document
+
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        view = self._app.view_functions[rule.endpoint]
+        config = self._app.config["SIGMAX"]
+        scope = getattr(view, _REQUIRED_SCOPE, None)
+        for operation in (op for path_item in paths.values() for op in path_item.values()):
+            statuses = set(getattr(view, _ERROR_STATUSES, ()))
+            if "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+                _list_traded_symbols(operation["requestBody"], config.SYMBOLS)
+            if "requestBody" in operation or any(p["in"] == "query"
+                                                 for p in operation["parameters"]):
+                statuses.add(400)
+            if scope is not None:
+                statuses |= {401, 403}
+                # `{}`: no key is needed while the gateway has none.
+                operation["security"] = [{API_KEY_SCHEME: [scope]}, {}]
+            if config.REST_RATE_LIMIT and rule.rule not in NOT_RATE_LIMITED:
+                statuses.add(429)
+            operation["responses"] = {**operation["responses"], **{
+                status: _error_response(status) for status in sorted(statuses)
+                if status not in operation["responses"]}}
+        components[ErrorResponse.__name__] = ErrorResponse.model_json_schema()
+        return paths, components
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": ERROR_DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{ErrorResponse.__name__}"}}}}
+    if status == 429:
+        response["headers"] = RETRY_AFTER
+    return response
+
+
+def _list_traded_symbols(schema: Any, symbols: tuple[str, ...]) -> None:
+    """Turn each field marked TRADED_SYMBOL into an enum of the traded symbols."""
+    if isinstance(schema, dict):
+        if schema.pop(TRADED_SYMBOL, False):
+            schema["enum"] = list(symbols)
+        for value in schema.values():
+            _list_traded_symbols(value, symbols)
+    elif isinstance(schema, list):
+        for value in schema:
+            _list_traded_symbols(value, symbols)
+
+
+class ProposalIdConverter(BaseConverter):
+    """A proposal id in a path: anything but `approve` and `reject`, so that those paths answer
+    405 to the methods they do not have instead of looking for a proposal of that name."""
+
+    regex = r"(?!(?:approve|reject)$)[^/]+"
+
+
+@api_bp.record_once
+def _register_converters(state: Any) -> None:
+    state.app.url_map.converters["proposal_id"] = ProposalIdConverter
 
 
 def requires(scope: str) -> Callable[[View], View]:
@@ -79,6 +203,7 @@ def requires(scope: str) -> Callable[[View], View]:
             g.principal = principal.name
             return await view(*args, **kwargs)
 
+        setattr(guarded, _REQUIRED_SCOPE, scope)
         return cast(View, guarded)
 
     return decorator
@@ -111,7 +236,6 @@ async def get_health() -> tuple[Health, int]:
 @tag(["system"])
 @requires("read")
 @validate_response(ConnectionStats, 200)
-@validate_response(ErrorResponse, 401)
 async def get_ws_stats() -> ConnectionStats:
     """The connection manager's counters (connections, deliveries, queues, conflation, refusals
     by each abuse limit) and this worker's memory and event-loop lag."""
@@ -121,9 +245,10 @@ async def get_ws_stats() -> ConnectionStats:
 @api_bp.post("/api/events")
 @tag(["ingest"])
 @requires("publish")
+@document_request(EventBatchDocument)  # the data of each type; EventBatch is parsed first
 @validate_request(EventBatch)
 @validate_response(IngestResult, 202)
-@validate_response(ErrorResponse, 400)
+@errors(503)
 async def post_events(data: EventBatch) -> tuple[IngestResult, int]:
     """Publish a batch of events from an external engine. All or nothing: a batch with one bad
     event is refused whole, naming it."""
@@ -178,6 +303,7 @@ def _event(position: int, type_: str, topic: str | None, symbol: str | None,
 
 
 @api_bp.get("/metrics")
+@hide  # Prometheus text, for a scraper: not part of the JSON API
 async def get_metrics() -> Response:
     """Prometheus text exposition of the gateway's stats."""
     stats = _gateway().stats()
@@ -232,7 +358,7 @@ async def get_portfolio() -> dict[str, Any]:
 @validate_response(ProposalPage)
 async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
     """Proposals, newest first, filtered by status and symbol, paged."""
-    symbol = _symbol(query_args.symbol) if query_args.symbol else None
+    symbol = _symbol(query_args.symbol) if query_args.symbol is not None else None
     async with _gateway().db.connection() as connection:
         items = await store.select_proposals(connection, status=query_args.status,
                                              symbol=symbol, limit=query_args.limit,
@@ -243,11 +369,11 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
                         limit=query_args.limit, offset=query_args.offset)
 
 
-@api_bp.get("/api/proposals/<proposal_id>")
+@api_bp.get("/api/proposals/<proposal_id:proposal_id>")
 @tag(["proposals"])
 @requires("read")
 @validate_response(ProposalOut, 200)
-@validate_response(ErrorResponse, 404)
+@errors(404)
 async def get_proposal(proposal_id: str) -> ProposalOut:
     """One proposal."""
     async with _gateway().db.connection() as connection:
@@ -280,7 +406,7 @@ async def get_trades(query_args: PageQuery) -> TradePage:
 @requires("trade")
 @validate_request(NewProposal)
 @validate_response(ProposalOut, 201)
-@validate_response(ErrorResponse, 400)
+@errors(422, 503)
 async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
     """Create a manual proposal; without `size` the risk rule sizes it."""
     proposal = await _gateway().engine.propose(
@@ -288,12 +414,11 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
     return ProposalOut(**proposal.as_dict()), 201
 
 
-@api_bp.post("/api/proposals/<proposal_id>/approve")
+@api_bp.post("/api/proposals/<proposal_id:proposal_id>/approve")
 @tag(["proposals"])
 @requires("trade")
 @validate_response(DecisionResult, 200)
-@validate_response(ErrorResponse, 404)
-@validate_response(ErrorResponse, 409)
+@errors(404, 409, 503)
 async def approve_proposal(proposal_id: str) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
@@ -301,13 +426,12 @@ async def approve_proposal(proposal_id: str) -> DecisionResult:
     return _decision(proposal, trade)
 
 
-@api_bp.post("/api/proposals/<proposal_id>/reject")
+@api_bp.post("/api/proposals/<proposal_id:proposal_id>/reject")
 @tag(["proposals"])
 @requires("trade")
 @validate_request(Decision)
 @validate_response(DecisionResult, 200)
-@validate_response(ErrorResponse, 404)
-@validate_response(ErrorResponse, 409)
+@errors(404, 409, 503)
 async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
     """Reject a pending (or approved, not yet executed) proposal."""
     return _decision(await _gateway().engine.reject(proposal_id, g.principal, data.reason), None)
@@ -340,6 +464,7 @@ async def reject_proposals(data: BulkDecision) -> BulkResult:
 @tag(["system"])
 @requires("trade")
 @validate_response(EngineState)
+@errors(503)
 async def post_pause() -> EngineState:
     """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
     return await _set_paused(True)
@@ -349,6 +474,7 @@ async def post_pause() -> EngineState:
 @tag(["system"])
 @requires("trade")
 @validate_response(EngineState)
+@errors(503)
 async def post_resume() -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
     return await _set_paused(False)

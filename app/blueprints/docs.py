@@ -967,6 +967,7 @@ def _link_rest_docs(app: Quart) -> None:
 # -- routes --------------------------------------------------------------------------------------
 
 @docs_bp.get(ASYNCAPI_PATH)
+@hide  # a document, like /openapi.json; the REST document links it
 async def get_asyncapi() -> dict[str, Any]:
     """The WebSocket protocol as an AsyncAPI 2.6 document."""
     return asyncapi_document(request.host or None, request.scheme in ("https", "wss"))
