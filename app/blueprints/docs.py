@@ -87,8 +87,11 @@ REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
     "error": ("A message could not be processed, or the server is about to close", ErrorData),
 }
 
-# Stream event types that are also sent to one connection as a reply (without `seq`).
-ALSO_DIRECT = frozenset({"system_status"})
+ALSO_DIRECT = {  # stream event types also sent to one connection only, without `seq`
+    "system_status": "it answers `get_status` and follows `connected`",
+    "status_change": "the worker's own notices (shutting down, event stream degraded or "
+                     "reconnected)",
+}
 
 ENVELOPE_NOTES: dict[str, str] = {
     "type": "The message type.",
@@ -281,7 +284,7 @@ def asyncapi_document(host: str | None = None, secure: bool = False) -> dict[str
         },
         "defaultContentType": "application/json",
         "tags": [{"name": f"topic:{topic}", "description": TOPIC_NOTES.get(topic, "")}
-                 for topic in TOPICS if topic != "all"],
+                 for topic in TOPICS],
         "channels": {
             WS_PATH: {
                 "description": "The event stream: subscribe to topics and symbols, receive "
@@ -339,8 +342,7 @@ def _event_note(type_: str) -> str:
     else:
         note = "Also delivered to `symbol:X` subscribers when published with a symbol."
     if type_ in ALSO_DIRECT:
-        note += (" Also sent directly, without `seq`: it answers `get_status` and follows "
-                 "`connected`.")
+        note += f" Also sent directly, without `seq`: {ALSO_DIRECT[type_]}."
     if type_ in CONFLATABLE_TYPES:
         note += " A snapshot: conflated for slow consumers."
     return note

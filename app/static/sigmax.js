@@ -847,6 +847,7 @@ var STREAM_EVENT_TYPES = [
   "proposal_expired",
   "trade_executed",
   "status_change",
+  "system_status",
   "market_update",
   "portfolio_update",
   "health_update",

@@ -221,7 +221,7 @@ export interface ServerEventDataMap {
   proposal_expired: ProposalClosedData;
   /** Stream event on topic 'executions'. Also delivered to `symbol:X` subscribers when published with a symbol. */
   trade_executed: TradeExecutedData;
-  /** Stream event on topic 'status'. Also delivered to `symbol:X` subscribers when published with a symbol. */
+  /** Stream event on topic 'status'. Also delivered to `symbol:X` subscribers when published with a symbol. Also sent directly, without `seq`: the worker's own notices (shutting down, event stream degraded or reconnected). */
   status_change: StatusChangeData;
   /** Stream event on topic 'status'. Also delivered to `symbol:X` subscribers when published with a symbol. Also sent directly, without `seq`: it answers `get_status` and follows `connected`. A snapshot: conflated for slow consumers. */
   system_status: SystemStatusData;
@@ -261,7 +261,7 @@ export const SERVER_EVENT_TYPES = [
   "alert",
 ] as const satisfies readonly ServerEventType[];
 
-/** The stream events: they carry `seq` and are replayed on resume. */
+/** The stream events: published on a topic, with `seq`, and replayed on resume (`system_status` and `status_change` also come directly, without `seq`). */
 export const STREAM_EVENT_TYPES = [
   "analysis_update",
   "proposal_created",
@@ -270,6 +270,7 @@ export const STREAM_EVENT_TYPES = [
   "proposal_expired",
   "trade_executed",
   "status_change",
+  "system_status",
   "market_update",
   "portfolio_update",
   "health_update",
