@@ -49,6 +49,8 @@ class Config:
     WS_FAST_PATH: bool = True
     # How long a server-initiated close may wait for the client before the connection is dropped.
     WS_CLOSE_TIMEOUT: float = 5.0
+    # Seconds between full garbage collections (see Gateway.start); 0 = Python's own schedule.
+    GC_INTERVAL: float = 60.0
 
     # Events kept for resume (`subscribe` with `since`), bounded by count and by age in seconds.
     EVENT_HISTORY_SIZE: int = 10_000
@@ -150,3 +152,5 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.GC_INTERVAL < 0:
+            raise ValueError(f"GC_INTERVAL must be 0 or positive, got {self.GC_INTERVAL!r}")

@@ -186,6 +186,10 @@ class ConnectionStats(BaseModel):
                                                  "a 100 ms timer")
     event_loop_lag_max_ms: float = Field(description="The largest such lag since start")
     rss_bytes: int = Field(description="The worker's resident memory")
+    gc_full_collections: int = Field(description="Full garbage collections run on the "
+                                                 "GC_INTERVAL timer")
+    gc_pause_ms: float = Field(description="How long the last of them blocked the worker")
+    gc_pause_max_ms: float = Field(description="The longest of them")
 
 
 class ErrorResponse(BaseModel):
