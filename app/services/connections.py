@@ -25,7 +25,13 @@ from app.services.events import (
     error_envelope,
 )
 from app.services.ratelimit import TokenBucket
-from app.services.transport import RawTransport, closed_for_size, raw_transport, text_frame
+from app.services.transport import (
+    OPEN,
+    RawTransport,
+    closed_for_size,
+    raw_transport,
+    text_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,7 @@ class Connection:
     __slots__ = ("id", "principal", "scopes", "remote", "connected_at", "last_seen",
                  "last_ping", "joined_seq", "keys", "symbols", "sent", "conflated",
                  "queue_high_water", "close_code", "close_reason", "on_slow_consumer",
-                 "command_bucket", "_send", "_transport", "_drain", "_is_open", "_pending",
+                 "command_bucket", "_send", "_transport", "_drain", "_websocket", "_pending",
                  "_queue_size", "_close_timeout",
                  "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog")
 
@@ -95,7 +101,7 @@ class Connection:
         self._send = send
         self._transport = raw.transport if raw is not None else None
         self._drain = raw.drain if raw is not None else None
-        self._is_open = raw.is_open if raw is not None else _no_transport
+        self._websocket: Any = raw.websocket if raw is not None else None
         self._pending: list[tuple[str, ConflationKey | None]] = []
         self._queue_size = queue_size
         self._close_timeout = close_timeout
@@ -201,7 +207,7 @@ class Connection:
         if (self._held is None and not self._pending and not self.closing
                 and transport is not None
                 and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
-            if self._is_open():
+            if self._websocket.state is OPEN and not transport.is_closing():
                 transport.write(b"".join([delivery[2] for delivery in batch]))
                 self.sent += len(batch)
             return
@@ -235,7 +241,7 @@ class Connection:
         # Nothing of ours is waiting, so writing now keeps the order.
         if (not pending and transport is not None
                 and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
-            if self._is_open():
+            if self._websocket.state is OPEN and not transport.is_closing():
                 transport.write(text_frame(frame.encode()) if wire is None else wire)
                 self.sent += 1
             return
@@ -284,7 +290,7 @@ class Connection:
     async def _write(self) -> None:
         """Send pending frames in order; then the close frame once closing. On the fast path
         the task ends as soon as nothing is pending, and is started again when needed."""
-        transport, drain, is_open, send = self._transport, self._drain, self._is_open, self._send
+        transport, drain, send = self._transport, self._drain, self._send
         try:
             while True:
                 if self._pending:
@@ -296,7 +302,7 @@ class Connection:
                             await send({"type": "websocket.send", "text": frame})
                         continue
                     assert drain is not None
-                    if not is_open():
+                    if self._websocket.state is not OPEN or transport.is_closing():
                         return
                     transport.write(b"".join(text_frame(frame.encode()) for frame, _ in batch))
                     await drain()  # returns once the client has taken most of it
@@ -316,10 +322,6 @@ class Connection:
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
-
-
-def _no_transport() -> bool:
-    return False
 
 
 def _ignore(conn: Connection) -> None:

@@ -35,32 +35,38 @@ def text_frame(payload: bytes) -> bytes:
 class RawTransport:
     transport: asyncio.WriteTransport
     drain: Callable[[], Awaitable[None]]
-    # Whether the WebSocket is still open: Hypercorn closes some connections by itself
-    # (1009, protocol errors) without telling the app, and no frame may follow a close frame.
-    is_open: Callable[[], bool]
+    # wsproto's connection: Hypercorn closes some WebSockets by itself (1009, protocol errors)
+    # without telling the app, and no frame may follow a close frame (see `open`).
+    websocket: Any
     # Returns when the Hypercorn worker starts shutting down (None when that cannot be seen).
     shutting_down: Callable[[], Awaitable[None]] | None = None
 
 
-def _hypercorn_classes() -> tuple[type, type, type, Any] | None:
+def _hypercorn_classes() -> tuple[type, type, type] | None:
     try:
         from hypercorn.asyncio.tcp_server import TCPServer
         from hypercorn.protocol.h11 import H11Protocol
         from hypercorn.protocol.ws_stream import WSStream
-        from wsproto.connection import ConnectionState
     except ImportError:
         return None
-    return WSStream, H11Protocol, TCPServer, ConnectionState.OPEN
+    return WSStream, H11Protocol, TCPServer
 
 
 _CLASSES = _hypercorn_classes()
+try:
+    from wsproto.connection import ConnectionState
+    # The state of a WebSocket that may still be written to: `RawTransport.websocket.state is
+    # OPEN` (compared inline on the hot path).
+    OPEN: Any = ConnectionState.OPEN
+except ImportError:
+    OPEN = None
 
 
 def raw_transport(asgi_send: Any) -> RawTransport | None:
     """The TCP transport under a Hypercorn asyncio HTTP/1.1 WebSocket, or None."""
     if _CLASSES is None:
         return None
-    ws_stream_class, h11_class, tcp_server_class, open_state = _CLASSES
+    ws_stream_class, h11_class, tcp_server_class = _CLASSES
     stream = getattr(asgi_send, "__self__", None)
     if not isinstance(stream, ws_stream_class):
         return None
@@ -74,15 +80,11 @@ def raw_transport(asgi_send: Any) -> RawTransport | None:
     transport = getattr(writer, "transport", None)
     if not isinstance(writer, asyncio.StreamWriter) or transport is None:
         return None
-    websocket: Any = getattr(stream, "connection", None)
-    if getattr(websocket, "state", None) is not open_state:
+    websocket = getattr(stream, "connection", None)
+    if getattr(websocket, "state", None) is not OPEN:
         return None
-
-    def is_open() -> bool:
-        return websocket.state is open_state and not transport.is_closing()
-
     terminated = getattr(getattr(server, "context", None), "terminated", None)
-    return RawTransport(transport, writer.drain, is_open, getattr(terminated, "wait", None))
+    return RawTransport(transport, writer.drain, websocket, getattr(terminated, "wait", None))
 
 
 def closed_for_size(asgi_send: Any) -> bool:
