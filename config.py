@@ -49,7 +49,7 @@ class Config:
     WS_FAST_PATH: bool = True
     # How long a server-initiated close may wait for the client before the connection is dropped.
     WS_CLOSE_TIMEOUT: float = 5.0
-    # Seconds between full garbage collections (see Gateway.start); 0 = Python's own schedule.
+    # Seconds between full garbage collections (app/services/health.py); 0 = by allocation count.
     GC_INTERVAL: float = 60.0
 
     # Events kept for resume (`subscribe` with `since`), bounded by count and by age in seconds.
