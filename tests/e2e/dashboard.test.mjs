@@ -225,6 +225,18 @@ const BTC_PRICE = '#market tr[data-symbol="BTC/USDT"] .price';
 
 // -- scenarios ---------------------------------------------------------------------------
 
+/** A running gateway with the fast simulation and `env`, and a fresh page watched for errors;
+ * both are closed when test `t` ends. */
+async function gatewayAndPage(t, env) {
+  const gateway = new Gateway({ ...SIMULATION, PORT: String(await freePort()), ...env });
+  t.after(() => gateway.close());
+  await gateway.start();
+  const context = await browser.newContext({ viewport: VIEWPORT, deviceScaleFactor: 1 });
+  t.after(() => context.close());
+  const page = await context.newPage();
+  return { gateway, page, problems: watchProblems(page) };
+}
+
 test('live dashboard: prices, approval, execution, portfolio; kill, restart, resume', async (t) => {
   if (!(await reachable(REDIS_URL))) {
     const reason = `Redis is not reachable at ${REDIS_URL}`;
@@ -232,19 +244,9 @@ test('live dashboard: prices, approval, execution, portfolio; kill, restart, res
     t.skip(reason);
     return;
   }
-  const gateway = new Gateway({
-    ...SIMULATION,
-    PORT: String(await freePort()),
-    REDIS_URL,
-    REDIS_PREFIX: `sigmax-e2e-${randomUUID().slice(0, 8)}`,
+  const { gateway, page, problems } = await gatewayAndPage(t, {
+    REDIS_URL, REDIS_PREFIX: `sigmax-e2e-${randomUUID().slice(0, 8)}`,
   });
-  t.after(() => gateway.close());
-  await gateway.start();
-
-  const context = await browser.newContext({ viewport: VIEWPORT, deviceScaleFactor: 1 });
-  t.after(() => context.close());
-  const page = await context.newPage();
-  const problems = watchProblems(page);
   try {
     await page.goto(`${gateway.url}/dashboard`, { timeout: 15_000 });
     await page.waitForSelector(badge('connected'), { timeout: 15_000 });
@@ -320,14 +322,7 @@ test('live dashboard: prices, approval, execution, portfolio; kill, restart, res
 
 test('with API keys: the page asks for one, refuses a wrong one, then shows the data', async (t) => {
   const key = `e2e-${randomUUID()}`;
-  const gateway = new Gateway({ ...SIMULATION, PORT: String(await freePort()), API_KEYS: key });
-  t.after(() => gateway.close());
-  await gateway.start();
-
-  const context = await browser.newContext({ viewport: VIEWPORT, deviceScaleFactor: 1 });
-  t.after(() => context.close());
-  const page = await context.newPage();
-  const problems = watchProblems(page);
+  const { gateway, page, problems } = await gatewayAndPage(t, { API_KEYS: key });
   try {
     await page.goto(`${gateway.url}/dashboard`, { timeout: 15_000 });
     await page.waitForSelector('#key-dialog[open]', { timeout: 10_000 });
