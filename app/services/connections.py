@@ -402,7 +402,6 @@ class ConnectionManager:
         self.started = time.time()
         self.counters = {
             "connections_total": 0,
-            "connections_rejected": 0,
             "auth_failures": 0,
             "events_published": 0,
             "deliveries": 0,
@@ -450,8 +449,6 @@ class ConnectionManager:
     def refuse(self, limit: str) -> None:
         """Count a request refused by `limit` (one of LIMITS)."""
         self.refusals[limit] += 1
-        if limit in ("connections", "connections_per_key"):
-            self.counters["connections_rejected"] += 1
 
     def forget(self, conn: Connection) -> None:
         """Remove a connection from the registry and every subscription (idempotent)."""
@@ -631,6 +628,8 @@ class ConnectionManager:
             "fast_path_connections": sum(1 for c in conns if c.fast_path),
             "max_connections": self.max_connections,
             **self.counters,
+            "connections_rejected": (self.refusals["connections"]
+                                     + self.refusals["connections_per_key"]),
             "messages_sent": self._closed_sent + sum(c.sent for c in conns),
             "frames_conflated": self._closed_conflated + sum(c.conflated for c in conns),
             "queue_depth_total": sum(depths),
