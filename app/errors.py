@@ -1,6 +1,7 @@
 """One error type for the REST API, rendered once as the spec's `{error, code, details}`."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from quart import Quart, Response, request
@@ -9,12 +10,14 @@ from werkzeug.exceptions import HTTPException
 
 
 class APIError(Exception):
-    def __init__(self, status: int, code: str, error: str, details: str = "") -> None:
+    def __init__(self, status: int, code: str, error: str, details: str = "", *,
+                 retry_after: float | None = None) -> None:
         super().__init__(error)
         self.status = status
         self.code = code
         self.error = error
         self.details = details
+        self.retry_after = retry_after  # seconds; sent as Retry-After
 
 
 def error_body(code: str, error: str, details: str) -> dict[str, Any]:
@@ -61,8 +64,11 @@ def register_error_handlers(app: Quart) -> None:
         return response
 
     @app.errorhandler(APIError)
-    async def api_error(error: APIError) -> tuple[dict[str, Any], int]:
-        return error_body(error.code, error.error, error.details), error.status
+    async def api_error(error: APIError) -> tuple[dict[str, Any], int, dict[str, str]]:
+        headers = {}
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+        return error_body(error.code, error.error, error.details), error.status, headers
 
     @app.errorhandler(RequestSchemaValidationError)
     async def validation_error(error: RequestSchemaValidationError) -> tuple[dict[str, Any], int]:

@@ -112,6 +112,14 @@ class ConnectedData(BaseModel):
     worker: str
 
 
+class StreamResetData(BaseModel):
+    stream_id: str = Field(description="The new stream: send it with `since` from now on")
+    last_seq: int = Field(description="The new stream continues after this seq")
+    recovered: bool = Field(description="false: events up to `last_seq` may be missing; "
+                                        "reload state over REST")
+    reason: str
+
+
 class CommandResultData(BaseModel):
     command: str
     success: bool
@@ -136,10 +144,20 @@ class EventBatch(BaseModel):
     events: list[IngestEvent] = Field(max_length=MAX_BATCH_EVENTS)
 
 
+class IngestHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[!-~]+$",
+        description="Unique per batch, the same on every retry of it (for example a UUID): a "
+                    "retry within EVENT_HISTORY_MAX_AGE, to any worker or host, answers the "
+                    "first result and publishes nothing")
+
+
 class IngestResult(BaseModel):
     accepted: int
     first_seq: int | None
     last_seq: int | None
+    repeated: bool = Field(False, description="This Idempotency-Key was published before: "
+                                              "its result, nothing was published again")
 
 
 class Health(BaseModel):

@@ -216,6 +216,7 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
         async with running_gateway(REDIS_URL=url, DATABASE_URL=sqlite_url) as server:
             async with server.subscribed(["alerts"]) as client:
                 before = await receive_n_after(client, server, 0, 5)
+                old_stream = server.gateway.bus.stream_id
                 redis.stop()  # it keeps nothing: the stream and the counter are gone
                 notice = await client.next_of("status_change", timeout=10)
                 assert notice["data"]["status"] == "degraded"
@@ -230,11 +231,29 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
                 await redis.start()
                 notice = await client.next_of("status_change", timeout=15)
                 assert notice["data"]["status"] == "running"
+                # The new stream settles before anyone may publish: refused, with Retry-After.
+                settling = await server.app.test_client().post(
+                    "/api/events", json={"events": [{"type": "alert", "data": {
+                        "level": "info", "message": "too early"}}]})
+                assert settling.status_code == 503
+                assert int(settling.headers["Retry-After"]) >= 1
+                reset = await client.next_of("stream_reset", timeout=10)
+                assert reset["data"]["recovered"] is True
+                assert reset["data"]["last_seq"] == before[-1]["seq"]
+                assert reset["data"]["stream_id"] not in ("", old_stream)
+                assert reset["data"]["stream_id"] == server.gateway.bus.stream_id
                 after = await receive_n_after(client, server, 5, 5)
                 assert after[0]["seq"] == before[-1]["seq"] + 1  # no seq is used twice
                 assert [e["data"]["n"] for e in after] == list(range(5, 10))
                 health = await server.app.test_client().get("/api/health")
                 assert health.status_code == 200
+            # A client that kept its place resumes in the new stream without a gap.
+            async with server.client() as again:
+                await again.greeting()
+                reply = await again.request("subscribe", {
+                    "topics": ["alerts"], "since": before[-1]["seq"],
+                    "stream_id": reset["data"]["stream_id"]})
+                assert (reply["data"]["recovered"], reply["data"]["replayed"]) == (True, 5)
 
 
 # -- real Hypercorn processes -------------------------------------------------------------------

@@ -16,6 +16,7 @@ from quart_schema import (
     document_request,
     hide,
     tag,
+    validate_headers,
     validate_querystring,
     validate_request,
     validate_response,
@@ -38,6 +39,7 @@ from app.models import (
     EventBatch,
     EventBatchDocument,
     Health,
+    IngestHeaders,
     IngestResult,
     MarketSnapshot,
     NewProposal,
@@ -83,7 +85,8 @@ ERROR_DESCRIPTIONS = {
     401: "The gateway has API keys and the request has no valid one (`AUTHENTICATION_FAILED`)",
     403: "The API key lacks the scope this operation needs (`FORBIDDEN`)",
     404: "No such proposal (`PROPOSAL_NOT_FOUND`)",
-    409: "The proposal is decided already (`PROPOSAL_APPROVED`, `PROPOSAL_REJECTED`, ...)",
+    409: "The proposal is decided already (`PROPOSAL_APPROVED`, `PROPOSAL_REJECTED`, ...), or "
+         "an `Idempotency-Key` was used for another batch (`IDEMPOTENCY_KEY_REUSED`)",
     422: "A trading rule refuses the request (`NOTHING_TO_SELL`)",
     429: "Too many requests from this client (`TOO_MANY_REQUESTS`); retry after `Retry-After` "
          "seconds",
@@ -247,17 +250,18 @@ async def get_ws_stats() -> ConnectionStats:
 @requires("publish")
 @document_request(EventBatchDocument)  # the data of each type; EventBatch is parsed first
 @validate_request(EventBatch)
+@validate_headers(IngestHeaders)
 @validate_response(IngestResult, 202)
-@errors(503)
-async def post_events(data: EventBatch) -> tuple[IngestResult, int]:
+@errors(409, 503)
+async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestResult, int]:
     """Publish a batch of events from an external engine. All or nothing: a batch with one bad
-    event is refused whole, naming it."""
+    event is refused whole, naming it. With an `Idempotency-Key`, a retry of the same batch
+    (within the history's age, on any worker) answers the first result and publishes nothing."""
     events = [_event(position, item.type, item.topic, item.symbol, item.data)
               for position, item in enumerate(data.events)]
-    await _gateway().manager.publish(events)
-    return IngestResult(accepted=len(events),
-                        first_seq=events[0].seq if events else None,
-                        last_seq=events[-1].seq if events else None), 202
+    published = await _gateway().manager.publish(events, headers.idempotency_key)
+    return IngestResult(accepted=published.accepted, first_seq=published.first_seq,
+                        last_seq=published.last_seq, repeated=published.repeated), 202
 
 
 _DATA_ADAPTERS = {type_: TypeAdapter(model) for type_, model in EVENT_DATA_MODELS.items()}

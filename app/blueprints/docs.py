@@ -37,6 +37,7 @@ from app.models import (
     ConnectedData,
     ErrorData,
     ServerEvent,
+    StreamResetData,
     SubscribedData,
     SubscriptionData,
     SubscriptionsData,
@@ -85,6 +86,8 @@ REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
     "ping": ("Server heartbeat every WS_HEARTBEAT_INTERVAL seconds; answer with `pong` (or any "
              "message)", None),
     "error": ("A message could not be processed, or the server is about to close", ErrorData),
+    "stream_reset": ("Redis lost the event stream and the worker moved to a new one, to every "
+                     "connection: resume with its `stream_id` from now on", StreamResetData),
 }
 
 ALSO_DIRECT = {  # stream event types also sent to one connection only, without `seq`
@@ -715,6 +718,11 @@ the client should reload the state over REST. The gateway keeps the last
 {{ config.EVENT_HISTORY_SIZE }} events (<code>EVENT_HISTORY_SIZE</code>) for at most
 {{ config.EVENT_HISTORY_MAX_AGE }} s (<code>EVENT_HISTORY_MAX_AGE</code>).</p>
 <pre><code>{{ examples.resume }}</code></pre>
+<p>A <code>since</code> counts in one stream, named by <code>stream_id</code> in
+<code>connected</code>; send it along, and a <code>since</code> of another stream (a restarted
+gateway) is answered <code>recovered: false</code>. If Redis loses its data, each worker sends
+its connections a <code>stream_reset</code> with the new stream's id: <code>recovered</code> says
+whether any event was missed. Seq numbers never go back and are never used twice.</p>
 
 <h2 id="slow">Slow consumers</h2>
 <p>Each connection has a queue of at most {{ config.WS_SEND_QUEUE_SIZE }} frames

@@ -5,16 +5,62 @@ implements the same interface to link every worker and host.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
 from typing import Protocol
 
+from app.errors import APIError
 from app.services.events import Event
 
 Listener = Callable[[list[Event]], None]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a publish gave the batch: its seq range (None when empty). `repeated`: the
+    idempotency key was used before, and this is that publish's result (nothing new was
+    published)."""
+
+    first_seq: int | None
+    last_seq: int | None
+    repeated: bool = False
+
+    @property
+    def accepted(self) -> int:
+        return 0 if self.first_seq is None or self.last_seq is None else (
+            self.last_seq - self.first_seq + 1)
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    """The stream this worker delivered was replaced (Redis lost its data): the new stream's
+    id, the seq it continues after, and whether this worker's clients missed nothing."""
+
+    stream_id: str
+    last_seq: int
+    recovered: bool
+
+
+class IdempotencyConflict(APIError):
+    def __init__(self, key: str) -> None:
+        super().__init__(409, "IDEMPOTENCY_KEY_REUSED", "Idempotency key reused",
+                         f"Idempotency-Key {key[:80]!r} was used for a different batch of "
+                         "events; a retry must send the same batch")
+
+
+def batch_fingerprint(events: list[Event]) -> str:
+    """What a retry must repeat: each event's type, routing and data (not its creation time)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for event in events:
+        digest.update(f"{event.type}\0{event.topic}\0{event.symbol}\0".encode())
+        digest.update(event.data_json.encode())
+        digest.update(b"\1")
+    return digest.hexdigest()
 
 
 class EventBus(Protocol):
@@ -34,12 +80,18 @@ class EventBus(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def publish(self, events: list[Event]) -> None:
-        """Stamp each event with the next seq and deliver it to every process."""
+    async def publish(self, events: list[Event],
+                      idempotency_key: str | None = None) -> Published:
+        """Stamp each event with the next seq and deliver it to every process. With an
+        `idempotency_key` used before (within the history's age), publish nothing and answer
+        that publish's result; IdempotencyConflict if that was another batch."""
 
-    async def history_since(self, since: int) -> tuple[list[Event], bool]:
-        """Events with seq > since up to `head`, oldest first, and whether history reached back
-        to `since` (False: some events after `since` are gone, or `since` is unknown)."""
+    async def history(self, since: int, until: int) -> tuple[list[Event], bool]:
+        """The events with since < seq <= until (`until`: this process's head when asked, so
+        that history ends exactly where live delivery goes on), oldest first, and whether
+        `since` is a position of this stream that history still reaches back to. A `since`
+        beyond `until` but within the stream (another worker is ahead) is recovered, with no
+        events: they are still to come live."""
 
 
 class MemoryBus:
@@ -54,6 +106,10 @@ class MemoryBus:
         self._history_max_age = history_max_age
         self._seq = 0
         self._listener: Listener = lambda events: None
+        # Idempotency key -> (result, batch fingerprint, expiry), oldest first; bounded like
+        # the history: a key is remembered at most as long as its events could be replayed.
+        self._published: OrderedDict[str, tuple[Published, str, float]] = OrderedDict()
+        self._published_max = history_size
 
     @property
     def head(self) -> int:
@@ -68,29 +124,54 @@ class MemoryBus:
     async def stop(self) -> None:
         pass
 
-    async def publish(self, events: list[Event]) -> None:
+    async def publish(self, events: list[Event],
+                      idempotency_key: str | None = None) -> Published:
+        now = time.time()
+        self._expire(now)
+        fingerprint = ""
+        if idempotency_key is not None:
+            fingerprint = batch_fingerprint(events)
+            earlier = self._published.get(idempotency_key)
+            if earlier is not None:
+                if earlier[1] != fingerprint:
+                    raise IdempotencyConflict(idempotency_key)
+                return earlier[0]
         for event in events:
             self._seq += 1
             event.stamp(self._seq)
+        published = Published(events[0].seq, events[-1].seq) if events else Published(None, None)
+        if idempotency_key is not None:
+            self._published[idempotency_key] = (
+                Published(published.first_seq, published.last_seq, repeated=True), fingerprint,
+                now + self._history_max_age)
+            if len(self._published) > self._published_max:
+                self._published.popitem(last=False)
         self._history.extend(events)
-        self._expire(time.time())
         self._listener(events)
+        return published
 
-    async def history_since(self, since: int) -> tuple[list[Event], bool]:
+    async def history(self, since: int, until: int) -> tuple[list[Event], bool]:
         self._expire(time.time())
-        return history_after(self._history, since, self._seq)
+        if since > until:
+            return [], since <= self._seq
+        return history_between(self._history, since, until)
 
     def _expire(self, now: float) -> None:
         cutoff = now - self._history_max_age
         history = self._history
         while history and history[0].created < cutoff:
             history.popleft()
+        published = self._published
+        while published and next(iter(published.values()))[2] < now:
+            published.popitem(last=False)
 
 
-def history_after(history: deque[Event], since: int, head: int) -> tuple[list[Event], bool]:
-    """The events of a gap-free `history` after `since`; see `EventBus.history_since`."""
-    if since >= head:
-        return [], since == head
+def history_between(history: deque[Event], since: int,
+                    until: int) -> tuple[list[Event], bool]:
+    """The events of a gap-free `history` with since < seq <= until; see `EventBus.history`."""
+    if since == until:
+        return [], True
     if not history or history[0].seq > since + 1:
-        return list(history), False
-    return list(islice(history, since + 1 - history[0].seq, None)), True
+        return [e for e in history if e.seq <= until], False
+    start = since + 1 - history[0].seq
+    return list(islice(history, start, start + until - since)), True

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
-from app.services.bus import EventBus
+from app.services.bus import EventBus, Published, StreamReset
 from app.services.events import (
     PER_SYMBOL_LIST_TYPES,
     SYMBOL_PREFIX,
@@ -75,7 +75,8 @@ class Connection:
                  "queue_high_water", "close_code", "close_reason", "on_slow_consumer",
                  "command_bucket", "_send", "_transport", "_drain", "_websocket", "_pending",
                  "_queue_size", "_close_timeout",
-                 "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog")
+                 "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog",
+                 "_has_through")
 
     def __init__(self, send: ASGISend, *, queue_size: int, close_timeout: float,
                  raw: RawTransport | None = None, principal: str = "anonymous",
@@ -112,6 +113,9 @@ class Connection:
         self._held: list[tuple[int, str, ConflationKey | None]] | None = None
         # Replayed frames still pending: they may exceed the bound (history is bounded itself).
         self._replay_backlog = 0
+        # The client has every stream event up to this seq (it resumed from another worker
+        # that was ahead of this one): those still to come here live are not sent again.
+        self._has_through = 0
 
     @property
     def closing(self) -> bool:
@@ -198,14 +202,14 @@ class Connection:
         """Hand over one stream event: `frame` as text, `wire` the same as a WebSocket frame."""
         if self._held is not None:
             self._held.append((event.seq, frame, event.conflation_key))
-        else:
+        elif event.seq > self._has_through:
             self._push(frame, wire, event.conflation_key)
 
     def deliver_batch(self, batch: list[Delivery]) -> None:
         """Several stream events at once: one write when the client keeps up."""
         transport = self._transport
         if (self._held is None and not self._pending and not self.closing
-                and transport is not None
+                and transport is not None and batch[0][0].seq > self._has_through
                 and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
             if self._websocket.state is OPEN and not transport.is_closing():
                 transport.write(b"".join([delivery[2] for delivery in batch]))
@@ -218,10 +222,11 @@ class Connection:
         """Keep live events aside while a replay is fetched, so nothing overtakes it."""
         self._held = []
 
-    def release(self, replayed: Iterable[Event]) -> None:
-        """Send the replayed events, then the live ones held meanwhile that came after them."""
+    def release(self, replayed: Iterable[Event], has_through: int = 0) -> None:
+        """Send the replayed events, then the live ones held meanwhile that came after them
+        and after `has_through` (the client has every event up to that seq)."""
         held, self._held = self._held or [], None
-        last = 0
+        last = has_through
         if not self.closing:
             for event in replayed:
                 self._pending.append((self.frame_for(event), event.conflation_key))
@@ -232,6 +237,7 @@ class Connection:
         for seq, frame, key in held:
             if seq > last:
                 self._push(frame, None, key)
+        self._has_through = max(self._has_through, last)
 
     def _push(self, frame: str, wire: bytes | None, key: ConflationKey | None) -> None:
         if self.closing:
@@ -464,6 +470,10 @@ class ConnectionManager:
         """When the server shuts down, tell every client and close with 1001 at once, rather
         than leaving them to be cut off after the graceful timeout."""
         await shutting_down
+        self.close_all_for_shutdown()
+
+    def close_all_for_shutdown(self) -> None:
+        """Tell every client that this worker is going away, and close it with 1001."""
         log.info("shutting down: closing %d connections with 1001", len(self.connections))
         for conn in list(self.connections.values()):
             conn.close(CloseCode.GOING_AWAY, "SERVER_SHUTDOWN", notice=envelope(
@@ -497,6 +507,10 @@ class ConnectionManager:
         that this connection did not get live, then continue live. A `since` of another
         stream (`stream_id`) cannot be resumed: nothing is replayed, and recovered is false.
 
+        Replay and live delivery meet at exactly one seq: live events are held from the moment
+        this worker's head is read, and history is read up to that head, never further (the
+        stream may be ahead of this worker; those events come live).
+
         `acknowledge(replayed, recovered)` queues the reply, so that it precedes the replay."""
         if since is None or (stream_id is not None and stream_id != self.bus.stream_id):
             self.index.add(conn, keys)
@@ -508,7 +522,7 @@ class ConnectionManager:
         conn.hold()
         self.index.add(conn, keys)
         try:
-            history, recovered = await self.bus.history_since(since)
+            history, recovered = await self.bus.history(since, held_from)
         except BaseException:
             conn.release(())
             raise
@@ -521,7 +535,7 @@ class ConnectionManager:
 
         replay = [e for e in history if missed(e)]
         acknowledge(len(replay), recovered)
-        conn.release(replay)
+        conn.release(replay, has_through=since if recovered else 0)
         self.counters["replayed"] += len(replay)
 
     # -- sending ----------------------------------------------------------------------------
@@ -550,8 +564,22 @@ class ConnectionManager:
         for conn in list(self.connections.values()):
             conn.send_direct(envelope(type_, data, conn.id))
 
-    async def publish(self, events: list[Event]) -> None:
-        await self.bus.publish(events)
+    async def publish(self, events: list[Event],
+                      idempotency_key: str | None = None) -> Published:
+        return await self.bus.publish(events, idempotency_key)
+
+    def stream_reset(self, reset: StreamReset) -> None:
+        """Redis lost the stream and this worker moved to a new one: every client learns its
+        id (to resume from it) and, unless nothing was missed, to reload its state."""
+        self.notify_all("stream_reset", {
+            "stream_id": reset.stream_id,
+            "last_seq": reset.last_seq,
+            "recovered": reset.recovered,
+            "reason": "the event stream was re-established after Redis lost its data; "
+                      + ("no event was missed" if reset.recovered else
+                         f"events up to seq {reset.last_seq} may be missing: reload state "
+                         "over REST"),
+        })
 
     def fan_out(self, events: list[Event]) -> None:
         """Hand each event to every subscribed connection, once each, in seq order.

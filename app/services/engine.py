@@ -18,7 +18,7 @@ from app.services.events import Event
 from app.services.market import round_price
 from app.services.store import Position, Proposal, Trade
 
-Publish = Callable[[list[Event]], Awaitable[None]]
+Publish = Callable[[list[Event]], Awaitable[object]]
 EPSILON = 1e-9
 
 

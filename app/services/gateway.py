@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +38,8 @@ from app.services.market import SimulatedMarket
 from app.services.redis_bus import RedisBus
 from app.services.simulation import Simulation
 from config import Config
+
+log = logging.getLogger(__name__)
 
 CommandHandler = Callable[..., Awaitable[Any]]
 PRODUCER_STOP_TIMEOUT = 5.0
@@ -74,6 +80,8 @@ class Gateway:
             fast_path=config.WS_FAST_PATH,
             max_per_key=config.WS_MAX_CONNECTIONS_PER_KEY,
         )
+        if isinstance(self.bus, RedisBus):
+            self.bus.on_stream_reset = self.manager.stream_reset
         self.api_keys = ApiKeys(config.API_KEYS, db)
         symbols = [normalize_symbol(s) for s in config.SYMBOLS]
         if None in symbols or not symbols:
@@ -120,7 +128,21 @@ class Gateway:
                     self.lease.run(self._start_producers, self._stop_producers)))
             else:
                 await self._start_producers()
+        if multiprocessing.parent_process() is not None:  # a worker of Hypercorn's master
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate)
         self.running = True
+
+    def _terminate(self) -> None:
+        """SIGTERM: Hypercorn's master stops the other workers this way when one dies, and an
+        operator may send it. Without this the worker would die at once and cut its clients off
+        (1006); instead they are told and closed with 1001, then the process ends (unless the
+        master's graceful shutdown, also under way in the master's case, ends it first)."""
+        log.warning("SIGTERM: closing %d connections, then stopping",
+                    len(self.manager.connections))
+        self.manager.close_all_for_shutdown()
+        loop = asyncio.get_running_loop()
+        loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends it at once
+        loop.call_later(self.config.WS_CLOSE_TIMEOUT + 1, os.kill, os.getpid(), signal.SIGTERM)
 
     @property
     def is_leader(self) -> bool:

@@ -6,8 +6,15 @@ Every worker, the publishing one included, reads the stream in order and hands e
 listener once: the origin worker never delivers locally, so nobody gets an event twice.
 
 If Redis goes away, workers keep their connections, report degraded, reconnect with backoff and
-read on from the last seq they delivered. Redis restarted empty (no persistence) would restart the
-counter at 1; a reconnecting worker raises it back above what it has seen, so seq never repeats.
+read on from the last seq they delivered.
+
+If Redis comes back empty (restarted without persistence, a failover to an empty replica,
+FLUSHALL), its counter would start again at 1. The stream has an id (`stream-id`) that every
+publish names: a publish for a stream that is gone is refused, never given a seq. The first worker
+to see the loss starts a new stream and, for SETTLE_SECONDS, nobody may publish: meanwhile every
+worker raises the counter above every seq it saw or gave (each does so at least once a second),
+so no seq is ever used twice. Each worker then moves its clients to the new stream and tells them
+its id and whether they missed anything (`StreamReset`).
 """
 from __future__ import annotations
 
@@ -16,47 +23,90 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.errors import APIError
-from app.services.bus import Listener
+from app.services.bus import (
+    IdempotencyConflict,
+    Listener,
+    Published,
+    StreamReset,
+    batch_fingerprint,
+)
 from app.services.events import Event
 
 log = logging.getLogger(__name__)
 
-# ARGV: the stream's length bound, then (routing fields, data) for each event.
+# KEYS: stream, counter, stream id, settling flag[, idempotency key]. ARGV: the stream id the
+# worker publishes to, its floor (no seq at or below it may be given), the stream's length bound,
+# the batch's fingerprint, the idempotency key's lifetime in ms, then (routing, data) per event.
 _PUBLISH = """
-local count = (#ARGV - 1) / 2
-local last = redis.call('INCRBY', KEYS[2], count)
-for i = 1, count do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], (last - count + i) .. '-0',
-             'm', ARGV[2 * i], 'd', ARGV[2 * i + 1])
+local stream_id = redis.call('GET', KEYS[3])
+if stream_id ~= ARGV[1] then
+  return {'moved', stream_id or ''}
 end
-return last
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {'settling', redis.call('PTTL', KEYS[4])}
+end
+if KEYS[5] then
+  local earlier = redis.call('GET', KEYS[5])
+  if earlier then
+    return {'repeated', earlier}
+  end
+end
+local count = (#ARGV - 5) / 2
+local last = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[2])) + count
+redis.call('SET', KEYS[2], last)
+for i = 1, count do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], (last - count + i) .. '-0',
+             'm', ARGV[4 + 2 * i], 'd', ARGV[5 + 2 * i], 's', ARGV[1])
+end
+if KEYS[5] then
+  redis.call('SET', KEYS[5], (last - count + 1) .. ' ' .. last .. ' ' .. ARGV[4], 'PX', ARGV[5])
+end
+return {'ok', last}
 """
 
-_RAISE_COUNTER = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return tonumber(ARGV[1])
+# KEYS: counter, stream id, settling flag. ARGV: the worker's floor, a new stream id to use if
+# the stream is gone, how long a new stream settles (ms; 0 for a deployment's first start).
+# Returns the stream id, the counter (raised to the floor), the settling time left (ms, <= 0
+# when settled) and whether this call started the stream.
+_SYNC = """
+local stream_id = redis.call('GET', KEYS[2])
+local created = 0
+if not stream_id then
+  stream_id = ARGV[2]
+  created = 1
+  redis.call('SET', KEYS[2], stream_id)
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+  end
 end
-return current
+local counter = tonumber(redis.call('GET', KEYS[1]) or '0')
+if counter < tonumber(ARGV[1]) then
+  counter = tonumber(ARGV[1])
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return {stream_id, counter, redis.call('PTTL', KEYS[3]), created}
 """
 
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
 WATCH_INTERVAL = 1.0
+# A new stream waits this long before the first publish: every live worker syncs once a second.
+SETTLE_SECONDS = 3 * WATCH_INTERVAL
+RECONNECT_DELAYS = (0.1, 5.0)  # the reader's backoff, first and longest
 
 
 class BusUnavailable(APIError):
-    """Publishing failed: Redis cannot be reached."""
+    """Publishing failed: Redis cannot be reached, or its stream is being re-established."""
 
-    def __init__(self, details: str) -> None:
-        super().__init__(503, "BUS_UNAVAILABLE", "Event stream unavailable", details)
+    def __init__(self, details: str, retry_after: float = 1.0) -> None:
+        super().__init__(503, "BUS_UNAVAILABLE", "Event stream unavailable", details,
+                         retry_after=retry_after)
 
 
 class RedisBus:
@@ -66,16 +116,20 @@ class RedisBus:
                  deaf_after: float = 10.0) -> None:
         self._redis = aioredis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5,
                                         socket_connect_timeout=5, health_check_interval=10)
+        self._prefix = prefix
         self._stream = f"{prefix}:events"
         self._counter = f"{prefix}:seq"
         self._stream_key = f"{prefix}:stream-id"
+        self._settling_key = f"{prefix}:stream-settling"
         self.stream_id = ""
         self._history_size = history_size
         self._history_max_age = history_max_age
         self._publish = self._redis.register_script(_PUBLISH)
-        self._raise_counter = self._redis.register_script(_RAISE_COUNTER)
+        self._sync_script = self._redis.register_script(_SYNC)
         self._listener: Listener = lambda events: None
         self._head = 0
+        # The highest seq this worker gave an event: part of its floor, with what it read.
+        self._last_given = 0
         self._tasks: list[asyncio.Task[None]] = []
         # A worker whose head stays behind the stream's this long is not receiving: unhealthy.
         self._deaf_after = deaf_after
@@ -83,7 +137,13 @@ class RedisBus:
         self.last_error: str | None = None
         self.stream_head = 0  # the counter as last seen in Redis
         self._behind_since: float | None = None
-        self.on_link_change: Any = None  # callable(connected: bool, reason: str)
+        # The stream that replaces ours while it settles, and whether we saw it settle (if not,
+        # events may have been given seqs we had seen: our clients are told they lost some).
+        self._next_stream: str | None = None
+        self._saw_settling = False
+        self._retry_now = asyncio.Event()
+        self.on_link_change: Callable[[bool, str], None] | None = None
+        self.on_stream_reset: Callable[[StreamReset], None] | None = None
 
     @property
     def head(self) -> int:
@@ -107,9 +167,7 @@ class RedisBus:
 
     async def start(self) -> None:
         try:
-            self._head = int(await self._redis.get(self._counter) or 0)
-            self.stream_head = self._head
-            await self._read_stream_id()
+            await self._sync()
             self._set_link(True, "")
         except RedisError as error:
             # Start anyway: the consumer keeps trying, and the worker reports degraded.
@@ -123,24 +181,55 @@ class RedisBus:
                 await task
         await self._redis.aclose()
 
-    async def publish(self, events: list[Event]) -> None:
+    async def publish(self, events: list[Event],
+                      idempotency_key: str | None = None) -> Published:
         if not events:
-            return
-        try:
-            last = int(await self._publish(
-                keys=[self._stream, self._counter],
-                args=[self._history_size, *(part for e in events for part in e.encode())]))
-        except RedisError as error:
-            raise BusUnavailable(f"Redis: {error}") from error
+            return Published(None, None)
+        keys = [self._stream, self._counter, self._stream_key, self._settling_key]
+        if idempotency_key is not None:
+            keys.append(f"{self._prefix}:published:{idempotency_key}")
+        fingerprint = batch_fingerprint(events) if idempotency_key is not None else ""
+        parts = [part for event in events for part in event.encode()]
+        for attempt in range(2):
+            args: list[str | int | bytes] = [
+                self.stream_id, self._floor(), self._history_size, fingerprint,
+                int(self._history_max_age * 1000), *parts]
+            try:
+                outcome, value = await self._publish(keys=keys, args=args)
+            except RedisError as error:
+                raise BusUnavailable(f"Redis: {error}") from error
+            if outcome == b"ok":
+                break
+            if outcome == b"repeated":
+                first, last, earlier_fingerprint = value.decode().split(" ")
+                if earlier_fingerprint != fingerprint:
+                    raise IdempotencyConflict(idempotency_key or "")
+                return Published(int(first), int(last), repeated=True)
+            if outcome == b"settling":
+                raise BusUnavailable("the event stream is being re-established after Redis "
+                                     "lost its data", retry_after=max(int(value), 0) / 1000)
+            # moved: Redis lost the stream, or another worker replaced it before we knew
+            with contextlib.suppress(RedisError, OSError):
+                await self._sync()
+            if self._next_stream is not None or attempt:
+                raise BusUnavailable("the event stream is being re-established after Redis "
+                                     "lost its data", retry_after=SETTLE_SECONDS)
+        last = int(value)
+        self._last_given = max(self._last_given, last)
         for offset, event in enumerate(events):
             event.stamp(last - len(events) + 1 + offset)
+        if not self.connected:
+            self._retry_now.set()  # Redis is back: the reader need not wait out its backoff
+        return Published(events[0].seq, last)
 
-    async def history_since(self, since: int) -> tuple[list[Event], bool]:
-        known = max(self._head, self.stream_head)
-        if since >= known:
-            return [], since == known
+    async def history(self, since: int, until: int) -> tuple[list[Event], bool]:
+        if since == until:
+            return [], True
         try:
-            entries = await self._redis.xrange(self._stream, f"{since + 1}-0", "+")
+            if since > until:
+                # Another worker was ahead: fine if the stream has come that far.
+                return [], since <= int(await self._redis.get(self._counter) or 0)
+            entries = await self._redis.xrange(self._stream, f"{since + 1}-0", f"{until}-0")
         except RedisError:
             return [], False
         events = [self._event(entry_id, fields) for entry_id, fields in entries]
@@ -149,52 +238,96 @@ class RedisBus:
         recovered = bool(fresh) and fresh[0].seq == since + 1
         return fresh, recovered
 
+    # -- the stream's identity ----------------------------------------------------------------
+
+    def _floor(self) -> int:
+        """No seq at or below this may be given again: every seq this worker saw or gave."""
+        return max(self._head, self.stream_head, self._last_given)
+
+    async def _sync(self) -> None:
+        """Raise the counter to our floor, and follow the stream: adopt the deployment's stream
+        at start, or move to the one that replaced ours once it has settled."""
+        known = bool(self.stream_id) or self._floor() > 0
+        stream_id, counter, settling_ms, created = await self._sync_script(
+            keys=[self._counter, self._stream_key, self._settling_key],
+            args=[self._floor(), uuid.uuid4().hex, int(SETTLE_SECONDS * 1000) if known else 0])
+        stream_id, counter = stream_id.decode(), int(counter)
+        self.stream_head = counter
+        if stream_id == self.stream_id:
+            return
+        if not self.stream_id:  # starting: nothing delivered yet, nobody to tell
+            self.stream_id, self._head = stream_id, counter
+            return
+        if stream_id != self._next_stream:
+            self._next_stream = stream_id
+            self._saw_settling = settling_ms > 0 or bool(created)
+            log.warning("Redis lost the event stream %s (new stream %s): publishing waits "
+                        "%.0f ms for every worker to raise the counter", self.stream_id,
+                        stream_id, max(settling_ms, 0))
+        if settling_ms > 0:
+            return
+        recovered = self._saw_settling and counter == self._head
+        log.warning("moved to the event stream %s after seq %d (%s)", stream_id, counter,
+                    "nothing missed" if recovered else
+                    f"events after seq {self._head} were lost")
+        self.stream_id, self._next_stream = stream_id, None
+        self._head = max(self._head, counter)
+        if self.on_stream_reset is not None:
+            self.on_stream_reset(StreamReset(stream_id, counter, recovered))
+
     # -- consuming ----------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        delay = 0.1
+        delay = RECONNECT_DELAYS[0]
         while True:
             try:
                 if not self.connected:
                     await self._reconnect()
-                    delay = 0.1
+                    delay = RECONNECT_DELAYS[0]
                 await self._read_once()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
                 self._set_link(False, str(error))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                self._retry_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                delay = min(delay * 2, RECONNECT_DELAYS[1])
 
     async def _reconnect(self) -> None:
         await self._redis.ping()  # type: ignore[misc]  # redis-py types sync and async alike
-        self.stream_head = int(await self._raise_counter(keys=[self._counter],
-                                                          args=[self._head]))
-        await self._read_stream_id()
+        await self._sync()
         self._set_link(True, "")
 
-    async def _read_stream_id(self) -> None:
-        """The deployment's stream id, created by whichever worker comes first; a Redis that
-        restarted empty gets a new one (its history is gone)."""
-        await self._redis.set(self._stream_key, uuid.uuid4().hex, nx=True)
-        self.stream_id = (await self._redis.get(self._stream_key) or b"").decode()
-
     async def _read_once(self) -> None:
-        reply = await self._redis.xread({self._stream: f"{self._head}-0"}, count=READ_COUNT,
+        head = self._head
+        reply = await self._redis.xread({self._stream: f"{head}-0"}, count=READ_COUNT,
                                         block=READ_BLOCK_MS)
-        if reply:
-            entries = reply[0][1]
-            events = [self._event(entry_id, fields) for entry_id, fields in entries]
+        if not reply:
+            return
+        entries = reply[0][1]
+        stream_id = entries[0][1].get(b"s")
+        if stream_id is not None and stream_id.decode() != self.stream_id:
+            # Events of a stream that replaced ours: the clients are told first.
+            await self._sync()
+            if self._next_stream is not None:
+                await asyncio.sleep(WATCH_INTERVAL / 10)
+                return
+        events = [self._event(entry_id, fields) for entry_id, fields in entries]
+        if self._head != head:  # moved to a new stream meanwhile, after its first seq
+            events = [e for e in events if e.seq > self._head]
+        if events:
             self._head = events[-1].seq
             self._listener(events)
 
     async def _watch(self) -> None:
         """Compare this worker's head with the stream's, apart from the reading itself: a
-        reader that is stuck, or reads nothing while the stream grows, is a deaf worker."""
+        reader that is stuck, or reads nothing while the stream grows, is a deaf worker. The
+        same call keeps the counter above our floor and sees a replaced stream."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
-                self.stream_head = int(await self._redis.get(self._counter) or 0)
+                await self._sync()
             except (RedisError, OSError):
                 continue  # the reader reports the link
             if self.stream_head > self._head:

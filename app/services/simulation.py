@@ -19,7 +19,7 @@ from app.services.market import SimulatedMarket
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[list[Event]], Awaitable[None]]
+Publish = Callable[[list[Event]], Awaitable[object]]
 
 
 class Simulation:

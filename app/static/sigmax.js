@@ -606,13 +606,35 @@ var SigmaxWebSocket = class {
     this.lastSeqSeen = null;
     this.resumeFrom = this.serverHead;
     this.positionStream = this.serverStream;
-    const resync = {
+    this.requireResync({
       reason: `events after seq ${since} are no longer available; reload state over REST`,
       since,
       replayed: typeof data.replayed === "number" ? data.replayed : 0,
       topics: Array.isArray(data.topics) ? data.topics : [...this.subscribedTopics],
       symbols: Array.isArray(data.symbols) ? data.symbols : [...this.subscribedSymbols]
-    };
+    });
+  }
+  /**
+   * Redis lost the gateway's stream and the worker moved to a new one: resume in that one from
+   * now on; when events may be missing, tell the handlers, as after a resume that did not recover.
+   */
+  streamReset(notice) {
+    const data = isRecord(notice) ? notice : {};
+    if (typeof data.stream_id !== "string") return;
+    this.serverStream = this.positionStream = data.stream_id;
+    if (data.recovered !== false) return;
+    const since = this.lastSeqSeen ?? this.resumeFrom ?? 0;
+    this.lastSeqSeen = null;
+    this.resumeFrom = typeof data.last_seq === "number" ? data.last_seq : null;
+    this.requireResync({
+      reason: typeof data.reason === "string" ? data.reason : `events after seq ${since} may be missing; reload state over REST`,
+      since,
+      replayed: 0,
+      topics: [...this.subscribedTopics],
+      symbols: [...this.subscribedSymbols]
+    });
+  }
+  requireResync(resync) {
     this.deliver({
       type: "resync_required",
       data: resync,
@@ -673,6 +695,10 @@ var SigmaxWebSocket = class {
         return;
       }
       if (REPLY_TYPES.has(type)) return;
+      if (type === "stream_reset") {
+        this.streamReset(message.data);
+        return;
+      }
       if (type === "system_status" && this.greetingStatusDue) {
         this.greetingStatusDue = false;
         return;
@@ -826,6 +852,7 @@ var SERVER_EVENT_TYPES = [
   "pong",
   "ping",
   "error",
+  "stream_reset",
   "analysis_update",
   "proposal_created",
   "proposal_approved",

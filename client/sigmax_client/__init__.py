@@ -24,6 +24,7 @@ from sigmax_client.errors import (
     SigmaxError,
 )
 from sigmax_client.events import RESYNC_REQUIRED, WSEvent
+from sigmax_client.publisher import SigmaxPublisher
 
 __version__ = "2.0.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "RequestTimeoutError",
     "SigmaxConnectionError",
     "SigmaxError",
+    "SigmaxPublisher",
     "SigmaxWebSocketClient",
     "WSEvent",
     "backoff_delay",

@@ -593,6 +593,9 @@ class SigmaxWebSocketClient:
                 return
             if kind in REPLY_TYPES:
                 return
+            if kind == "stream_reset":
+                await self._stream_reset(message.get("data"))
+                return
             if kind == "system_status" and self._greeting_status_due:
                 # Part of the greeting, not an event the application subscribed to.
                 self._greeting_status_due = False
@@ -622,13 +625,36 @@ class SigmaxWebSocketClient:
         self._last_seq = None
         self._resume_from = self._server_head
         self._position_stream = self._server_stream
+        await self._require_resync(
+            f"events after seq {since} are no longer available; reload state over REST",
+            since, data.get("replayed", 0), data.get("topics", list(self._topics)),
+            data.get("symbols", list(self._symbols)))
+
+    async def _stream_reset(self, data: Any) -> None:
+        """Redis lost the gateway's stream and the worker moved to a new one: resume in that
+        one from now on; when events may be missing, tell the application (resync)."""
+        data = data if isinstance(data, dict) else {}
+        stream = data.get("stream_id")
+        if not isinstance(stream, str):
+            return
+        self._server_stream = self._position_stream = stream
+        if data.get("recovered") is not False:
+            return
+        since = self._last_seq if self._last_seq is not None else self._resume_from
+        last_seq = data.get("last_seq")
+        log.warning("the gateway's event stream was reset: events after seq %s may be "
+                    "missing, resync required", since)
+        self._last_seq = None
+        self._resume_from = last_seq if isinstance(last_seq, int) else None
+        await self._require_resync(
+            str(data.get("reason") or f"events after seq {since} may be missing"), since, 0,
+            list(self._topics), list(self._symbols))
+
+    async def _require_resync(self, reason: str, since: int | None, replayed: Any,
+                              topics: Any, symbols: Any) -> None:
         await self._deliver(WSEvent(RESYNC_REQUIRED, {
-            "reason": f"events after seq {since} are no longer available; reload state "
-                      "over REST",
-            "since": since,
-            "replayed": data.get("replayed", 0),
-            "topics": data.get("topics", list(self._topics)),
-            "symbols": data.get("symbols", list(self._symbols)),
+            "reason": reason, "since": since, "replayed": replayed, "topics": topics,
+            "symbols": symbols,
         }, utc_now()))
 
     async def _deliver(self, event: WSEvent) -> None:

@@ -706,13 +706,38 @@ export class SigmaxWebSocket {
     this.lastSeqSeen = null;
     this.resumeFrom = this.serverHead;
     this.positionStream = this.serverStream;
-    const resync: ResyncRequiredData = {
+    this.requireResync({
       reason: `events after seq ${since} are no longer available; reload state over REST`,
       since,
       replayed: typeof data.replayed === 'number' ? data.replayed : 0,
       topics: Array.isArray(data.topics) ? data.topics as string[] : [...this.subscribedTopics],
       symbols: Array.isArray(data.symbols) ? data.symbols as string[] : [...this.subscribedSymbols],
-    };
+    });
+  }
+
+  /**
+   * Redis lost the gateway's stream and the worker moved to a new one: resume in that one from
+   * now on; when events may be missing, tell the handlers, as after a resume that did not recover.
+   */
+  private streamReset(notice: unknown): void {
+    const data = isRecord(notice) ? notice : {};
+    if (typeof data.stream_id !== 'string') return;
+    this.serverStream = this.positionStream = data.stream_id;
+    if (data.recovered !== false) return;
+    const since = this.lastSeqSeen ?? this.resumeFrom ?? 0;
+    this.lastSeqSeen = null;
+    this.resumeFrom = typeof data.last_seq === 'number' ? data.last_seq : null;
+    this.requireResync({
+      reason: typeof data.reason === 'string' ? data.reason
+        : `events after seq ${since} may be missing; reload state over REST`,
+      since,
+      replayed: 0,
+      topics: [...this.subscribedTopics],
+      symbols: [...this.subscribedSymbols],
+    });
+  }
+
+  private requireResync(resync: ResyncRequiredData): void {
     this.deliver({ type: 'resync_required', data: resync, timestamp: new Date().toISOString(),
                    seq: null, connection_id: this.serverConnectionId });
   }
@@ -774,6 +799,10 @@ export class SigmaxWebSocket {
         return;
       }
       if (REPLY_TYPES.has(type)) return;
+      if (type === 'stream_reset') {
+        this.streamReset(message.data);
+        return;
+      }
       if (type === 'system_status' && this.greetingStatusDue) {
         // Part of the greeting, not an event the application subscribed to.
         this.greetingStatusDue = false;

@@ -87,6 +87,16 @@ export interface ErrorData {
   details: string;
 }
 
+export interface StreamResetData {
+  /** The new stream: send it with `since` from now on */
+  stream_id: string;
+  /** The new stream continues after this seq */
+  last_seq: number;
+  /** false: events up to `last_seq` may be missing; reload state over REST */
+  recovered: boolean;
+  reason: string;
+}
+
 export type JsonValue = boolean | number | string | JsonValue[] | { [key: string]: JsonValue } | null;
 
 export interface AnalysisData {
@@ -209,6 +219,8 @@ export interface ServerEventDataMap {
   ping: Record<string, unknown>;
   /** A message could not be processed, or the server is about to close */
   error: ErrorData;
+  /** Redis lost the event stream and the worker moved to a new one, to every connection: resume with its `stream_id` from now on */
+  stream_reset: StreamResetData;
   /** Stream event on topic 'analysis'. Also delivered to `symbol:X` subscribers when published with a symbol. */
   analysis_update: AnalysisData;
   /** Stream event on topic 'proposals'. Also delivered to `symbol:X` subscribers when published with a symbol. */
@@ -247,6 +259,7 @@ export const SERVER_EVENT_TYPES = [
   "pong",
   "ping",
   "error",
+  "stream_reset",
   "analysis_update",
   "proposal_created",
   "proposal_approved",
