@@ -1056,6 +1056,58 @@ async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(
     assert [e.seq for e in events if e.seq is not None] == [1, 2, 3, 11, 12]
 
 
+async def reset_redis(server: RunningGateway, url: str) -> str:
+    """Empty Redis (FLUSHALL) under a running gateway; the new stream's id once it moved."""
+    import redis.asyncio as aioredis
+
+    old = server.gateway.bus.stream_id
+    admin = aioredis.from_url(url)
+    await admin.flushall()
+    await admin.aclose()
+    await until(lambda: server.gateway.bus.stream_id != old, timeout=10)
+    return server.gateway.bus.stream_id
+
+
+@pytest.mark.parametrize("missed", [False, True], ids=["nothing-missed", "events-missed"])
+async def test_a_stream_reset_moves_the_client_to_the_new_stream(tmp_path, clients, missed):
+    """Redis loses its data: the client follows the new stream, resumes in it after a cut,
+    and tells the application to resync only when events were missed."""
+    from tests.test_redis import own_redis, reader_paused
+
+    database = f"sqlite:///{tmp_path}/gateway.db"
+    await migrate(database)
+    async with own_redis() as redis:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        async with running_gateway(REDIS_URL=url, DATABASE_URL=database) as server, \
+                TcpProxy(server.port) as proxy:
+            client = clients(**FAST)
+            await client.connect(proxy.url)
+            await client.subscribe(topics=["alerts"])
+            collector = Collector(client)
+            before = await publish_alerts(server, 3)
+            await collector.wait_for(3)
+            if missed:  # published, then lost with Redis before this worker read them
+                async with reader_paused(server):
+                    before += await publish_alerts(server, 2, start=3)
+                    stream = await reset_redis(server, url)
+            else:
+                stream = await reset_redis(server, url)
+            after = await publish_alerts(server, 2, start=5)
+            proxy.cut()
+            await until(lambda: client.reconnects == 1 and client.is_connected())
+            after += await publish_alerts(server, 2, start=7)
+            await until(lambda: len([e for e in collector.events if e.seq]) == 7)
+            assert server.gateway.bus.stream_id == stream
+    alerts = [e for e in collector.events if e.type == "alert"]
+    assert [e.seq for e in alerts] == before[:3] + after
+    assert after == list(range(before[-1] + 1, before[-1] + 5))  # no seq used twice
+    resyncs = [e for e in collector.events if e.type == RESYNC_REQUIRED]
+    assert len(resyncs) == (1 if missed else 0)  # the resume after the cut recovered
+    if missed:
+        assert resyncs[0].data["since"] == before[2] and "reload" in resyncs[0].data["reason"]
+    assert client.duplicates_dropped == 0
+
+
 async def test_a_slow_consumer_closed_by_the_gateway_resumes_without_loss(gateway_factory,
                                                                         clients):
     async with gateway_factory(WS_SEND_QUEUE_SIZE=10) as server:

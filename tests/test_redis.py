@@ -13,6 +13,7 @@ import urllib.request
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
+import websockets
 
 from tests.conftest import (
     connect_when_up,
@@ -322,8 +323,16 @@ async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix,
 
         # SIGKILL one worker of host A: Hypercorn then stops that whole host, so its clients
         # reconnect to host B and resume from the last seq they saw.
-        victim = int(next(iter(workers_seen)).rsplit(":", 1)[1])
-        os.kill(victim, signal.SIGKILL)
+        victim_worker = next(iter(workers_seen))
+        os.kill(int(victim_worker.rsplit(":", 1)[1]), signal.SIGKILL)
+        # The sibling the master stops is told, and closes its clients with 1001 (not 1006).
+        for client, worker in on_a:
+            if worker != victim_worker:
+                notice = await client.next_of("status_change", timeout=10)
+                assert notice["data"]["status"] == "shutting_down"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await client.next_of("never", timeout=10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         await asyncio.to_thread(post_alerts, ports[1], 300, 50)  # while they are away
         resumed = []
         for client, _ in on_a:
@@ -361,3 +370,60 @@ async def test_a_deaf_worker_is_reported_unhealthy(redis_prefix, sqlite_url):
         assert health["receiving"] is False and health["stream_lag"] == 3
         assert health["reason"] == "not receiving the event stream"
         assert (await a.app.test_client().get("/api/health")).status_code == 200
+
+
+@asynccontextmanager
+async def reader_paused(server):
+    """The worker's stream reader stops (as when its process is descheduled or busy), then
+    reads on from where it was."""
+    bus = server.gateway.bus
+    reader = bus._tasks[0]
+    reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
+    try:
+        yield
+    finally:
+        bus._tasks[0] = asyncio.create_task(bus._consume())
+
+
+async def test_replay_on_a_lagging_worker_meets_live_delivery_at_one_seq(redis_prefix,
+                                                                         sqlite_url):
+    async with workers(2, redis_prefix, sqlite_url) as (a, b):
+        result = await publish_alerts(a, 0, 10)
+        async with asyncio.timeout(5):
+            while b.gateway.bus.head < result["last_seq"]:
+                await asyncio.sleep(0.01)
+        async with b.client() as client:
+            await client.greeting()
+            async with reader_paused(b):
+                await publish_alerts(a, 10, 10)  # in the stream, not yet read by worker b
+                reply = await client.request("subscribe", {
+                    "topics": ["alerts"], "since": result["last_seq"] - 5})
+                # History ends at b's head; the ten it has not read come live, once.
+                assert (reply["data"]["recovered"], reply["data"]["replayed"]) == (True, 5)
+            events = await receive_n(client, 15)
+            assert [e["seq"] for e in events] == list(range(result["last_seq"] - 4,
+                                                              result["last_seq"] + 11))
+            await client.no_message(0.3)
+
+
+async def test_a_client_ahead_of_a_lagging_worker_gets_nothing_twice(redis_prefix,
+                                                                     sqlite_url):
+    async with workers(2, redis_prefix, sqlite_url) as (a, b):
+        async with b.client() as client:
+            await client.greeting()
+            async with reader_paused(b):
+                result = await publish_alerts(a, 0, 10)
+                # Seen up to seq 7 on worker a: b has read none of it yet.
+                reply = await client.request("subscribe", {
+                    "topics": ["alerts"], "since": result["last_seq"] - 3})
+                assert (reply["data"]["recovered"], reply["data"]["replayed"]) == (True, 0)
+            events = await receive_n(client, 3)
+            assert [e["seq"] for e in events] == list(range(result["last_seq"] - 2,
+                                                              result["last_seq"] + 1))
+            await client.no_message(0.3)
+            # A position the stream has not reached is not a position of this stream.
+            reply = await client.request("subscribe", {"topics": ["alerts"],
+                                                       "since": result["last_seq"] + 100})
+            assert reply["data"]["recovered"] is False

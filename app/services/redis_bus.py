@@ -70,10 +70,10 @@ end
 return {'ok', last}
 """
 
-# KEYS: counter, stream id, settling flag. ARGV: the worker's floor, a new stream id to use if
-# the stream is gone, how long a new stream settles (ms; 0 for a deployment's first start).
-# Returns the stream id, the counter (raised to the floor), the settling time left (ms, <= 0
-# when settled) and whether this call started the stream.
+# KEYS: counter, stream id, settling flag, stream. ARGV: the worker's floor, a new stream id to
+# use if the stream is gone, how long a new stream settles (ms; 0 for a deployment's first
+# start). Returns the stream id, the counter (raised to the floor), the settling time left (ms,
+# <= 0 when settled), whether this call started the stream, and the stream's first seq (0: none).
 _SYNC = """
 local stream_id = redis.call('GET', KEYS[2])
 local created = 0
@@ -90,7 +90,12 @@ if counter < tonumber(ARGV[1]) then
   counter = tonumber(ARGV[1])
   redis.call('SET', KEYS[1], ARGV[1])
 end
-return {stream_id, counter, redis.call('PTTL', KEYS[3]), created}
+local first = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
+local first_seq = 0
+if #first > 0 then
+  first_seq = tonumber(string.match(first[1][1], '^%d+'))
+end
+return {stream_id, counter, redis.call('PTTL', KEYS[3]), created, first_seq}
 """
 
 READ_BLOCK_MS = 1000
@@ -248,8 +253,8 @@ class RedisBus:
         """Raise the counter to our floor, and follow the stream: adopt the deployment's stream
         at start, or move to the one that replaced ours once it has settled."""
         known = bool(self.stream_id) or self._floor() > 0
-        stream_id, counter, settling_ms, created = await self._sync_script(
-            keys=[self._counter, self._stream_key, self._settling_key],
+        stream_id, counter, settling_ms, created, first_seq = await self._sync_script(
+            keys=[self._counter, self._stream_key, self._settling_key, self._stream],
             args=[self._floor(), uuid.uuid4().hex, int(SETTLE_SECONDS * 1000) if known else 0])
         stream_id, counter = stream_id.decode(), int(counter)
         self.stream_head = counter
@@ -266,14 +271,17 @@ class RedisBus:
                         stream_id, max(settling_ms, 0))
         if settling_ms > 0:
             return
-        recovered = self._saw_settling and counter == self._head
-        log.warning("moved to the event stream %s after seq %d (%s)", stream_id, counter,
+        # Where the new stream starts: before its first event (events may have been published
+        # in it since it settled), else where its counter is.
+        base = int(first_seq) - 1 if first_seq else counter
+        recovered = self._saw_settling and base == self._head
+        log.warning("moved to the event stream %s after seq %d (%s)", stream_id, base,
                     "nothing missed" if recovered else
                     f"events after seq {self._head} were lost")
         self.stream_id, self._next_stream = stream_id, None
-        self._head = max(self._head, counter)
+        self._head = max(self._head, base)
         if self.on_stream_reset is not None:
-            self.on_stream_reset(StreamReset(stream_id, counter, recovered))
+            self.on_stream_reset(StreamReset(stream_id, base, recovered))
 
     # -- consuming ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ so a retry after a lost answer never publishes the batch twice."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -71,7 +72,7 @@ class SigmaxPublisher:
             retry_after = error.headers.get("Retry-After")
             return (error.code, _json(error.read()),
                     float(retry_after) if retry_after and retry_after.isdigit() else None)
-        except (OSError, TimeoutError) as error:  # URLError is an OSError
+        except (OSError, http.client.HTTPException) as error:  # URLError is an OSError
             return None, {"error": str(error) or type(error).__name__}, None
 
 

@@ -95,6 +95,49 @@ test('with Redis, a gateway killed and restarted on the same port: no gap, no du
   await client.disconnect();
 });
 
+test('Redis loses its data: the client follows the new stream and resumes in it', async (t) => {
+  if (skipWithout(t, await redisReachable(), `Redis is not reachable at ${REDIS_URL}`)) return;
+  const prefix = `sigmax-ts-client-reset-${process.pid}-${Date.now()}`;
+  t.after(() => deleteRedisKeys(prefix));
+  const gateway = await startGateway({ env: { REDIS_URL, REDIS_PREFIX: prefix } });
+  const client = newClient();
+  const states = recordStates(client);
+  const received = [];
+  client.on('alert', (event) => received.push(event.seq));
+  const resyncs = [];
+  client.on('resync_required', (event) => resyncs.push(event));
+  await client.connect(gateway.url);
+  await client.subscribe(['alerts']);
+  const firstStream = client.streamId;
+  const published = [await gateway.publish(alerts(5, 0))];
+  await waitFor(() => received.length === 5, { what: 'the first alerts' });
+
+  deleteRedisKeys(prefix); // what a Redis restarted without persistence has: nothing
+  await waitFor(() => client.streamId !== firstStream, { what: 'the stream_reset notice' });
+  // Publishing waits until every worker has raised the counter: retry until accepted.
+  await waitFor(async () => {
+    try {
+      published.push(await gateway.publish(alerts(5, 5)));
+      return true;
+    } catch {
+      return false;
+    }
+  }, { timeoutMs: 10_000, intervalMs: 200, what: 'publishing in the new stream' });
+  await gateway.restart();
+  await waitFor(() => client.state === 'connected' && client.reconnects === 1, { timeoutMs: 15_000, what: 'the resume' });
+  published.push(await gateway.publish(alerts(5, 10)));
+  const expected = seqsOf(published);
+  await waitFor(() => received.length >= expected.length, { what: `${expected.length} alerts` });
+  await sleep(200);
+
+  assert.deepEqual(received, expected, 'every alert once, in order');
+  assert.deepEqual(expected, Array.from({ length: 15 }, (_, i) => expected[0] + i), 'no seq used twice');
+  assert.equal(resyncs.length, 0, 'nothing was missed');
+  const resumed = states.filter(([state, detail]) => state === 'connected' && detail.resumed);
+  assert.equal(resumed.length, 1);
+  assert.equal(resumed[0][1].recovered, true, 'resumed in the new stream');
+});
+
 test('in memory, a restarted gateway is a new stream: resync_required, recovered false', async () => {
   const gateway = await startGateway();
   const client = newClient();
