@@ -19,11 +19,30 @@ async def test_ingest_delivers_data_exactly_as_sent(server):
             {"type": "market_update", "topic": "market", "data": data},
         ])
         assert response.status_code == 202
-        assert await response.get_json() == {"accepted": 2, "first_seq": 1, "last_seq": 2}
+        assert await response.get_json() == {"accepted": 2, "first_seq": 1, "last_seq": 2,
+                                              "repeated": False}
         for client, seqs in ((by_symbol, [1, 2]), (by_topic, [1, 2])):
             for seq in seqs:
                 event = await client.recv_event()
                 assert (event["seq"], event["data"]) == (seq, data)
+
+
+async def test_ingest_with_an_idempotency_key_publishes_a_retry_once(server):
+    alert = {"type": "alert", "data": {"level": "info", "message": "once"}}
+    async with server.subscribed(["alerts"]) as client:
+        first = await post_events(server, [alert, alert], **{"Idempotency-Key": "k-1"})
+        retry = await post_events(server, [alert, alert], **{"Idempotency-Key": "k-1"})
+        assert (first.status_code, retry.status_code) == (202, 202)
+        assert await retry.get_json() == {**await first.get_json(), "repeated": True}
+        other = await post_events(server, [alert], **{"Idempotency-Key": "k-1"})
+        assert other.status_code == 409
+        assert (await other.get_json())["code"] == "IDEMPOTENCY_KEY_REUSED"
+        for bad in ("", "a b", "x" * 201):
+            refused = await post_events(server, [alert], **{"Idempotency-Key": bad})
+            assert refused.status_code == 400, bad
+            assert "idempotency_key" in (await refused.get_json())["details"]
+        assert [(await client.recv_event())["seq"] for _ in range(2)] == [1, 2]
+        await client.no_message()
 
 
 async def test_ingest_routes_to_topic_and_symbol_once(server):
