@@ -25,6 +25,19 @@ async function startGateway(options) {
   return gateway;
 }
 
+/** A client subscribed to alerts on `gateway`, recording their seqs, resyncs and states. */
+async function followAlerts(gateway) {
+  const client = newClient();
+  const states = recordStates(client);
+  const received = [];
+  client.on('alert', (event) => received.push(event.seq));
+  const resyncs = [];
+  client.on('resync_required', (event) => resyncs.push(event));
+  await client.connect(gateway.url);
+  await client.subscribe(['alerts']);
+  return { client, states, received, resyncs };
+}
+
 before(async () => {
   ({ SigmaxWebSocket } = await loadClient());
 });
@@ -44,14 +57,7 @@ test('with Redis, a gateway killed and restarted on the same port: no gap, no du
   const gateway = await startGateway({ env, databaseUrl });
   const other = await startGateway({ env, databaseUrl });
 
-  const client = newClient();
-  const states = recordStates(client);
-  const received = [];
-  client.on('alert', (event) => received.push(event.seq));
-  const resyncs = [];
-  client.on('resync_required', (event) => resyncs.push(event));
-  await client.connect(gateway.url);
-  await client.subscribe(['alerts']);
+  const { client, states, received, resyncs } = await followAlerts(gateway);
   const streamId = client.streamId;
 
   const published = [await gateway.publish(alerts(10, 0))];
@@ -100,14 +106,7 @@ test('Redis loses its data: the client follows the new stream and resumes in it'
   const prefix = `sigmax-ts-client-reset-${process.pid}-${Date.now()}`;
   t.after(() => deleteRedisKeys(prefix));
   const gateway = await startGateway({ env: { REDIS_URL, REDIS_PREFIX: prefix } });
-  const client = newClient();
-  const states = recordStates(client);
-  const received = [];
-  client.on('alert', (event) => received.push(event.seq));
-  const resyncs = [];
-  client.on('resync_required', (event) => resyncs.push(event));
-  await client.connect(gateway.url);
-  await client.subscribe(['alerts']);
+  const { client, states, received, resyncs } = await followAlerts(gateway);
   const firstStream = client.streamId;
   const published = [await gateway.publish(alerts(5, 0))];
   await waitFor(() => received.length === 5, { what: 'the first alerts' });
