@@ -506,6 +506,12 @@ const HANDLERS = {
   health_update: ({ data }) => applyHealth(data),
   status_change: onStatusChange,
   alert: onAlert,
+  // After a resume that history could not cover, or when the gateway's event stream was
+  // re-established and events were missed.
+  resync_required: ({ data }) => {
+    log(`Events after seq ${data.since} may be missing: state reloaded`, 'warning');
+    loadSnapshot().catch(snapshotFailed);
+  },
 };
 
 let socket = null;
@@ -534,9 +540,8 @@ function onState(state, detail) {
           recovered ? `recovered · ${detail.replayed ?? 0} replayed` : 'resync',
           recovered ? 'Reconnected; every missed event was replayed'
             : 'Reconnected; history did not reach back, the state was reloaded');
-        log(recovered ? `Reconnected: ${detail.replayed ?? 0} missed events replayed`
-          : 'Reconnected: history did not reach back, state reloaded', recovered ? 'info' : 'warning');
-        if (!recovered) loadSnapshot().catch(snapshotFailed);
+        // Not recovered: the client's resync_required follows, which reloads the state.
+        if (recovered) log(`Reconnected: ${detail.replayed ?? 0} missed events replayed`);
       } else {
         showConnection('connected', 'Connected');
         if (everConnected) {
