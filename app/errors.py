@@ -11,13 +11,17 @@ from werkzeug.exceptions import HTTPException
 
 class APIError(Exception):
     def __init__(self, status: int, code: str, error: str, details: str = "", *,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, **fields: Any) -> None:
         super().__init__(error)
         self.status = status
         self.code = code
         self.error = error
         self.details = details
         self.retry_after = retry_after  # seconds; sent as Retry-After
+        self.fields = fields  # more of the body, beside error, code and details
+
+    def body(self) -> dict[str, Any]:
+        return {**error_body(self.code, self.error, self.details), **self.fields}
 
 
 def error_body(code: str, error: str, details: str) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def register_error_handlers(app: Quart) -> None:
         headers = {}
         if error.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
-        return error_body(error.code, error.error, error.details), error.status, headers
+        return error.body(), error.status, headers
 
     @app.errorhandler(RequestSchemaValidationError)
     async def validation_error(error: RequestSchemaValidationError) -> tuple[dict[str, Any], int]:

@@ -214,9 +214,15 @@ class ErrorResponse(BaseModel):
     error: str
     code: str
     details: str
+    proposal_status: str | None = Field(
+        default=None, description="PROPOSAL_ALREADY_DECIDED: what the proposal is now "
+                                  "(approved, executed, rejected, expired)")
 
 
-# -- stream event data (what the producers emit; ingest checks external events against these) ---
+# -- stream event data ---------------------------------------------------------------------------
+# What the gateway's producers emit, and what ingest checks an external engine's events against.
+# Ingest relays the data as sent: every field is optional (the original SIGMAX engine leaves many
+# out), a field that is present must have its type, and unknown fields are kept.
 
 class EventData(BaseModel):
     """Extra fields are kept: they reach clients as sent."""
@@ -225,94 +231,122 @@ class EventData(BaseModel):
     __pydantic_extra__: dict[str, JsonValue]
 
 
+# A symbol inside event data: BASE/QUOTE as the stream carries it.
+DataSymbol = Annotated[str, Field(examples=["BTC/USDT"], pattern=CANONICAL_SYMBOL_PATTERN)]
+Action = Literal["buy", "sell"]
+
+
 class MarketEntry(EventData):
-    symbol: str = Field(examples=["BTC/USDT"], pattern=CANONICAL_SYMBOL_PATTERN)
-    price: float = Field(examples=[95000.0])
-    volume_24h: float = Field(examples=[1000000])
-    change_24h: float = Field(examples=[2.5])
+    symbol: DataSymbol = Field(description="routes the entry to `symbol:X` subscribers")
+    price: float | None = Field(default=None, examples=[95000.0])
+    volume_24h: float | None = Field(default=None, examples=[1000000])
+    change_24h: float | None = Field(default=None, examples=[2.5])
 
 
 class AnalysisData(EventData):
-    symbol: str
-    decision: Literal["buy", "sell", "hold"]
-    confidence: float
-    bull_score: float
-    bear_score: float
-    reasoning: str
+    symbol: DataSymbol | None = None
+    decision: Literal["buy", "sell", "hold"] | None = None
+    confidence: float | None = None
+    bull_score: float | None = None
+    bear_score: float | None = None
+    reasoning: str | None = None
 
 
 class ProposalCreatedData(EventData):
-    proposal_id: str
-    symbol: str
-    action: Literal["buy", "sell"]
-    size: float
-    reason: str
-    created_at: str
+    proposal_id: str | None = None
+    symbol: DataSymbol | None = None
+    action: Action | None = None
+    size: float | None = None
+    reason: str | None = None
+    created_at: str | None = None
+    confidence: float | None = Field(default=None, description="the analysis behind it; null "
+                                                               "for a manual proposal")
+    source: str | None = Field(default=None, description="`analysis` or `manual`")
+    expires_at: str | None = Field(default=None, description="pending until then "
+                                                             "(PROPOSAL_TTL)")
+    requested_by: str | None = Field(default=None, description="who proposed it (manual "
+                                                               "proposals)")
 
 
 class ProposalApprovedData(EventData):
-    proposal_id: str
-    symbol: str
-    action: Literal["buy", "sell"]
-    size: float
-    approved_by: str | None
-    approved_at: str
+    proposal_id: str | None = None
+    symbol: DataSymbol | None = None
+    action: Action | None = None
+    size: float | None = None
+    approved_by: str | None = None
+    approved_at: str | None = None
 
 
 class ProposalClosedData(EventData):
-    proposal_id: str
-    status: str
+    proposal_id: str | None = None
+    status: str | None = None
     reason: str | None = None
 
 
 class TradeExecutedData(EventData):
-    proposal_id: str
-    symbol: str
-    action: Literal["buy", "sell"]
-    size: float
-    filled_price: float
-    order_id: str
-    status: str
-    fee: float
-    timestamp: str
+    proposal_id: str | None = None
+    symbol: DataSymbol | None = None
+    action: Action | None = None
+    size: float | None = None
+    filled_price: float | None = None
+    order_id: str | None = None
+    status: str | None = None
+    fee: float | None = None
+    timestamp: str | None = None
 
 
 class PositionData(EventData):
-    symbol: str
-    size: float
-    entry_price: float
-    current_price: float
-    value: float
-    pnl: float
-    pnl_percent: float
+    symbol: DataSymbol | None = None
+    size: float | None = None
+    entry_price: float | None = None
+    current_price: float | None = None
+    value: float | None = None
+    pnl: float | None = None
+    pnl_percent: float | None = None
 
 
 class PortfolioData(EventData):
-    total_value: float
-    available_cash: float
-    positions: list[PositionData]
-    total_pnl: float
-    total_pnl_percent: float
+    total_value: float | None = None
+    available_cash: float | None = None
+    positions: list[PositionData] | None = None
+    total_pnl: float | None = None
+    total_pnl_percent: float | None = None
 
 
 class HealthData(EventData):
-    cpu_percent: float
-    memory_percent: float
-    disk_percent: float
-    process_count: SerializableInt
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    disk_percent: float | None = None
+    process_count: SerializableInt | None = None
 
 
 class StatusChangeData(EventData):
-    status: str
+    status: str | None = Field(default=None, description="the gateway's own notices")
+    previous_status: str | None = Field(default=None, description="the original engine's")
+    current_status: str | None = Field(default=None, description="the original engine's")
+    reason: str | None = None
 
 
 class SystemStatusData(EventData):
-    status: str
+    status: str | None = None
+
+
+SEVERITY_DESCRIPTION = "low, medium, high or critical"
 
 
 class AlertData(EventData):
-    level: str = Field(examples=["warning"])
-    message: str
+    severity: str | None = Field(default=None, examples=["high"],
+                                 description=SEVERITY_DESCRIPTION)
+    level: str | None = Field(default=None, examples=["warning"],
+                              description="a synonym of severity (info, warning, critical)")
+    message: str | None = None
+    action_required: bool | None = None
+
+
+class WarningData(EventData):
+    severity: str | None = Field(default=None, examples=["medium"],
+                                 description=SEVERITY_DESCRIPTION)
+    message: str | None = None
 
 
 EVENT_DATA_MODELS: dict[str, Any] = {
@@ -328,6 +362,7 @@ EVENT_DATA_MODELS: dict[str, Any] = {
     "status_change": StatusChangeData,
     "system_status": SystemStatusData,
     "alert": AlertData,
+    "warning": WarningData,
 }
 
 
@@ -347,6 +382,7 @@ class ProposalOut(BaseModel):
     decided_by: str | None
     decided_at: str | None
     status_reason: str | None
+    requested_by: str | None = Field(default=None, description="who made a manual proposal")
 
 
 # A trade in REST answers is the `trade_executed` data.

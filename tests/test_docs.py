@@ -211,7 +211,7 @@ async def test_asyncapi_refs_all_resolve_within_the_document(app: Quart) -> None
     assert not [path for path, value in walk(document)
                 if isinstance(value, dict) and "$defs" in value]
     schemas = document["components"]["schemas"]
-    assert schemas["PortfolioData"]["properties"]["positions"]["items"] == {
+    assert schemas["PortfolioData"]["properties"]["positions"]["anyOf"][0]["items"] == {
         "$ref": "#/components/schemas/PositionData"}
     assert "PositionData" in schemas and "MarketEntry" in schemas
 

@@ -29,7 +29,7 @@ async def test_each_limit_refuses_and_counts_by_name(gateway_factory):
             refused = await first.request("subscribe",
                                           {"topics": ["market", "alerts", "executions"]})
             assert refused["data"]["code"] == "TOO_MANY_SUBSCRIPTIONS"
-            assert (await first.command("get_status"))["type"] == "command_result"
+            assert (await first.command("get_status"))["type"] == "system_status"
             assert (await first.command("get_status"))["data"]["code"] == "RATE_LIMITED"
 
         async with server.client(key) as big:

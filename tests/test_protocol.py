@@ -101,17 +101,33 @@ async def test_get_status_replies_with_system_status(server):
 async def test_command_runs_and_unknown_command_is_an_error(server):
     async with server.client() as client:
         await client.greeting()
-        result = await client.request("command", {"command": "get_status"})
+        result = await client.request("command", {"command": "pause"})
         assert result["type"] == "command_result"
-        assert result["data"]["command"] == "get_status"
+        assert result["data"]["command"] == "pause"
         assert result["data"]["success"] is True
-        assert result["data"]["result"]["status"] == "running"
+        assert result["data"]["result"] == {"status": "paused", "changed": True}
         error = await client.request("command", {"command": "launch_rockets"})
         assert error["data"]["code"] == "MESSAGE_PROCESSING_ERROR"
         assert "launch_rockets" in error["data"]["details"]
         error = await client.request("command", {"command": "get_status", "verbose": True})
         assert error["data"]["code"] == "MESSAGE_PROCESSING_ERROR"
         assert "verbose" in error["data"]["details"]
+
+
+@pytest.mark.parametrize(("command", "reply_type", "field"), [
+    ("get_status", "system_status", "status"),
+    ("get_portfolio", "portfolio_update", "total_value"),
+    ("get_health", "health_update", "cpu_percent"),
+])
+async def test_commands_that_ask_for_an_event_are_answered_with_it(server, command, reply_type,
+                                                                   field):
+    """As the original SIGMAX server answers them: a direct reply (no seq) of the event type."""
+    async with server.client() as client:
+        connected = await client.greeting()
+        reply = await client.request("command", {"command": command})
+        assert reply["type"] == reply_type and field in reply["data"]
+        assert reply["connection_id"] == connected["data"]["connection_id"]
+        assert "seq" not in reply
 
 
 BAD_MESSAGES = [

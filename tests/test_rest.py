@@ -45,6 +45,55 @@ async def test_ingest_with_an_idempotency_key_publishes_a_retry_once(server):
         await client.no_message()
 
 
+# The original SIGMAX engine's events, as its protocol module gives them.
+ORIGINAL_EVENTS = [
+    {"type": "analysis_update", "data": {
+        "symbol": "BTC/USDT", "decision": "buy", "confidence": 0.75, "bull_score": 0.8,
+        "bear_score": 0.4, "reasoning": "Strong upward momentum"}},
+    {"type": "proposal_created", "data": {
+        "proposal_id": "prop_1", "symbol": "BTC/USDT", "action": "buy", "size": 0.001,
+        "reason": "Agent consensus"}},
+    {"type": "proposal_approved", "data": {
+        "proposal_id": "prop_1", "approved_by": "user", "approved_at": "2025-12-21T10:30:00Z"}},
+    {"type": "trade_executed", "data": {
+        "proposal_id": "prop_1", "symbol": "BTC/USDT", "action": "buy", "size": 0.001,
+        "filled_price": 95000.0, "order_id": "order_1", "status": "filled"}},
+    {"type": "status_change", "data": {
+        "previous_status": "running", "current_status": "paused", "reason": "manual pause"}},
+    {"type": "market_update", "data": [{"symbol": "BTC/USDT", "price": 95000.0},
+                                       {"symbol": "ETH/USDT", "price": 3500.0,
+                                        "volume_24h": 500000}]},
+    {"type": "portfolio_update", "data": {
+        "total_value": 100000.0, "available_cash": 50000.0,
+        "positions": [{"symbol": "BTC/USDT", "size": 0.5, "value": 47500.0}],
+        "total_pnl": 2500.0, "total_pnl_percent": 2.5}},
+    {"type": "health_update", "data": {
+        "cpu_percent": 25.5, "memory_percent": 45.2, "disk_percent": 60.0,
+        "process_count": 150}},
+    {"type": "alert", "data": {
+        "severity": "high", "message": "Drawdown limit near", "action_required": True,
+        "engine_extra": {"kept": [1, "two"]}}},
+    {"type": "alert", "data": {"level": "warning", "message": "level is a synonym"}},
+    {"type": "warning", "data": {"severity": "medium", "message": "Spread widening"}},
+]
+
+
+async def test_the_original_engines_events_are_relayed_intact(server):
+    async with server.subscribed(["all"]) as everything, \
+            server.subscribed(symbols=["BTC/USDT"]) as by_symbol:
+        response = await post_events(server, ORIGINAL_EVENTS)
+        assert response.status_code == 202, await response.get_json()
+        received = [await everything.recv_event() for _ in ORIGINAL_EVENTS]
+        assert [(e["type"], e["data"]) for e in received] == [
+            (e["type"], e["data"]) for e in ORIGINAL_EVENTS]
+        assert received[-1]["seq"] == (await response.get_json())["last_seq"]
+        # An event whose data names a symbol reaches that symbol's subscribers.
+        symbol_types = [(await by_symbol.recv_event())["type"] for _ in range(4)]
+        assert symbol_types == ["analysis_update", "proposal_created", "trade_executed",
+                                "market_update"]
+        await by_symbol.no_message()
+
+
 async def test_ingest_routes_to_topic_and_symbol_once(server):
     async with server.subscribed(["alerts"], ["BTC/USDT"]) as client:
         response = await post_events(server, [
@@ -67,7 +116,10 @@ async def test_ingest_routes_to_topic_and_symbol_once(server):
     ({"type": "market_update", "data": [{"symbol": "btc/usdt"}]}, "btc/usdt"),
     ({"type": "alert", "data": [1, 2]}, "object"),
     ({"type": "alert", "data": {"level": "info", "message": "m", "n": 2 ** 70}}, "serialized"),
-    ({"type": "trade_executed", "data": {"proposal_id": "p"}}, "filled_price"),
+    ({"type": "trade_executed", "data": {"proposal_id": "p", "filled_price": "95000"}},
+     "filled_price"),
+    ({"type": "alert", "data": {"severity": 3}}, "severity"),
+    ({"type": "proposal_created", "data": {"symbol": "BTCUSDT"}}, "symbol"),
     ({"type": "analysis_update", "data": {"symbol": "BTC/USDT", "decision": "maybe",
                                           "confidence": 1, "bull_score": 1, "bear_score": 0,
                                           "reasoning": "r"}}, "decision"),

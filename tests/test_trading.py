@@ -12,7 +12,8 @@ import pytest
 from app.services.database import latest_migration, migrate, standalone_connection
 from tests.conftest import running_gateway
 
-PROPOSAL_FIELDS = {"proposal_id", "symbol", "action", "size", "reason", "created_at"}
+PROPOSAL_FIELDS = {"proposal_id", "symbol", "action", "size", "reason", "created_at",
+                   "confidence", "source", "expires_at", "requested_by"}
 APPROVED_FIELDS = {"proposal_id", "symbol", "action", "size", "approved_by", "approved_at"}
 TRADE_FIELDS = {"proposal_id", "symbol", "action", "size", "filled_price", "order_id", "status",
                 "fee", "timestamp"}
@@ -64,6 +65,10 @@ async def test_full_lifecycle_over_websocket_and_rest(database_url):
             assert set(event["data"]) == PROPOSAL_FIELDS
             assert event["data"]["proposal_id"] == created["proposal_id"]
             assert (event["data"]["symbol"], event["data"]["size"]) == ("BTC/USDT", 0.1)
+            # The user's reason as written; who asked, in a field of its own.
+            assert (event["data"]["reason"], event["data"]["requested_by"],
+                    event["data"]["source"]) == ("Manual proposal", "anonymous", "manual")
+            assert created["requested_by"] == "anonymous"
 
             result = await client.command("approve_proposal",
                                           proposal_id=created["proposal_id"])
@@ -163,8 +168,8 @@ async def test_concurrent_approvals_execute_exactly_once(database_url):
         losers = [body for ok, body in outcomes if not ok]
         assert len(winners) == 1
         assert len(losers) == 13
-        assert all(body["code"] in ("PROPOSAL_APPROVED", "PROPOSAL_EXECUTED")
-                   for body in losers)
+        assert all(body["code"] == "PROPOSAL_ALREADY_DECIDED" for body in losers)
+        assert {body["proposal_status"] for body in losers} <= {"approved", "executed"}
         _, trades = await get(first, "/api/trades")
         assert trades["total"] == 1
         _, portfolio = await get(second, "/api/portfolio")
@@ -211,12 +216,18 @@ async def test_pause_holds_executions_until_resume(database_url):
     context, server = await started(database_url)
     try:
         async with server.subscribed(["status", "proposals", "executions"]) as client:
+            _, proposal = await post(server, "/api/proposals",
+                                     {"symbol": "SOL/USDT", "action": "buy", "size": 1})
             paused = await client.command("pause")
             assert paused["data"]["result"] == {"status": "paused", "changed": True}
             change = await client.next_of("status_change")
             assert change["data"]["status"] == "paused"
-            _, proposal = await post(server, "/api/proposals",
-                                     {"symbol": "SOL/USDT", "action": "buy", "size": 1})
+            assert (change["data"]["previous_status"], change["data"]["current_status"]) == (
+                "running", "paused")  # the original engine's fields too
+            # No new proposals while paused, manual ones included.
+            status, refused = await post(server, "/api/proposals",
+                                         {"symbol": "SOL/USDT", "action": "buy", "size": 1})
+            assert (status, refused["code"]) == (409, "ENGINE_PAUSED")
             _, decided = await post(server, f"/api/proposals/{proposal['proposal_id']}/approve")
             assert decided["proposal"]["status"] == "approved" and decided["trade"] is None
             await client.next_of("proposal_approved")
@@ -249,7 +260,8 @@ async def test_reject_bulk_and_expiry(database_url):
         expired = await server.gateway.engine.expire_stale()
         assert [p.id for p in expired] == [ids[2]]
         status, body = await post(server, f"/api/proposals/{ids[2]}/approve")
-        assert (status, body["code"]) == (409, "PROPOSAL_EXPIRED")
+        assert (status, body["code"], body["proposal_status"]) == (
+            409, "PROPOSAL_ALREADY_DECIDED", "expired")
     finally:
         await context.__aexit__(None, None, None)
 
@@ -292,7 +304,8 @@ async def test_approving_twice_is_a_conflict(server):
                              {"symbol": "BTC/USDT", "action": "buy", "size": 0.01})
     assert (await post(server, f"/api/proposals/{proposal['proposal_id']}/approve"))[0] == 200
     status, body = await post(server, f"/api/proposals/{proposal['proposal_id']}/approve")
-    assert (status, body["code"]) == (409, "PROPOSAL_EXECUTED")
+    assert (status, body["code"], body["proposal_status"]) == (
+        409, "PROPOSAL_ALREADY_DECIDED", "executed")
 
 
 async def test_state_changes_need_the_trade_scope(gateway_factory):
@@ -319,7 +332,7 @@ async def test_state_changes_need_the_trade_scope(gateway_factory):
                                                                 {"symbol": "BTC/USDT"})):
                 reply = await reader.command(name, **args)
                 assert reply["data"]["code"] == "FORBIDDEN_COMMAND", name
-            assert (await reader.command("get_portfolio"))["type"] == "command_result"
+            assert (await reader.command("get_portfolio"))["type"] == "portfolio_update"
         _, still = await get(server, f"/api/proposals/{proposal['proposal_id']}",
                              **{"X-API-Key": "reader"})
         assert still["status"] == "pending"
@@ -329,10 +342,12 @@ async def test_websocket_read_commands_and_analyze(server):
     await server.gateway.simulation.tick_market()
     async with server.subscribed(["analysis"]) as client:
         portfolio = await client.command("get_portfolio")
-        assert set(portfolio["data"]["result"]) == PORTFOLIO_FIELDS
+        assert portfolio["type"] == "portfolio_update"
+        assert set(portfolio["data"]) == PORTFOLIO_FIELDS
         health = await client.command("get_health")
-        assert set(health["data"]["result"]) == {"cpu_percent", "memory_percent",
-                                                 "disk_percent", "process_count"}
+        assert health["type"] == "health_update"
+        assert set(health["data"]) == {"cpu_percent", "memory_percent", "disk_percent",
+                                       "process_count"}
         analysis = await client.command("analyze", symbol="eth/usdt")
         assert analysis["data"]["result"]["symbol"] == "ETH/USDT"
         event = await client.next_of("analysis_update")
@@ -350,10 +365,10 @@ async def test_commands_are_rate_limited_per_connection(gateway_factory):
             await client.greeting()
             await other.greeting()
             replies = [await client.command("get_status") for _ in range(3)]
-            assert [r["type"] for r in replies] == ["command_result", "command_result", "error"]
+            assert [r["type"] for r in replies] == ["system_status", "system_status", "error"]
             assert replies[2]["data"]["code"] == "RATE_LIMITED"
             assert "retry in" in replies[2]["data"]["details"]
-            assert (await other.command("get_status"))["type"] == "command_result"
+            assert (await other.command("get_status"))["type"] == "system_status"
             assert (await client.request("ping"))["type"] == "pong"  # only commands count
 
 

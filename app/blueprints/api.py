@@ -85,8 +85,9 @@ ERROR_DESCRIPTIONS = {
     401: "The gateway has API keys and the request has no valid one (`AUTHENTICATION_FAILED`)",
     403: "The API key lacks the scope this operation needs (`FORBIDDEN`)",
     404: "No such proposal (`PROPOSAL_NOT_FOUND`)",
-    409: "The proposal is decided already (`PROPOSAL_APPROVED`, `PROPOSAL_REJECTED`, ...), or "
-         "an `Idempotency-Key` was used for another batch (`IDEMPOTENCY_KEY_REUSED`)",
+    409: "The proposal is decided already (`PROPOSAL_ALREADY_DECIDED`, with its "
+         "`proposal_status`), trading is paused (`ENGINE_PAUSED`), or an `Idempotency-Key` was "
+         "used for another batch (`IDEMPOTENCY_KEY_REUSED`)",
     422: "A trading rule refuses the request (`NOTHING_TO_SELL`)",
     429: "Too many requests from this client (`TOO_MANY_REQUESTS`); retry after `Retry-After` "
          "seconds",
@@ -300,6 +301,8 @@ def _event(position: int, type_: str, topic: str | None, symbol: str | None,
         _DATA_ADAPTERS[type_].validate_python(data)
     except ValidationError as error:
         raise invalid(f"{type_} data: {describe_validation_error(error)}") from None
+    if symbol is None and isinstance(data, dict) and isinstance(data.get("symbol"), str):
+        symbol = data["symbol"]  # checked by the model: `symbol:X` subscribers get it too
     try:
         return Event(type_, data, topic=topic, symbol=symbol)
     except TypeError as error:  # e.g. an integer beyond 64 bits
@@ -410,11 +413,13 @@ async def get_trades(query_args: PageQuery) -> TradePage:
 @requires("trade")
 @validate_request(NewProposal)
 @validate_response(ProposalOut, 201)
-@errors(422, 503)
+@errors(409, 422, 503)
 async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
-    """Create a manual proposal; without `size` the risk rule sizes it."""
+    """Create a manual proposal; without `size` the risk rule sizes it. Refused (409
+    `ENGINE_PAUSED`) while trading is paused."""
     proposal = await _gateway().engine.propose(
-        _symbol(data.symbol), data.action, data.size, f"{data.reason} (by {g.principal})")
+        _symbol(data.symbol), data.action, data.size, data.reason,
+        requested_by=g.principal)
     return ProposalOut(**proposal.as_dict()), 201
 
 
@@ -510,7 +515,8 @@ async def _bulk(proposal_ids: list[str], decide: Any) -> BulkResult:
             proposal = outcome[0] if isinstance(outcome, tuple) else outcome
             results.append(BulkItem(proposal_id=proposal_id, ok=True, status=proposal.status))
         except APIError as error:
-            results.append(BulkItem(proposal_id=proposal_id, ok=False, error=ErrorResponse(
-                error=error.error, code=error.code, details=error.details)))
+            results.append(BulkItem(proposal_id=proposal_id, ok=False,
+                                    status=error.fields.get("proposal_status"),
+                                    error=ErrorResponse(**error.body())))
     succeeded = sum(1 for r in results if r.ok)
     return BulkResult(results=results, succeeded=succeeded, failed=len(results) - succeeded)

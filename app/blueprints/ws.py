@@ -47,6 +47,10 @@ ws_bp = Blueprint("ws", __name__)
 
 MESSAGE_TYPES = ("subscribe", "unsubscribe", "ping", "pong", "command", "get_status",
                  "get_subscriptions")
+# Commands that answer with the event they ask for, as the original SIGMAX server does (and as
+# the spec's client, waiting for `system_status`, expects); the others answer `command_result`.
+COMMAND_REPLIES = {"get_status": "system_status", "get_portfolio": "portfolio_update",
+                   "get_health": "health_update"}
 
 
 @ws_bp.websocket("/api/ws")
@@ -146,7 +150,9 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
                                 f"Message type {quoted(message.type)} is not one of "
                                 f"{', '.join(MESSAGE_TYPES)}")
         await handler(gateway, conn, message)
-    except (ClientError, APIError) as error:
+    except APIError as error:
+        conn.send_direct(envelope("error", error.body(), conn.id, request_id))
+    except ClientError as error:
         conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
                                         request_id))
     except Exception:
@@ -309,6 +315,10 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
         raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
                             f"Command {quoted(data.command)}: {error}") from None
     result = await command.handler(conn, **args)
+    reply_type = COMMAND_REPLIES.get(data.command)
+    if reply_type is not None:
+        conn.send_direct(envelope(reply_type, result, conn.id, message.request_id))
+        return
     conn.send_direct(envelope("command_result", {
         "command": data.command, "success": True, "result": result,
     }, conn.id, message.request_id))

@@ -423,13 +423,20 @@ function applyHealth(data) {
 }
 
 function onStatusChange({ data, timestamp }) {
-  showEngineStatus(data?.status);
+  // The gateway's own notices say `status`; the original SIGMAX engine's, `current_status`.
+  const status = data?.status ?? data?.current_status;
+  showEngineStatus(status);
   const why = data?.reason ?? (data?.changed_by ? `by ${data.changed_by}` : '');
-  log(`Status ${text(data?.status)}${why ? `: ${why}` : ''}`, data?.status === 'running' ? 'info' : 'warning', timestamp);
+  log(`Status ${text(status)}${why ? `: ${why}` : ''}`, status === 'running' ? 'info' : 'warning', timestamp);
 }
 
+// An alert's `severity` (the original engine's low, medium, high, critical) as a log level.
+const SEVERITY_LEVELS = { low: 'info', medium: 'warning', high: 'warning', critical: 'critical' };
+
+/** `alert`, and the original engine's `warning`. */
 function onAlert({ data, timestamp }) {
-  log(text(data?.message) || 'Alert', text(data?.level) || 'warning', timestamp);
+  const level = SEVERITY_LEVELS[data?.severity] ?? (text(data?.level) || 'warning');
+  log(text(data?.message) || 'Alert', level, timestamp);
 }
 
 function log(message, level = 'info', timestamp = null) {
@@ -506,6 +513,7 @@ const HANDLERS = {
   health_update: ({ data }) => applyHealth(data),
   status_change: onStatusChange,
   alert: onAlert,
+  warning: onAlert,
   // After a resume that history could not cover, or when the gateway's event stream was
   // re-established and events were missed.
   resync_required: ({ data }) => {

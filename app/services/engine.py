@@ -44,6 +44,14 @@ class RiskRules:
     initial_cash: float
 
 
+class ProposalDecided(APIError):
+    """409: the proposal is no longer open; `status` says what it became."""
+
+    def __init__(self, status: str, details: str) -> None:
+        super().__init__(409, "PROPOSAL_ALREADY_DECIDED", f"Proposal already {status}", details,
+                         proposal_status=status)
+
+
 class TradingEngine:
     def __init__(self, db: Any, market: PriceSource, publish: Publish, rules: RiskRules) -> None:
         self._db = db
@@ -66,8 +74,13 @@ class TradingEngine:
     # -- proposals --------------------------------------------------------------------------
 
     async def propose(self, symbol: str, action: str, size: float | None, reason: str, *,
-                      confidence: float | None = None, source: str = "manual") -> Proposal:
-        """Create a proposal; without `size`, the risk rule sizes it."""
+                      confidence: float | None = None, source: str = "manual",
+                      requested_by: str | None = None) -> Proposal:
+        """Create a proposal; without `size`, the risk rule sizes it. Refused while paused:
+        a paused engine makes no new proposals, the agent's nor anyone's."""
+        if self.paused:
+            raise APIError(409, "ENGINE_PAUSED", "Trading is paused",
+                           "No new proposals while the engine is paused; resume it first")
         if symbol not in self._market.symbols:
             raise APIError(400, "UNKNOWN_SYMBOL", "Unknown symbol",
                            f"{quoted(symbol)} is not traded; symbols: "
@@ -86,7 +99,7 @@ class TradingEngine:
         proposal = Proposal(id=store.new_id("prop"), symbol=symbol, action=action,
                             size=size, reason=reason, confidence=confidence,
                             source=source, status="pending", created_at=now,
-                            expires_at=now + self.rules.proposal_ttl)
+                            expires_at=now + self.rules.proposal_ttl, requested_by=requested_by)
         async with self._db.connection() as connection:
             await store.insert_proposal(connection, proposal)
         self.counters["proposals_created"] += 1
@@ -177,10 +190,10 @@ class TradingEngine:
         if existing is None:
             return APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
                             f"No proposal {quoted(proposal_id)}")
-        return APIError(409, f"PROPOSAL_{existing.status.upper()}",
-                        f"Proposal already {existing.status}",
-                        f"Cannot {verb} {quoted(proposal_id)}: it is {existing.status}"
-                        + (f" ({existing.status_reason})" if existing.status_reason else ""))
+        return ProposalDecided(existing.status,
+                               f"Cannot {verb} {quoted(proposal_id)}: it is {existing.status}"
+                               + (f" ({existing.status_reason})" if existing.status_reason
+                                  else ""))
 
     # -- execution --------------------------------------------------------------------------
 
@@ -215,8 +228,8 @@ class TradingEngine:
             self.counters["risk_refusals"] += 1
             return rejected, None, [
                 Event("proposal_rejected", rejected.closed_event(), symbol=proposal.symbol),
-                alert("warning", code, details, symbol=proposal.symbol,
-                      proposal_id=proposal.id)]
+                alert("medium", code, details, action_required=False,
+                      symbol=proposal.symbol, proposal_id=proposal.id)]
         executed = await store.transition_proposal(
             connection, proposal.id, from_status="approved", to_status="executed", by=None,
             at=now)
@@ -262,10 +275,12 @@ class TradingEngine:
         async with self._db.connection() as connection:
             await store.set_state(connection, "paused", "1" if paused else "0")
         self.paused = paused
+        current, previous = ("paused", "running") if paused else ("running", "paused")
         await self._publish([Event("status_change", {
-            "status": "paused" if paused else "running",
-            "previous": "running" if paused else "paused",
-            "changed_by": by,
+            "status": current, "previous": previous, "changed_by": by,
+            # the original SIGMAX engine's fields
+            "previous_status": previous, "current_status": current,
+            "reason": f"{'paused' if paused else 'resumed'} by {by}",
         })])
         if not paused:
             await self.execute_approved()
@@ -316,10 +331,10 @@ class TradingEngine:
                 breached.add(f"position:{row['symbol']}")
                 if f"position:{row['symbol']}" not in self._breaches:
                     alerts.append(alert(
-                        "warning", "POSITION_LIMIT",
+                        "high", "POSITION_LIMIT",
                         f"{row['symbol']} is {100 * row['value'] / total:.1f}% of the portfolio "
                         f"(limit {100 * self.rules.max_position_share:.0f}%)",
-                        symbol=row["symbol"]))
+                        action_required=True, symbol=row["symbol"]))
         if self._peak_value and (self._peak_value - total) / self._peak_value > \
                 self.rules.max_drawdown:
             breached.add("drawdown")
@@ -327,7 +342,8 @@ class TradingEngine:
                 alerts.append(alert(
                     "critical", "DRAWDOWN_LIMIT",
                     f"Portfolio is {100 * (1 - total / self._peak_value):.1f}% below its peak "
-                    f"of {self._peak_value:.2f} (limit {100 * self.rules.max_drawdown:.0f}%)"))
+                    f"of {self._peak_value:.2f} (limit {100 * self.rules.max_drawdown:.0f}%)",
+                    action_required=True))
         self._breaches = breached
         return alerts
 
@@ -373,7 +389,15 @@ def _percent(fraction: float) -> float:
     return round(100 * fraction, 2) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def alert(level: str, code: str, message: str, **context: Any) -> Event:
-    symbol = context.get("symbol")
-    return Event("alert", {"level": level, "code": code, "message": message, **context},
-                 symbol=symbol)
+# `severity` is the original SIGMAX engine's field; `level` is kept for clients of earlier
+# versions of the gateway.
+LEVEL_OF_SEVERITY = {"low": "info", "medium": "warning", "high": "warning",
+                     "critical": "critical"}
+
+
+def alert(severity: str, code: str, message: str, *, action_required: bool,
+          **context: Any) -> Event:
+    return Event("alert", {"severity": severity, "level": LEVEL_OF_SEVERITY[severity],
+                           "code": code, "message": message,
+                           "action_required": action_required, **context},
+                 symbol=context.get("symbol"))

@@ -34,6 +34,7 @@ EVENT_TOPICS: dict[str, str] = {
     "portfolio_update": "portfolio",
     "health_update": "health",
     "alert": "alerts",
+    "warning": "alerts",  # the original engine's alert-like event
 }
 
 # Snapshots: a newer one replaces an older one still waiting for a slow connection.

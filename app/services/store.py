@@ -29,12 +29,17 @@ class Proposal:
     decided_by: str | None = None
     decided_at: float | None = None
     status_reason: str | None = None
+    requested_by: str | None = None  # the principal behind a manual proposal
 
     def created_event(self) -> dict[str, Any]:
-        """`proposal_created` data, as the spec shows it."""
+        """`proposal_created` data: the spec's fields, and what a strategy needs to act on it
+        without pairing it with the analysis behind it."""
         return {"proposal_id": self.id, "symbol": self.symbol, "action": self.action,
                 "size": self.size, "reason": self.reason,
-                "created_at": utc_timestamp(self.created_at)}
+                "created_at": utc_timestamp(self.created_at),
+                "confidence": self.confidence, "source": self.source,
+                "expires_at": utc_timestamp(self.expires_at),
+                "requested_by": self.requested_by}
 
     def approved_event(self) -> dict[str, Any]:
         """`proposal_approved` data."""
@@ -92,14 +97,14 @@ def new_id(prefix: str) -> str:
 # -- proposals ---------------------------------------------------------------------------------
 
 PROPOSAL_COLUMNS = ("id, symbol, action, size, reason, confidence, source, status, created_at, "
-                    "expires_at, decided_by, decided_at, status_reason")
+                    "expires_at, decided_by, decided_at, status_reason, requested_by")
 
 
 async def insert_proposal(connection: Connection, proposal: Proposal) -> None:
     await connection.execute(
         f"INSERT INTO proposals ({PROPOSAL_COLUMNS}) VALUES (:id, :symbol, :action, :size, "
         ":reason, :confidence, :source, :status, :created_at, :expires_at, :decided_by, "
-        ":decided_at, :status_reason)",
+        ":decided_at, :status_reason, :requested_by)",
         asdict(proposal),
     )
 

@@ -44,6 +44,12 @@ var REPLY_TYPES = /* @__PURE__ */ new Set([
   "command_result",
   "pong"
 ]);
+var DIRECT_REPLY_TYPES = /* @__PURE__ */ new Set([
+  "error",
+  "system_status",
+  "portfolio_update",
+  "health_update"
+]);
 var STABLE_AFTER_MS = 1e4;
 var CLOSE_TIMEOUT_MS = 2e3;
 var DEFAULT_HEARTBEAT_INTERVAL_S = 30;
@@ -214,12 +220,16 @@ var SigmaxWebSocket = class {
   }
   /**
    * Run a gateway command (`get_portfolio`, `approve_proposal`, ...); resolves with the
-   * `command_result` data `{command, success, result}`. Rejects with the gateway's code
+   * `command_result` data `{command, success, result}` (for `get_status`, `get_portfolio` and
+   * `get_health`, which the gateway answers with the event they ask for, `result` is its data). Rejects with the gateway's code
    * (`FORBIDDEN_COMMAND`, `RATE_LIMITED`, ...) or `REQUEST_TIMEOUT`. Not sent again after a lost
    * connection, since whether it ran is then unknown: rejects with `CONNECTION_LOST`.
    */
   async command(name, args = {}) {
     const reply = await this.request("command", { ...args, command: name }, false);
+    if (reply.type !== "command_result") {
+      return { command: name, success: true, result: reply.data };
+    }
     const data = reply.data;
     if (data?.success === false) {
       throw new SigmaxError(
@@ -684,7 +694,7 @@ var SigmaxWebSocket = class {
         request.settle(message);
         return;
       }
-      if (REPLY_TYPES.has(type) || type === "error" || type === "system_status") {
+      if (REPLY_TYPES.has(type) || DIRECT_REPLY_TYPES.has(type)) {
         return;
       }
     }
@@ -864,7 +874,8 @@ var SERVER_EVENT_TYPES = [
   "market_update",
   "portfolio_update",
   "health_update",
-  "alert"
+  "alert",
+  "warning"
 ];
 var STREAM_EVENT_TYPES = [
   "analysis_update",
@@ -878,7 +889,8 @@ var STREAM_EVENT_TYPES = [
   "market_update",
   "portfolio_update",
   "health_update",
-  "alert"
+  "alert",
+  "warning"
 ];
 var EVENT_TOPICS = {
   analysis_update: "analysis",
@@ -892,7 +904,8 @@ var EVENT_TOPICS = {
   market_update: "market",
   portfolio_update: "portfolio",
   health_update: "health",
-  alert: "alerts"
+  alert: "alerts",
+  warning: "alerts"
 };
 export {
   ClientErrorCode,

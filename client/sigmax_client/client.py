@@ -43,6 +43,8 @@ EventCallback = Callable[[WSEvent], Awaitable[None] | None]
 # Replies to requests: consumed by the client, never handed to the application.
 REPLY_TYPES = frozenset({"connected", "subscribed", "unsubscribed", "subscriptions",
                          "command_result", "pong"})
+# Event types that are also direct replies (to get_status and the commands that ask for them).
+DIRECT_REPLY_TYPES = frozenset({"error", "system_status", "portfolio_update", "health_update"})
 # Error codes that make a subscribe or unsubscribe a ValueError (the request itself is wrong).
 SUBSCRIPTION_ERROR_CODES = frozenset({"INVALID_TOPIC", "INVALID_SYMBOL", "TOO_MANY_SUBSCRIPTIONS",
                                       "MESSAGE_PROCESSING_ERROR"})
@@ -225,6 +227,9 @@ class SigmaxWebSocketClient:
         result. Raises RequestError (a RuntimeError) with the gateway's code when it refuses.
         Not sent again after a lost connection: whether it ran is then unknown."""
         reply = await self._request("command", {"command": name, **args}, retry=False)
+        if reply.get("type") != "command_result":
+            # get_status, get_portfolio, get_health answer with the event they ask for
+            return reply.get("data")
         data = reply.get("data") or {}
         if data.get("success") is False:
             raise RequestError(f"command {name!r} failed: {data.get('result')!r}")
@@ -584,7 +589,7 @@ class SigmaxWebSocketClient:
                     # Before reading on: the replayed events follow this reply.
                     await self._check_recovered(since, message.get("data"))
                 return
-            if kind in REPLY_TYPES or kind in ("error", "system_status"):
+            if kind in REPLY_TYPES or kind in DIRECT_REPLY_TYPES:
                 return  # the reply to a request that gave up waiting
         seq = message.get("seq")
         if seq is None:

@@ -281,6 +281,29 @@ test('live dashboard: prices, approval, execution, portfolio; kill, restart, res
       copyFileSync(await screenshot(page, 'dashboard-live.png'), DOCS_SCREENSHOT);
     }
 
+    // The original SIGMAX engine's events, in its own shapes, are shown without an error.
+    await gateway.request('POST', '/api/events', { events: [
+      { type: 'alert', data: { severity: 'critical', message: 'Original engine alert', action_required: true } },
+      { type: 'warning', data: { severity: 'medium', message: 'Original engine warning' } },
+      { type: 'status_change', data: { previous_status: 'running', current_status: 'running', reason: 'Original engine status' } },
+      { type: 'trade_executed', data: { proposal_id: 'prop_original', symbol: 'BTC/USDT', action: 'buy',
+        size: 0.001, filled_price: 95000.0, order_id: 'order_original', status: 'filled' } },
+    ] });
+    for (const message of ['Original engine alert', 'Original engine warning', 'Original engine status']) {
+      await page.waitForSelector(`#log li:has-text("${message}")`, { timeout: 10_000 });
+    }
+    assert.equal(await page.getAttribute('#log li:has-text("Original engine alert")', 'data-level'), 'critical');
+    const originalTrade = '#trades tr[data-order-id="order_original"]';
+    await page.waitForSelector(originalTrade, { timeout: 10_000 });
+    assert.equal(await textOf(page, `${originalTrade} td:last-child`), '—', 'a trade without a fee');
+    // A position without entry_price (the next simulated snapshot replaces it: caught at once).
+    const positionShown = page.waitForSelector('#positions tr[data-symbol="XRP/USDT"]', { timeout: 10_000 });
+    await gateway.request('POST', '/api/events', { events: [{ type: 'portfolio_update', data: {
+      total_value: 100000.0, available_cash: 50000.0, total_pnl: 0, total_pnl_percent: 0,
+      positions: [{ symbol: 'XRP/USDT', size: 10, value: 6.0 }] } }] });
+    await positionShown;
+    assert.deepEqual(problems, []);
+
     // Rejecting with its button closes a proposal without a trade.
     const unwanted = await gateway.request('POST', '/api/proposals', {
       symbol: 'SOL/USDT', action: 'buy', reason: 'Manual proposal to reject',

@@ -90,6 +90,10 @@ export const DEFAULT_URL = 'ws://localhost:8000/api/ws';
 const REPLY_TYPES: ReadonlySet<string> = new Set([
   'connected', 'subscribed', 'unsubscribed', 'subscriptions', 'command_result', 'pong',
 ]);
+/** Event types that are also direct replies (to get_status and the commands that ask for them). */
+const DIRECT_REPLY_TYPES: ReadonlySet<string> = new Set([
+  'error', 'system_status', 'portfolio_update', 'health_update',
+]);
 /** A connection that stayed up this long starts the next reconnect from the shortest delay. */
 const STABLE_AFTER_MS = 10_000;
 /** How long `disconnect()` waits for the gateway to acknowledge the close. */
@@ -318,12 +322,17 @@ export class SigmaxWebSocket {
 
   /**
    * Run a gateway command (`get_portfolio`, `approve_proposal`, ...); resolves with the
-   * `command_result` data `{command, success, result}`. Rejects with the gateway's code
+   * `command_result` data `{command, success, result}` (for `get_status`, `get_portfolio` and
+   * `get_health`, which the gateway answers with the event they ask for, `result` is its data). Rejects with the gateway's code
    * (`FORBIDDEN_COMMAND`, `RATE_LIMITED`, ...) or `REQUEST_TIMEOUT`. Not sent again after a lost
    * connection, since whether it ran is then unknown: rejects with `CONNECTION_LOST`.
    */
   async command(name: string, args: Record<string, unknown> = {}): Promise<CommandResultData> {
     const reply = await this.request('command', { ...args, command: name }, false);
+    if (reply.type !== 'command_result') {
+      // get_status, get_portfolio, get_health answer with the event they ask for.
+      return { command: name, success: true, result: reply.data };
+    }
     const data = reply.data as CommandResultData;
     if (data?.success === false) {
       throw new SigmaxError(`command ${name} failed: ${JSON.stringify(data.result)}`,
@@ -787,7 +796,7 @@ export class SigmaxWebSocket {
         request.settle(message);
         return;
       }
-      if (REPLY_TYPES.has(type) || type === 'error' || type === 'system_status') {
+      if (REPLY_TYPES.has(type) || DIRECT_REPLY_TYPES.has(type)) {
         return; // the reply to a request that gave up waiting
       }
     }

@@ -100,104 +100,130 @@ export interface StreamResetData {
 export type JsonValue = boolean | number | string | JsonValue[] | { [key: string]: JsonValue } | null;
 
 export interface AnalysisData {
-  symbol: string;
-  decision: "buy" | "sell" | "hold";
-  confidence: number;
-  bull_score: number;
-  bear_score: number;
-  reasoning: string;
+  symbol?: string | null;
+  decision?: "buy" | "sell" | "hold" | null;
+  confidence?: number | null;
+  bull_score?: number | null;
+  bear_score?: number | null;
+  reasoning?: string | null;
   [field: string]: unknown;
 }
 
 export interface ProposalCreatedData {
-  proposal_id: string;
-  symbol: string;
-  action: "buy" | "sell";
-  size: number;
-  reason: string;
-  created_at: string;
+  proposal_id?: string | null;
+  symbol?: string | null;
+  action?: "buy" | "sell" | null;
+  size?: number | null;
+  reason?: string | null;
+  created_at?: string | null;
+  /** the analysis behind it; null for a manual proposal */
+  confidence?: number | null;
+  /** `analysis` or `manual` */
+  source?: string | null;
+  /** pending until then (PROPOSAL_TTL) */
+  expires_at?: string | null;
+  /** who proposed it (manual proposals) */
+  requested_by?: string | null;
   [field: string]: unknown;
 }
 
 export interface ProposalApprovedData {
-  proposal_id: string;
-  symbol: string;
-  action: "buy" | "sell";
-  size: number;
-  approved_by: string | null;
-  approved_at: string;
+  proposal_id?: string | null;
+  symbol?: string | null;
+  action?: "buy" | "sell" | null;
+  size?: number | null;
+  approved_by?: string | null;
+  approved_at?: string | null;
   [field: string]: unknown;
 }
 
 export interface ProposalClosedData {
-  proposal_id: string;
-  status: string;
+  proposal_id?: string | null;
+  status?: string | null;
   reason?: string | null;
   [field: string]: unknown;
 }
 
 export interface TradeExecutedData {
-  proposal_id: string;
-  symbol: string;
-  action: "buy" | "sell";
-  size: number;
-  filled_price: number;
-  order_id: string;
-  status: string;
-  fee: number;
-  timestamp: string;
+  proposal_id?: string | null;
+  symbol?: string | null;
+  action?: "buy" | "sell" | null;
+  size?: number | null;
+  filled_price?: number | null;
+  order_id?: string | null;
+  status?: string | null;
+  fee?: number | null;
+  timestamp?: string | null;
   [field: string]: unknown;
 }
 
 export interface StatusChangeData {
-  status: string;
+  /** the gateway's own notices */
+  status?: string | null;
+  /** the original engine's */
+  previous_status?: string | null;
+  /** the original engine's */
+  current_status?: string | null;
+  reason?: string | null;
   [field: string]: unknown;
 }
 
 export interface SystemStatusData {
-  status: string;
+  status?: string | null;
   [field: string]: unknown;
 }
 
 export interface MarketEntry {
+  /** routes the entry to `symbol:X` subscribers */
   symbol: string;
-  price: number;
-  volume_24h: number;
-  change_24h: number;
+  price?: number | null;
+  volume_24h?: number | null;
+  change_24h?: number | null;
   [field: string]: unknown;
 }
 
 export interface PositionData {
-  symbol: string;
-  size: number;
-  entry_price: number;
-  current_price: number;
-  value: number;
-  pnl: number;
-  pnl_percent: number;
+  symbol?: string | null;
+  size?: number | null;
+  entry_price?: number | null;
+  current_price?: number | null;
+  value?: number | null;
+  pnl?: number | null;
+  pnl_percent?: number | null;
   [field: string]: unknown;
 }
 
 export interface PortfolioData {
-  total_value: number;
-  available_cash: number;
-  positions: PositionData[];
-  total_pnl: number;
-  total_pnl_percent: number;
+  total_value?: number | null;
+  available_cash?: number | null;
+  positions?: PositionData[] | null;
+  total_pnl?: number | null;
+  total_pnl_percent?: number | null;
   [field: string]: unknown;
 }
 
 export interface HealthData {
-  cpu_percent: number;
-  memory_percent: number;
-  disk_percent: number;
-  process_count: number;
+  cpu_percent?: number | null;
+  memory_percent?: number | null;
+  disk_percent?: number | null;
+  process_count?: number | null;
   [field: string]: unknown;
 }
 
 export interface AlertData {
-  level: string;
-  message: string;
+  /** low, medium, high or critical */
+  severity?: string | null;
+  /** a synonym of severity (info, warning, critical) */
+  level?: string | null;
+  message?: string | null;
+  action_required?: boolean | null;
+  [field: string]: unknown;
+}
+
+export interface WarningData {
+  /** low, medium, high or critical */
+  severity?: string | null;
+  message?: string | null;
   [field: string]: unknown;
 }
 
@@ -245,6 +271,8 @@ export interface ServerEventDataMap {
   health_update: HealthData;
   /** Stream event on topic 'alerts'. Also delivered to `symbol:X` subscribers when published with a symbol. */
   alert: AlertData;
+  /** Stream event on topic 'alerts'. Also delivered to `symbol:X` subscribers when published with a symbol. */
+  warning: WarningData;
 }
 
 export type ServerEventType = keyof ServerEventDataMap;
@@ -272,6 +300,7 @@ export const SERVER_EVENT_TYPES = [
   "portfolio_update",
   "health_update",
   "alert",
+  "warning",
 ] as const satisfies readonly ServerEventType[];
 
 /** The stream events: published on a topic, with `seq`, and replayed on resume (`system_status` and `status_change` also come directly, without `seq`). */
@@ -288,6 +317,7 @@ export const STREAM_EVENT_TYPES = [
   "portfolio_update",
   "health_update",
   "alert",
+  "warning",
 ] as const satisfies readonly ServerEventType[];
 
 export type StreamEventType = (typeof STREAM_EVENT_TYPES)[number];
@@ -306,6 +336,7 @@ export const EVENT_TOPICS: Readonly<Partial<Record<ServerEventType, Topic>>> = {
   portfolio_update: "portfolio",
   health_update: "health",
   alert: "alerts",
+  warning: "alerts",
 };
 
 /** The `data` of each message a client sends, by `type`. */

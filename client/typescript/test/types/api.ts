@@ -66,7 +66,7 @@ export async function api(client: SigmaxWebSocket, type: EventType | '*'): Promi
   const commanded: Promise<unknown> = client.command('approve_proposal', { proposal_id: 'p' });
   const result: unknown = (await client.command('get_portfolio')).result;
   const off: () => void = client.on('proposal_created', (event) => {
-    const id: string = event.data.proposal_id;
+    const id: string | null | undefined = event.data.proposal_id; // optional: engines may omit it
     const seq: number | null = event.seq;
     use(id, seq);
   });
