@@ -120,10 +120,6 @@ class StreamResetData(BaseModel):
     reason: str
 
 
-class CommandResultData(BaseModel):
-    command: str
-    success: bool
-    result: Any
 
 
 # -- REST --------------------------------------------------------------------------------------
@@ -403,18 +399,24 @@ class TradePage(BaseModel):
     offset: int
 
 
+PAGE_LIMIT = "How many items at most (one page)"
+PAGE_OFFSET = "How many items to skip, newest first: the page starts after them"
+
+
 class ProposalQuery(BaseModel):
-    status: Literal["pending", "approved", "executed", "rejected", "expired"] | None = None
+    status: Literal["pending", "approved", "executed", "rejected", "expired"] | None = Field(
+        default=None, description="Only proposals in this state (all when left out)")
     # Documented, not validated here: an invalid symbol is INVALID_SYMBOL, as everywhere.
     symbol: str | None = Field(default=None, examples=["BTC/USDT"],
+                               description="Only proposals of this symbol (BASE/QUOTE)",
                                json_schema_extra={"pattern": SYMBOL_PATTERN})
-    limit: int = Field(default=50, ge=1, le=500)
-    offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
+    limit: int = Field(default=50, ge=1, le=500, description=PAGE_LIMIT)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET, description=PAGE_OFFSET)
 
 
 class PageQuery(BaseModel):
-    limit: int = Field(default=50, ge=1, le=500)
-    offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
+    limit: int = Field(default=50, ge=1, le=500, description=PAGE_LIMIT)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET, description=PAGE_OFFSET)
 
 
 class NewProposal(BaseModel):
@@ -496,3 +498,12 @@ class EventBatchDocument(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     events: list[IngestEventDocument] = Field(max_length=MAX_BATCH_EVENTS)
+
+
+class CommandResultData(BaseModel):
+    command: str
+    success: bool
+    result: DecisionResult | EngineState | AnalysisData = Field(description=(
+        "approve_proposal: {proposal, trade} (trade null while paused); reject_proposal: "
+        "{proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. "
+        "get_status, get_portfolio and get_health answer with their event instead"))

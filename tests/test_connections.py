@@ -80,6 +80,8 @@ async def test_missing_or_wrong_key_is_refused_with_1008(gateway_factory, query,
         async with server.client(query, additional_headers=headers) as client:
             error = await client.recv()
             assert error["data"]["code"] == "AUTHENTICATION_FAILED"
+            assert error["data"]["error"] == ("Invalid API key" if query or headers
+                                              else "Missing API key")
             assert "wrong" not in error["data"]["details"]
             await client.ws.wait_closed()
             assert client.ws.close_code == 1008

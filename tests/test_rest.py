@@ -78,6 +78,24 @@ ORIGINAL_EVENTS = [
 ]
 
 
+async def test_reject_takes_an_optional_body(server):
+    await server.gateway.simulation.tick_market()
+    client = server.app.test_client()
+    ids = []
+    for _ in range(3):
+        created = await client.post("/api/proposals", json={
+            "symbol": "BTC/USDT", "action": "buy", "size": 0.01})
+        ids.append((await created.get_json())["proposal_id"])
+    bare = await client.post(f"/api/proposals/{ids[0]}/reject")
+    assert bare.status_code == 200
+    assert (await bare.get_json())["proposal"]["status"] == "rejected"
+    reasoned = await client.post(f"/api/proposals/{ids[1]}/reject", json={"reason": "no"})
+    assert (await reasoned.get_json())["proposal"]["status_reason"] == "no"
+    wrong = await client.post(f"/api/proposals/{ids[2]}/reject", json={"reason": 5})
+    assert wrong.status_code == 400
+    assert "Decision" not in (await wrong.get_json())["details"]
+
+
 async def test_the_original_engines_events_are_relayed_intact(server):
     async with server.subscribed(["all"]) as everything, \
             server.subscribed(symbols=["BTC/USDT"]) as by_symbol:
@@ -161,7 +179,11 @@ async def test_ingest_needs_a_publish_key_when_keys_are_configured(gateway_facto
     async with gateway_factory(API_KEYS=("reader:read", "engine:publish")) as server:
         client = server.app.test_client()
         event = {"events": [{"type": "alert", "data": {"level": "info", "message": "m"}}]}
-        assert (await client.post("/api/events", json=event)).status_code == 401
+        missing = await client.post("/api/events", json=event)
+        assert (missing.status_code, (await missing.get_json())["error"]) == (
+            401, "Missing API key")
+        wrong = await client.post("/api/events", json=event, headers={"X-API-Key": "nope"})
+        assert (wrong.status_code, (await wrong.get_json())["error"]) == (401, "Invalid API key")
         forbidden = await client.post("/api/events", json=event,
                                       headers={"X-API-Key": "reader"})
         assert forbidden.status_code == 403

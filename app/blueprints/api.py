@@ -3,16 +3,19 @@ text at `/metrics`. Every error is JSON `{error, code, details}`, and the OpenAP
 each error an operation can answer with (RestOpenAPIProvider)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
 from functools import wraps
+from http import HTTPStatus
 from typing import Any, TypeVar, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Response, current_app, g, request
 from quart_schema import (
+    RequestSchemaValidationError,
     document_request,
     hide,
     tag,
@@ -21,6 +24,7 @@ from quart_schema import (
     validate_request,
     validate_response,
 )
+from quart_schema.conversion import model_load
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import BaseConverter, Rule
 
@@ -98,6 +102,7 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "required": Tru
                                "schema": {"type": "integer", "minimum": 0}}}
 _ERROR_STATUSES = "_sigmax_error_statuses"
 _REQUIRED_SCOPE = "_sigmax_required_scope"
+_OPTIONAL_BODY = "_sigmax_optional_body"
 
 
 def _gateway() -> Gateway:
@@ -133,9 +138,10 @@ class RestOpenAPIProvider(OpenAPIProvider):
         config = self._app.config["SIGMAX"]
         scope = getattr(view, _REQUIRED_SCOPE, None)
         for operation in (op for path_item in paths.values() for op in path_item.values()):
+            _describe(operation, inspect.getdoc(view) or "")
             statuses = set(getattr(view, _ERROR_STATUSES, ()))
             if "requestBody" in operation:
-                operation["requestBody"]["required"] = True
+                operation["requestBody"]["required"] = not getattr(view, _OPTIONAL_BODY, False)
                 _list_traded_symbols(operation["requestBody"], config.SYMBOLS)
             if "requestBody" in operation or any(p["in"] == "query"
                                                  for p in operation["parameters"]):
@@ -151,6 +157,25 @@ class RestOpenAPIProvider(OpenAPIProvider):
                 if status not in operation["responses"]}}
         components[ErrorResponse.__name__] = ErrorResponse.model_json_schema()
         return paths, components
+
+
+PATH_PARAMETERS = {"proposal_id": "The proposal's id, as `proposal_created` gave it"}
+
+
+def _describe(operation: dict[str, Any], docstring: str) -> None:
+    """The summary is the docstring's first sentence, the description the rest (quart-schema
+    cuts at the first line break, mid-sentence); every response and path parameter says what
+    it is."""
+    text = " ".join(docstring.split())
+    summary, _, rest = text.partition(". ")
+    operation["summary"] = summary.rstrip(".")
+    operation["description"] = rest
+    for status, response in operation["responses"].items():
+        if not response.get("description"):
+            response["description"] = HTTPStatus(int(status)).phrase
+    for parameter in operation.get("parameters", ()):
+        if parameter["in"] == "path" and not parameter.get("description"):
+            parameter["description"] = PATH_PARAMETERS.get(parameter["name"], parameter["name"])
 
 
 def _error_response(status: int) -> dict[str, Any]:
@@ -187,6 +212,25 @@ def _register_converters(state: Any) -> None:
     state.app.url_map.converters["proposal_id"] = ProposalIdConverter
 
 
+def optional_body(model: type[Any]) -> Callable[[View], View]:
+    """quart-schema's validate_request for a body that may be left out: no body (or an empty
+    one) means the model's defaults. Documented as an optional request body."""
+
+    def decorator(view: View) -> View:
+        @wraps(view)
+        async def parsed(*args: Any, **kwargs: Any) -> Any:
+            if (await request.get_data()).strip():
+                data = model_load(await request.get_json(), model, RequestSchemaValidationError)
+            else:
+                data = model()
+            return await view(*args, data=data, **kwargs)
+
+        setattr(parsed, _OPTIONAL_BODY, True)
+        return cast(View, document_request(model)(parsed))
+
+    return decorator
+
+
 def requires(scope: str) -> Callable[[View], View]:
     """Refuse the request unless its X-API-Key (when keys exist) has `scope`; the caller's
     principal is then `g.principal`. Checked before the body is validated."""
@@ -199,8 +243,13 @@ def requires(scope: str) -> Callable[[View], View]:
             if principal is None:
                 log.info("refused %s %s from %s: %s", request.method, request.path,
                          request.remote_addr, "wrong API key" if presented else "no API key")
-                raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
-                               "Send a valid key in the X-API-Key header")
+                if presented:
+                    raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
+                                   "The key sent is not valid; send a valid key in the "
+                                   "X-API-Key header")
+                raise APIError(401, "AUTHENTICATION_FAILED", "Missing API key",
+                               "This gateway requires an API key: send it in the X-API-Key "
+                               "header")
             if not principal.can(scope):
                 raise APIError(403, "FORBIDDEN", "Not allowed",
                                f"This endpoint needs an API key with the {scope!r} scope")
@@ -438,11 +487,12 @@ async def approve_proposal(proposal_id: str) -> DecisionResult:
 @api_bp.post("/api/proposals/<proposal_id:proposal_id>/reject")
 @tag(["proposals"])
 @requires("trade")
-@validate_request(Decision)
+@optional_body(Decision)
 @validate_response(DecisionResult, 200)
 @errors(404, 409, 503)
 async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
-    """Reject a pending (or approved, not yet executed) proposal."""
+    """Reject a pending (or approved, not yet executed) proposal; the body, with a reason, is
+    optional."""
     return _decision(await _gateway().engine.reject(proposal_id, g.principal, data.reason), None)
 
 

@@ -846,7 +846,7 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
         if ui.ui not in app.view_functions:  # disabled in QuartSchema(...)
             continue
         if not all(public in assets for public in ui.files):
-            log.info("%s is not installed: %s redirects to another documentation UI",
+            log.debug("%s is not installed: %s redirects to another documentation UI",
                      ui.distribution, ui.ui)
             continue
         version = _version(ui.distribution)
@@ -981,6 +981,13 @@ def _link_rest_docs(app: Quart) -> None:
 async def get_asyncapi() -> dict[str, Any]:
     """The WebSocket protocol as an AsyncAPI 2.6 document."""
     return asyncapi_document(request.host or None, request.scheme in ("https", "wss"))
+
+
+@docs_bp.get("/docs/")
+@hide
+async def docs_with_a_slash() -> ResponseReturnValue:
+    """`/docs/` is `/docs`, the REST documentation."""
+    return redirect("/docs", 301)
 
 
 @docs_bp.get(WEBSOCKET_PAGE_PATH)

@@ -73,7 +73,7 @@ async def gateway_socket() -> Response | None:
         log.info("refused a WebSocket from %s: %s", websocket.remote_addr,
                  "wrong API key" if presented else "no API key")
         await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
-                      "Invalid API key",
+                      "Invalid API key" if presented else "Missing API key",
                       "Pass a valid key as ?api_key= or in the X-API-Key header" if presented
                       else "This gateway requires an API key (?api_key= or X-API-Key)")
         return None

@@ -12,6 +12,8 @@ import type {
   CommandResultData,
   ConnectedData,
   ErrorData,
+  HealthData,
+  PortfolioData,
   ServerEventDataMap,
   SubscribedData,
   SubscriptionsData,
@@ -56,6 +58,12 @@ export interface StateDetail {
   /** 'reconnecting': `error.message`. */
   reason?: string;
 }
+
+/** What `command` resolves with: for `get_status`, `get_portfolio` and `get_health`, `result` is
+ * the data of the event the gateway answers with. */
+export type CommandOutcome = Omit<CommandResultData, 'result'> & {
+  result: CommandResultData['result'] | SystemStatusData | PortfolioData | HealthData;
+};
 
 /** Made by the client, not sent by the gateway: history did not reach back, reload over REST. */
 export interface ResyncRequiredData {
@@ -327,11 +335,11 @@ export class SigmaxWebSocket {
    * (`FORBIDDEN_COMMAND`, `RATE_LIMITED`, ...) or `REQUEST_TIMEOUT`. Not sent again after a lost
    * connection, since whether it ran is then unknown: rejects with `CONNECTION_LOST`.
    */
-  async command(name: string, args: Record<string, unknown> = {}): Promise<CommandResultData> {
+  async command(name: string, args: Record<string, unknown> = {}): Promise<CommandOutcome> {
     const reply = await this.request('command', { ...args, command: name }, false);
     if (reply.type !== 'command_result') {
       // get_status, get_portfolio, get_health answer with the event they ask for.
-      return { command: name, success: true, result: reply.data };
+      return { command: name, success: true, result: reply.data as CommandOutcome['result'] };
     }
     const data = reply.data as CommandResultData;
     if (data?.success === false) {

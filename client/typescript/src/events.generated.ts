@@ -75,10 +75,64 @@ export interface SubscriptionsData {
   count: number;
 }
 
+export interface AnalysisData {
+  symbol?: string | null;
+  decision?: "buy" | "sell" | "hold" | null;
+  confidence?: number | null;
+  bull_score?: number | null;
+  bear_score?: number | null;
+  reasoning?: string | null;
+  [field: string]: unknown;
+}
+
+export interface DecisionResult {
+  proposal: ProposalOut;
+  trade?: TradeExecutedData | null;
+}
+
+export interface EngineState {
+  status: "running" | "paused";
+  changed: boolean;
+}
+
+export type JsonValue = boolean | number | string | JsonValue[] | { [key: string]: JsonValue } | null;
+
+export interface ProposalOut {
+  proposal_id: string;
+  symbol: string;
+  action: string;
+  size: number;
+  reason: string;
+  confidence: number | null;
+  source: string;
+  status: string;
+  created_at: string;
+  expires_at: string;
+  decided_by: string | null;
+  decided_at: string | null;
+  status_reason: string | null;
+  /** who made a manual proposal */
+  requested_by?: string | null;
+}
+
+export interface TradeExecutedData {
+  proposal_id?: string | null;
+  symbol?: string | null;
+  action?: "buy" | "sell" | null;
+  size?: number | null;
+  filled_price?: number | null;
+  order_id?: string | null;
+  status?: string | null;
+  fee?: number | null;
+  timestamp?: string | null;
+  [field: string]: unknown;
+}
+
 export interface CommandResultData {
   command: string;
   success: boolean;
-  result: unknown;
+  /** approve_proposal: {proposal, trade} (trade null while paused); reject_proposal: {proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. get_status, get_portfolio and get_health answer with their event instead */
+  result: DecisionResult | EngineState | AnalysisData;
 }
 
 export interface ErrorData {
@@ -95,18 +149,6 @@ export interface StreamResetData {
   /** false: events up to `last_seq` may be missing; reload state over REST */
   recovered: boolean;
   reason: string;
-}
-
-export type JsonValue = boolean | number | string | JsonValue[] | { [key: string]: JsonValue } | null;
-
-export interface AnalysisData {
-  symbol?: string | null;
-  decision?: "buy" | "sell" | "hold" | null;
-  confidence?: number | null;
-  bull_score?: number | null;
-  bear_score?: number | null;
-  reasoning?: string | null;
-  [field: string]: unknown;
 }
 
 export interface ProposalCreatedData {
@@ -141,19 +183,6 @@ export interface ProposalClosedData {
   proposal_id?: string | null;
   status?: string | null;
   reason?: string | null;
-  [field: string]: unknown;
-}
-
-export interface TradeExecutedData {
-  proposal_id?: string | null;
-  symbol?: string | null;
-  action?: "buy" | "sell" | null;
-  size?: number | null;
-  filled_price?: number | null;
-  order_id?: string | null;
-  status?: string | null;
-  fee?: number | null;
-  timestamp?: string | null;
   [field: string]: unknown;
 }
 

@@ -5,6 +5,7 @@ export {
   backoffDelay,
 } from './client.js';
 export type {
+  CommandOutcome,
   ConnectionState,
   EventDataMap,
   EventHandler,
