@@ -724,6 +724,19 @@ gateway) is answered <code>recovered: false</code>. If Redis loses its data, eac
 its connections a <code>stream_reset</code> with the new stream's id: <code>recovered</code> says
 whether any event was missed. Seq numbers never go back and are never used twice.</p>
 
+<h2 id="proposals">Proposals</h2>
+<p>The agent analyses each symbol once it has 20 prices (a warm-up of 20 market ticks after a
+start with no stored prices). An analysis at least {{ config.PROPOSAL_CONFIDENCE }} confident
+(<code>PROPOSAL_CONFIDENCE</code>) becomes a <code>proposal_created</code>, unless its symbol
+already has an open proposal: one open proposal per symbol, so a pending one blocks its symbol
+until it is decided or expires after {{ config.PROPOSAL_TTL }} s (<code>PROPOSAL_TTL</code>,
+then <code>proposal_expired</code>). <code>proposal_created</code> carries
+<code>confidence</code>, <code>source</code>, <code>expires_at</code> and, for a manual
+proposal, <code>requested_by</code>. Approval executes at once (<code>trade_executed</code>)
+unless trading is paused; while paused there are no new proposals. A strategy that connects late
+sees what is already pending by subscribing with <code>since</code> or with
+<code>GET /api/proposals?status=pending</code>.</p>
+
 <h2 id="slow">Slow consumers</h2>
 <p>Each connection has a queue of at most {{ config.WS_SEND_QUEUE_SIZE }} frames
 (<code>WS_SEND_QUEUE_SIZE</code>); a slow client never delays the others. When its queue is
