@@ -241,3 +241,20 @@ async def test_asyncapi_is_a_2_6_document_of_the_whole_protocol(app: Quart) -> N
     for requirement in server["security"]:
         for scheme in requirement:
             assert scheme in document["components"]["securitySchemes"]
+
+
+async def test_openapi_summaries_are_sentences_and_everything_is_described(app: Quart) -> None:
+    client = app.test_client()
+    document = await (await client.get("/openapi.json")).get_json()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            where = f"{method} {path}"
+            assert operation["summary"] and not operation["summary"].endswith(","), where
+            for parameter in operation.get("parameters", ()):
+                assert parameter.get("description"), (where, parameter["name"])
+            for status, response in operation["responses"].items():
+                assert response.get("description"), (where, status)
+    reject = document["paths"]["/api/proposals/{proposal_id}/reject"]["post"]
+    assert reject["requestBody"]["required"] is False
+    slash = await client.get("/docs/")
+    assert (slash.status_code, slash.headers["Location"]) == (301, "/docs")

@@ -90,7 +90,7 @@ MESSAGES = {
     "subscribe": ({"topics": ["market"], "symbols": ["BTC/USDT"], "since": 0,
                    "stream_id": "s"}, "subscribed"),
     "unsubscribe": ({"topics": ["market"], "symbols": ["BTC/USDT"]}, "unsubscribed"),
-    "command": ({"command": "get_status"}, "command_result"),
+    "command": ({"command": "get_status"}, "system_status"),
     "ping": ({}, "pong"),
     "pong": ({}, None),
     "get_status": ({}, "system_status"),

@@ -256,6 +256,9 @@ async def test_reject_bulk_and_expiry(database_url):
         assert result["results"][2]["error"]["code"] == "PROPOSAL_NOT_FOUND"
         _, rejected = await get(server, f"/api/proposals/{ids[0]}")
         assert (rejected["status"], rejected["status_reason"]) == ("rejected", "not today")
+        _, again = await post(server, "/api/proposals/approve", {"proposal_ids": [ids[0]]})
+        assert again["results"][0]["status"] == "rejected"
+        assert again["results"][0]["error"]["code"] == "PROPOSAL_ALREADY_DECIDED"
         await asyncio.sleep(0.3)
         expired = await server.gateway.engine.expire_stale()
         assert [p.id for p in expired] == [ids[2]]

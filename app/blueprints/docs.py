@@ -94,6 +94,8 @@ ALSO_DIRECT = {  # stream event types also sent to one connection only, without 
     "system_status": "it answers `get_status` and follows `connected`",
     "status_change": "the worker's own notices (shutting down, event stream degraded or "
                      "reconnected)",
+    "portfolio_update": "it answers the `get_portfolio` command",
+    "health_update": "it answers the `get_health` command",
 }
 
 ENVELOPE_NOTES: dict[str, str] = {

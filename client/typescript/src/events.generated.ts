@@ -294,9 +294,9 @@ export interface ServerEventDataMap {
   system_status: SystemStatusData;
   /** Stream event on topic 'market'. Also delivered to `symbol:X` subscribers, restricted to the entries of their symbols. A snapshot: conflated for slow consumers. */
   market_update: MarketEntry[];
-  /** Stream event on topic 'portfolio'. Also delivered to `symbol:X` subscribers when published with a symbol. A snapshot: conflated for slow consumers. */
+  /** Stream event on topic 'portfolio'. Also delivered to `symbol:X` subscribers when published with a symbol. Also sent directly, without `seq`: it answers the `get_portfolio` command. A snapshot: conflated for slow consumers. */
   portfolio_update: PortfolioData;
-  /** Stream event on topic 'health'. Also delivered to `symbol:X` subscribers when published with a symbol. A snapshot: conflated for slow consumers. */
+  /** Stream event on topic 'health'. Also delivered to `symbol:X` subscribers when published with a symbol. Also sent directly, without `seq`: it answers the `get_health` command. A snapshot: conflated for slow consumers. */
   health_update: HealthData;
   /** Stream event on topic 'alerts'. Also delivered to `symbol:X` subscribers when published with a symbol. */
   alert: AlertData;
