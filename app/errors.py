@@ -1,4 +1,6 @@
-"""One error type for the REST API, rendered once as the spec's `{error, code, details}`."""
+"""One error type, `GatewayError`: services, the REST views and the WebSocket protocol raise it;
+this module maps it once to an HTTP response and to a WebSocket `error` event, both the spec's
+`{error, code, details}`."""
 from __future__ import annotations
 
 import math
@@ -8,20 +10,47 @@ from quart import Quart, Response, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
+from app.services.events import envelope
 
-class APIError(Exception):
-    def __init__(self, status: int, code: str, error: str, details: str = "", *,
+# The HTTP status of each code that is not a 400 (a request that is wrong as it stands).
+HTTP_STATUS = {
+    "AUTHENTICATION_FAILED": 401,
+    "FORBIDDEN": 403,
+    "PROPOSAL_NOT_FOUND": 404,
+    "PROPOSAL_ALREADY_DECIDED": 409,
+    "ENGINE_PAUSED": 409,
+    "IDEMPOTENCY_KEY_REUSED": 409,
+    "NOTHING_TO_SELL": 422,
+    "BUS_UNAVAILABLE": 503,
+    "NO_PRICE": 503,
+}
+
+
+class GatewayError(Exception):
+    """What was asked cannot be done: `code` (the spec's error codes and ours), a short `error`,
+    `details` that name the offending value, and `fields` more of the answer's body. Not the
+    caller's connection: a WebSocket client gets it as an `error` event and stays connected."""
+
+    def __init__(self, code: str, error: str, details: str = "", *,
                  retry_after: float | None = None, **fields: Any) -> None:
         super().__init__(error)
-        self.status = status
         self.code = code
         self.error = error
         self.details = details
         self.retry_after = retry_after  # seconds; sent as Retry-After
-        self.fields = fields  # more of the body, beside error, code and details
+        self.fields = fields
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS.get(self.code, 400)
 
     def body(self) -> dict[str, Any]:
         return {**error_body(self.code, self.error, self.details), **self.fields}
+
+
+def error_event(error: GatewayError, connection_id: str | None, request_id: Any = None) -> str:
+    """`error` as the WebSocket `error` event its caller gets."""
+    return envelope("error", error.body(), connection_id, request_id)
 
 
 def error_body(code: str, error: str, details: str) -> dict[str, Any]:
@@ -67,8 +96,8 @@ def register_error_handlers(app: Quart) -> None:
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    @app.errorhandler(APIError)
-    async def api_error(error: APIError) -> tuple[dict[str, Any], int, dict[str, str]]:
+    @app.errorhandler(GatewayError)
+    async def gateway_error(error: GatewayError) -> tuple[dict[str, Any], int, dict[str, str]]:
         headers = {}
         if error.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))

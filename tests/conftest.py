@@ -46,7 +46,7 @@ class RunningGateway:
 
     async def publish(self, type_: str, data: Any, **routing: Any) -> Event:
         event = Event(type_, data, **routing)
-        await self.gateway.manager.publish([event])
+        await self.gateway.bus.publish([event])
         return event
 
     @asynccontextmanager

@@ -727,7 +727,7 @@ async def test_get_status_and_commands_get_their_own_reply_under_a_flood(gateway
             kinds = ("system_status", "health_update", "portfolio_update", "alert")
             for batch in range(20):
                 events = [Event(kinds[n % 4], {"decoy": batch * 200 + n}) for n in range(200)]
-                await server.gateway.manager.publish(events)
+                await server.gateway.bus.publish(events)
                 published.extend(e.seq for e in events)
                 await asyncio.sleep(0)
 

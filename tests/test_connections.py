@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 import pytest
 import websockets
 
+from app.services.commands import COMMANDS, Command, NoArguments
 from tests.conftest import connect_when_up, free_socket, migrate_with_cli, start_host, stop_host
 
 
@@ -99,15 +100,15 @@ async def test_valid_key_by_query_or_header_connects(gateway_factory, query, hea
             assert (await client.request("ping"))["type"] == "pong"
 
 
-async def test_command_needs_the_scope_of_its_key(gateway_factory):
+async def test_command_needs_the_scope_of_its_key(gateway_factory, monkeypatch):
     async with gateway_factory(API_KEYS=KEYS) as server:
         calls = []
 
-        async def pause(connection):
-            calls.append(connection.id)
+        async def pause(gateway, principal, arguments):
+            calls.append(principal)
             return {"paused": True}
 
-        server.gateway.add_command("pause", "trade", pause)
+        monkeypatch.setitem(COMMANDS, "pause", Command("pause", "trade", NoArguments, pause))
         async with server.client("?api_key=reader-key") as reader:
             await reader.greeting()
             error = await reader.request("command", {"command": "pause"})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.services.commands import COMMANDS, Command, NoArguments
 from app.services.events import TOPICS
 
 
@@ -200,11 +201,12 @@ async def test_oversized_message_is_closed_with_1009(gateway_factory):
             assert (await client.request("ping"))["type"] == "pong"
 
 
-async def test_a_failing_command_is_an_internal_error_and_the_connection_survives(server):
-    async def broken(connection):
+async def test_a_failing_command_is_an_internal_error_and_the_connection_survives(server,
+                                                                                 monkeypatch):
+    async def broken(gateway, principal, arguments):
         raise ZeroDivisionError("bug")
 
-    server.gateway.add_command("broken", "read", broken)
+    monkeypatch.setitem(COMMANDS, "broken", Command("broken", "read", NoArguments, broken))
     async with server.client() as client:
         await client.greeting()
         error = await client.request("command", {"command": "broken"})

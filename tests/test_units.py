@@ -149,7 +149,7 @@ class TestMemoryBus:
     async def test_seq_history_and_delivery(self):
         bus = MemoryBus(history_size=3, history_max_age=60)
         delivered: list[int] = []
-        bus.set_listener(lambda events: delivered.extend(e.seq for e in events))
+        bus.add_listener(lambda events: delivered.extend(e.seq for e in events))
         await bus.publish([Event("alert", {"n": n}) for n in range(5)])
         assert delivered == [1, 2, 3, 4, 5]
         assert bus.head == 5
@@ -166,7 +166,7 @@ class TestMemoryBus:
     async def test_an_idempotency_key_publishes_once(self):
         bus = MemoryBus(history_size=10, history_max_age=60)
         delivered: list[int] = []
-        bus.set_listener(lambda events: delivered.extend(e.seq for e in events))
+        bus.add_listener(lambda events: delivered.extend(e.seq for e in events))
         batch = [{"n": 1}, {"n": 2}]
         first = await bus.publish([Event("alert", data) for data in batch], "key-1")
         again = await bus.publish([Event("alert", data) for data in batch], "key-1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import wraps
 from http import HTTPStatus
 from typing import Any, TypeVar, cast
@@ -28,7 +28,7 @@ from quart_schema.conversion import model_load
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import BaseConverter, Rule
 
-from app.errors import APIError, describe_validation_error, excerpt, quoted
+from app.errors import GatewayError, describe_validation_error, excerpt, quoted
 from app.models import (
     EVENT_DATA_MODELS,
     TRADED_SYMBOL,
@@ -56,7 +56,7 @@ from app.models import (
     TradeOut,
     TradePage,
 )
-from app.services import store
+from app.services import commands
 from app.services.events import (
     EVENT_TOPICS,
     PER_SYMBOL_LIST_TYPES,
@@ -70,6 +70,7 @@ from app.services.redis_bus import RedisBus
 
 log = logging.getLogger(__name__)
 api_bp = Blueprint("api", __name__)
+NO_ARGUMENTS = commands.NoArguments()
 View = TypeVar("View", bound=Callable[..., Any])
 
 # The engine's ingest path is not rate limited.
@@ -111,7 +112,7 @@ def _gateway() -> Gateway:
 
 def errors(*statuses: int) -> Callable[[View], View]:
     """Document that the view answers with the JSON error of each of `statuses` (raised as
-    APIError), besides those RestOpenAPIProvider adds to every operation of its kind."""
+    GatewayError), besides those RestOpenAPIProvider adds to every operation of its kind."""
 
     def decorator(view: View) -> View:
         setattr(view, _ERROR_STATUSES, (*getattr(view, _ERROR_STATUSES, ()), *statuses))
@@ -244,14 +245,14 @@ def requires(scope: str) -> Callable[[View], View]:
                 log.info("refused %s %s from %s: %s", request.method, request.path,
                          request.remote_addr, "wrong API key" if presented else "no API key")
                 if presented:
-                    raise APIError(401, "AUTHENTICATION_FAILED", "Invalid API key",
+                    raise GatewayError("AUTHENTICATION_FAILED", "Invalid API key",
                                    "The key sent is not valid; send a valid key in the "
                                    "X-API-Key header")
-                raise APIError(401, "AUTHENTICATION_FAILED", "Missing API key",
+                raise GatewayError("AUTHENTICATION_FAILED", "Missing API key",
                                "This gateway requires an API key: send it in the X-API-Key "
                                "header")
             if not principal.can(scope):
-                raise APIError(403, "FORBIDDEN", "Not allowed",
+                raise GatewayError("FORBIDDEN", "Not allowed",
                                f"This endpoint needs an API key with the {scope!r} scope")
             g.principal = principal.name
             return await view(*args, **kwargs)
@@ -309,7 +310,7 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
     (within the history's age, on any worker) answers the first result and publishes nothing."""
     events = [_event(position, item.type, item.topic, item.symbol, item.data)
               for position, item in enumerate(data.events)]
-    published = await _gateway().manager.publish(events, headers.idempotency_key)
+    published = await _gateway().bus.publish(events, headers.idempotency_key)
     return IngestResult(accepted=published.accepted, first_seq=published.first_seq,
                         last_seq=published.last_seq, repeated=published.repeated), 202
 
@@ -319,8 +320,8 @@ _DATA_ADAPTERS = {type_: TypeAdapter(model) for type_, model in EVENT_DATA_MODEL
 
 def _event(position: int, type_: str, topic: str | None, symbol: str | None,
            data: Any) -> Event:
-    def invalid(details: str) -> APIError:
-        return APIError(400, "INVALID_EVENT", f"Invalid event at events[{position}]", details)
+    def invalid(details: str) -> GatewayError:
+        return GatewayError("INVALID_EVENT", f"Invalid event at events[{position}]", details)
 
     if type_ not in EVENT_TOPICS:
         raise invalid(f"Unknown type {quoted(type_)}; known: "
@@ -386,7 +387,7 @@ async def get_metrics() -> Response:
 @validate_response(SystemStatusData)
 async def get_status() -> dict[str, Any]:
     """The system status: running or paused, uptime, symbols, connections, counters."""
-    return _gateway().system_status()
+    return await commands.get_status(_gateway(), g.principal, NO_ARGUMENTS)
 
 
 @api_bp.get("/api/market")
@@ -404,7 +405,7 @@ async def get_market() -> dict[str, Any]:
 @validate_response(PortfolioData)
 async def get_portfolio() -> dict[str, Any]:
     """Cash, positions with P&L, totals."""
-    return await _gateway().engine.portfolio()
+    return await commands.get_portfolio(_gateway(), g.principal, NO_ARGUMENTS)
 
 
 @api_bp.get("/api/proposals")
@@ -415,12 +416,9 @@ async def get_portfolio() -> dict[str, Any]:
 async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
     """Proposals, newest first, filtered by status and symbol, paged."""
     symbol = _symbol(query_args.symbol) if query_args.symbol is not None else None
-    async with _gateway().db.connection() as connection:
-        items = await store.select_proposals(connection, status=query_args.status,
-                                             symbol=symbol, limit=query_args.limit,
-                                             offset=query_args.offset)
-        total = await store.count_proposals(connection, status=query_args.status,
-                                            symbol=symbol)
+    items, total = await _gateway().engine.proposals(
+        status=query_args.status, symbol=symbol, limit=query_args.limit,
+        offset=query_args.offset)
     return ProposalPage(items=[ProposalOut(**p.as_dict()) for p in items], total=total,
                         limit=query_args.limit, offset=query_args.offset)
 
@@ -432,12 +430,7 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
 @errors(404)
 async def get_proposal(proposal_id: str) -> ProposalOut:
     """One proposal."""
-    async with _gateway().db.connection() as connection:
-        proposal = await store.select_proposal(connection, proposal_id)
-    if proposal is None:
-        raise APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
-                       f"No proposal {quoted(proposal_id)}")
-    return ProposalOut(**proposal.as_dict())
+    return ProposalOut(**(await _gateway().engine.proposal(proposal_id)).as_dict())
 
 
 @api_bp.get("/api/trades")
@@ -447,10 +440,8 @@ async def get_proposal(proposal_id: str) -> ProposalOut:
 @validate_response(TradePage)
 async def get_trades(query_args: PageQuery) -> TradePage:
     """Executed trades, newest first, paged."""
-    async with _gateway().db.connection() as connection:
-        trades = await store.select_trades(connection, limit=query_args.limit,
-                                           offset=query_args.offset)
-        total = await store.count_trades(connection)
+    trades, total = await _gateway().engine.trades(limit=query_args.limit,
+                                                   offset=query_args.offset)
     return TradePage(items=[TradeOut(**t.as_event()) for t in trades], total=total,
                      limit=query_args.limit, offset=query_args.offset)
 
@@ -480,8 +471,8 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
 async def approve_proposal(proposal_id: str) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
-    proposal, trade = await _gateway().engine.approve(proposal_id, g.principal)
-    return _decision(proposal, trade)
+    return DecisionResult(**await commands.approve_proposal(
+        _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)))
 
 
 @api_bp.post("/api/proposals/<proposal_id:proposal_id>/reject")
@@ -493,7 +484,9 @@ async def approve_proposal(proposal_id: str) -> DecisionResult:
 async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
     """Reject a pending (or approved, not yet executed) proposal; the body, with a reason, is
     optional."""
-    return _decision(await _gateway().engine.reject(proposal_id, g.principal, data.reason), None)
+    return DecisionResult(**await commands.reject_proposal(
+        _gateway(), g.principal,
+        commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason)))
 
 
 @api_bp.post("/api/proposals/approve")
@@ -503,8 +496,8 @@ async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
 @validate_response(BulkResult)
 async def approve_proposals(data: BulkDecision) -> BulkResult:
     """Approve many proposals in one call; each succeeds or fails on its own."""
-    engine = _gateway().engine
-    return await _bulk(data.proposal_ids, lambda pid: engine.approve(pid, g.principal))
+    return await _bulk(data.proposal_ids, lambda proposal_id: commands.approve_proposal(
+        _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)))
 
 
 @api_bp.post("/api/proposals/reject")
@@ -514,9 +507,9 @@ async def approve_proposals(data: BulkDecision) -> BulkResult:
 @validate_response(BulkResult)
 async def reject_proposals(data: BulkDecision) -> BulkResult:
     """Reject many proposals in one call; each succeeds or fails on its own."""
-    engine = _gateway().engine
-    return await _bulk(data.proposal_ids,
-                       lambda pid: engine.reject(pid, g.principal, data.reason))
+    return await _bulk(data.proposal_ids, lambda proposal_id: commands.reject_proposal(
+        _gateway(), g.principal,
+        commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason)))
 
 
 @api_bp.post("/api/pause")
@@ -526,7 +519,7 @@ async def reject_proposals(data: BulkDecision) -> BulkResult:
 @errors(503)
 async def post_pause() -> EngineState:
     """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
-    return await _set_paused(True)
+    return EngineState(**await commands.pause(_gateway(), g.principal, NO_ARGUMENTS))
 
 
 @api_bp.post("/api/resume")
@@ -536,35 +529,26 @@ async def post_pause() -> EngineState:
 @errors(503)
 async def post_resume() -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
-    return await _set_paused(False)
-
-
-async def _set_paused(paused: bool) -> EngineState:
-    changed = await _gateway().engine.set_paused(paused, g.principal)
-    return EngineState(status="paused" if paused else "running", changed=changed)
+    return EngineState(**await commands.resume(_gateway(), g.principal, NO_ARGUMENTS))
 
 
 def _symbol(raw: str) -> str:
     symbol = normalize_symbol(raw)
     if symbol is None:
-        raise APIError(400, "INVALID_SYMBOL", "Invalid symbol format",
+        raise GatewayError("INVALID_SYMBOL", "Invalid symbol format",
                        f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
     return symbol
 
 
-def _decision(proposal: store.Proposal, trade: store.Trade | None) -> DecisionResult:
-    return DecisionResult(proposal=ProposalOut(**proposal.as_dict()),
-                          trade=TradeOut(**trade.as_event()) if trade is not None else None)
-
-
-async def _bulk(proposal_ids: list[str], decide: Any) -> BulkResult:
+async def _bulk(proposal_ids: list[str],
+                decide: Callable[[str], Awaitable[dict[str, Any]]]) -> BulkResult:
     results = []
     for proposal_id in dict.fromkeys(proposal_ids):  # once each, in the order given
         try:
             outcome = await decide(proposal_id)
-            proposal = outcome[0] if isinstance(outcome, tuple) else outcome
-            results.append(BulkItem(proposal_id=proposal_id, ok=True, status=proposal.status))
-        except APIError as error:
+            results.append(BulkItem(proposal_id=proposal_id, ok=True,
+                                    status=outcome["proposal"]["status"]))
+        except GatewayError as error:
             results.append(BulkItem(proposal_id=proposal_id, ok=False,
                                     status=error.fields.get("proposal_status"),
                                     error=ErrorResponse(**error.body())))

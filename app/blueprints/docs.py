@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import inspect
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -42,6 +41,7 @@ from app.models import (
     SubscriptionData,
     SubscriptionsData,
 )
+from app.services.commands import COMMANDS
 from app.services.events import (
     CONFLATABLE_TYPES,
     EVENT_TOPICS,
@@ -475,13 +475,11 @@ def _nested_objects(registry: SchemaRegistry, top: Iterable[str]) -> list[Sectio
 
 
 def _commands() -> list[dict[str, str]]:
-    gateway = current_app.extensions.get("gateway")
-    commands = getattr(gateway, "commands", {}) or {}
     listed = []
-    for name, command in sorted(commands.items()):
-        parameters = list(inspect.signature(command.handler).parameters.values())[1:]
-        args = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}?"
-                         for p in parameters)
+    for name, command in sorted(COMMANDS.items()):
+        fields = command.arguments.model_fields
+        args = ", ".join(field if info.is_required() else f"{field}?"
+                         for field, info in fields.items())
         listed.append({"name": name, "scope": command.scope, "args": args})
     return listed
 

@@ -6,7 +6,6 @@ and the connection stays open.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import socket
@@ -20,14 +19,14 @@ from quart_cors import cors_exempt
 from quart_schema.conversion import model_load
 from quart_schema.mixins import SchemaValidationError
 
-from app.errors import APIError, describe_validation_error, excerpt, quoted
+from app.errors import GatewayError, describe_validation_error, error_event, excerpt, quoted
 from app.models import ClientMessage, CommandData, SubscriptionData
+from app.services.commands import COMMANDS
 from app.services.connections import ASGI_SEND_KEY, Connection, ConnectionLimitExceeded
 from app.services.events import (
     SERVER_VERSION,
     SYMBOL_PREFIX,
     TOPICS,
-    ClientError,
     CloseCode,
     ErrorCode,
     envelope,
@@ -47,10 +46,6 @@ ws_bp = Blueprint("ws", __name__)
 
 MESSAGE_TYPES = ("subscribe", "unsubscribe", "ping", "pong", "command", "get_status",
                  "get_subscriptions")
-# Commands that answer with the event they ask for, as the original SIGMAX server does (and as
-# the spec's client, waiting for `system_status`, expects); the others answer `command_result`.
-COMMAND_REPLIES = {"get_status": "system_status", "get_portfolio": "portfolio_update",
-                   "get_health": "health_update"}
 
 
 @ws_bp.websocket("/api/ws")
@@ -146,15 +141,12 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
         message = _load(payload, ClientMessage)
         handler = HANDLERS.get(message.type)
         if handler is None:
-            raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
+            raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
                                 f"Message type {quoted(message.type)} is not one of "
                                 f"{', '.join(MESSAGE_TYPES)}")
         await handler(gateway, conn, message)
-    except APIError as error:
-        conn.send_direct(envelope("error", error.body(), conn.id, request_id))
-    except ClientError as error:
-        conn.send_direct(error_envelope(error.code, error.error, error.details, conn.id,
-                                        request_id))
+    except GatewayError as error:
+        conn.send_direct(error_event(error, conn.id, request_id))
     except Exception:
         # A bug, not the client's fault: logged, answered, and the connection stays usable.
         log.exception("message of connection %s failed", conn.id)
@@ -165,15 +157,15 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
 
 def _parse(raw: str | bytes | None) -> dict[str, Any]:
     if not raw:  # Quart gives None for an empty binary frame
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message",
+        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message",
                             "Send one JSON object per message")
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON",
+        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON",
                             f"{error}: {_excerpt(raw)}") from None
     if not isinstance(payload, dict):
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Message must be a JSON object",
+        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Message must be a JSON object",
                             f"Got {type(payload).__name__}: {_excerpt(raw)}")
     return payload
 
@@ -188,7 +180,7 @@ def _load(data: dict[str, Any], model: type[Any]) -> Any:
     try:
         return model_load(data, model, SchemaValidationError)
     except SchemaValidationError as error:
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid message",
+        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid message",
                             describe_validation_error(error.validation_error)) from None
 
 
@@ -207,7 +199,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], Subscri
         elif topic in TOPICS:
             topics[topic] = None
         else:
-            raise ClientError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
+            raise GatewayError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
                                 f"Topic {quoted(raw_topic)} does not exist; available: "
                                 f"{', '.join(TOPICS)}")
     for raw_symbol in data.symbols:
@@ -218,7 +210,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], Subscri
 def _symbol(raw: str) -> str:
     symbol = normalize_symbol(raw)
     if symbol is None:
-        raise ClientError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
+        raise GatewayError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
                             f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
     return symbol
 
@@ -235,7 +227,7 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
     total = len(conn.keys.union(keys))
     if total > limit:
         gateway.manager.refuse("subscriptions")
-        raise ClientError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions",
+        raise GatewayError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions",
                           f"A connection may hold {limit} topics and symbols; this subscribe "
                           f"would make {total}")
     reply: dict[str, Any] = {
@@ -288,11 +280,11 @@ async def _get_subscriptions(gateway: Gateway, conn: Connection, message: Client
 
 async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
     data: CommandData = _load(message.data or {}, CommandData)
-    command = gateway.commands.get(data.command)
+    command = COMMANDS.get(data.command)
     if command is None:
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
-                            f"Command {quoted(data.command)} is not one of "
-                            f"{', '.join(sorted(gateway.commands))}")
+        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
+                           f"Command {quoted(data.command)} is not one of "
+                           f"{', '.join(sorted(COMMANDS))}")
     bucket = conn.command_bucket
     if bucket is None:
         config = gateway.config
@@ -301,23 +293,22 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
     wait = bucket.take()
     if wait:
         gateway.manager.refuse("command_rate")
-        raise ClientError(ErrorCode.RATE_LIMITED, "Too many commands",
-                          f"At most {bucket.rate:g} commands per second (bursts of "
-                          f"{bucket.burst:g}); retry in {wait:.2f} s")
+        raise GatewayError(ErrorCode.RATE_LIMITED, "Too many commands",
+                           f"At most {bucket.rate:g} commands per second (bursts of "
+                           f"{bucket.burst:g}); retry in {wait:.2f} s")
     if command.scope not in conn.scopes:
-        raise ClientError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
-                            f"Command {quoted(data.command)} needs an API key with the "
-                            f"{command.scope!r} scope")
-    args = data.model_extra or {}
+        raise GatewayError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
+                           f"Command {quoted(data.command)} needs an API key with the "
+                           f"{command.scope!r} scope")
     try:
-        inspect.signature(command.handler).bind(conn, **args)
-    except TypeError as error:
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
-                            f"Command {quoted(data.command)}: {error}") from None
-    result = await command.handler(conn, **args)
-    reply_type = COMMAND_REPLIES.get(data.command)
-    if reply_type is not None:
-        conn.send_direct(envelope(reply_type, result, conn.id, message.request_id))
+        args = model_load(data.model_extra or {}, command.arguments, SchemaValidationError)
+    except SchemaValidationError as error:
+        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
+                           f"Command {quoted(data.command)}: "
+                           f"{describe_validation_error(error.validation_error)}") from None
+    result = await command.run(gateway, conn.principal, args)
+    if command.reply != "command_result":
+        conn.send_direct(envelope(command.reply, result, conn.id, message.request_id))
         return
     conn.send_direct(envelope("command_result", {
         "command": data.command, "success": True, "result": result,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Protocol
 
-from app.errors import APIError
+from app.errors import GatewayError
 from app.services.events import Event
 
 Listener = Callable[[list[Event]], None]
@@ -46,9 +46,9 @@ class StreamReset:
     recovered: bool
 
 
-class IdempotencyConflict(APIError):
+class IdempotencyConflict(GatewayError):
     def __init__(self, key: str) -> None:
-        super().__init__(409, "IDEMPOTENCY_KEY_REUSED", "Idempotency key reused",
+        super().__init__("IDEMPOTENCY_KEY_REUSED", "Idempotency key reused",
                          f"Idempotency-Key {key[:80]!r} was used for a different batch of "
                          "events; a retry must send the same batch")
 
@@ -73,7 +73,7 @@ class EventBus(Protocol):
     def head(self) -> int:
         """The seq of the newest event delivered to this process's listener (0 before any)."""
 
-    def set_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener) -> None:
         """Receive every published event, in seq order, exactly once, in batches."""
 
     async def start(self) -> None: ...
@@ -105,7 +105,7 @@ class MemoryBus:
         self._history: deque[Event] = deque(maxlen=history_size)
         self._history_max_age = history_max_age
         self._seq = 0
-        self._listener: Listener = lambda events: None
+        self._listeners: list[Listener] = []
         # Idempotency key -> (result, batch fingerprint, expiry), oldest first; bounded like
         # the history: a key is remembered at most as long as its events could be replayed.
         self._published: OrderedDict[str, tuple[Published, str, float]] = OrderedDict()
@@ -115,8 +115,8 @@ class MemoryBus:
     def head(self) -> int:
         return self._seq
 
-    def set_listener(self, listener: Listener) -> None:
-        self._listener = listener
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     async def start(self) -> None:
         pass
@@ -147,7 +147,8 @@ class MemoryBus:
             if len(self._published) > self._published_max:
                 self._published.popitem(last=False)
         self._history.extend(events)
-        self._listener(events)
+        for listener in self._listeners:
+            listener(events)
         return published
 
     async def history(self, since: int, until: int) -> tuple[list[Event], bool]:

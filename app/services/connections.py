@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
-from app.services.bus import EventBus, Published, StreamReset
+from app.services.bus import EventBus, StreamReset
 from app.services.events import (
     PER_SYMBOL_LIST_TYPES,
     SYMBOL_PREFIX,
@@ -563,10 +563,6 @@ class ConnectionManager:
         concerns this worker only, such as losing its link to Redis."""
         for conn in list(self.connections.values()):
             conn.send_direct(envelope(type_, data, conn.id))
-
-    async def publish(self, events: list[Event],
-                      idempotency_key: str | None = None) -> Published:
-        return await self.bus.publish(events, idempotency_key)
 
     def stream_reset(self, reset: StreamReset) -> None:
         """Redis lost the stream and this worker moved to a new one: every client learns its

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.errors import APIError, quoted
+from app.errors import GatewayError, quoted
 from app.services import store
 from app.services.events import Event
 from app.services.market import round_price
@@ -44,11 +44,11 @@ class RiskRules:
     initial_cash: float
 
 
-class ProposalDecided(APIError):
+class ProposalDecided(GatewayError):
     """409: the proposal is no longer open; `status` says what it became."""
 
     def __init__(self, status: str, details: str) -> None:
-        super().__init__(409, "PROPOSAL_ALREADY_DECIDED", f"Proposal already {status}", details,
+        super().__init__("PROPOSAL_ALREADY_DECIDED", f"Proposal already {status}", details,
                          proposal_status=status)
 
 
@@ -79,21 +79,21 @@ class TradingEngine:
         """Create a proposal; without `size`, the risk rule sizes it. Refused while paused:
         a paused engine makes no new proposals, the agent's nor anyone's."""
         if self.paused:
-            raise APIError(409, "ENGINE_PAUSED", "Trading is paused",
+            raise GatewayError("ENGINE_PAUSED", "Trading is paused",
                            "No new proposals while the engine is paused; resume it first")
         if symbol not in self._market.symbols:
-            raise APIError(400, "UNKNOWN_SYMBOL", "Unknown symbol",
+            raise GatewayError("UNKNOWN_SYMBOL", "Unknown symbol",
                            f"{quoted(symbol)} is not traded; symbols: "
                            f"{', '.join(self._market.symbols)}")
         price = await self._price(symbol)
         if size is None:
             size = self._risk_size(await self.portfolio(), symbol, action, price)
             if size <= 0:
-                raise APIError(422, "NOTHING_TO_SELL", "Nothing to sell",
+                raise GatewayError("NOTHING_TO_SELL", "Nothing to sell",
                                f"There is no {symbol} position to sell")
         size = round(size, 8)
         if size <= 0:
-            raise APIError(400, "INVALID_SIZE", "Size too small",
+            raise GatewayError("INVALID_SIZE", "Size too small",
                            "The smallest size is 0.00000001")
         now = time.time()
         proposal = Proposal(id=store.new_id("prop"), symbol=symbol, action=action,
@@ -108,6 +108,30 @@ class TradingEngine:
         if self.rules.auto_approve:
             return (await self.approve(proposal.id, "auto"))[0]
         return proposal
+
+    async def proposal(self, proposal_id: str) -> Proposal:
+        async with self._db.connection() as connection:
+            proposal = await store.select_proposal(connection, proposal_id)
+        if proposal is None:
+            raise GatewayError("PROPOSAL_NOT_FOUND", "Proposal not found",
+                               f"No proposal {quoted(proposal_id)}")
+        return proposal
+
+    async def proposals(self, *, status: str | None, symbol: str | None, limit: int,
+                        offset: int) -> tuple[list[Proposal], int]:
+        """A page of proposals, newest first, and how many match in all."""
+        async with self._db.connection() as connection:
+            items = await store.select_proposals(connection, status=status, symbol=symbol,
+                                                 limit=limit, offset=offset)
+            total = await store.count_proposals(connection, status=status, symbol=symbol)
+        return items, total
+
+    async def trades(self, *, limit: int, offset: int) -> tuple[list[Trade], int]:
+        """A page of executed trades, newest first, and how many there are."""
+        async with self._db.connection() as connection:
+            trades = await store.select_trades(connection, limit=limit, offset=offset)
+            total = await store.count_trades(connection)
+        return trades, total
 
     async def consider(self, symbol: str, decision: str, confidence: float,
                        reasoning: str) -> Proposal | None:
@@ -185,10 +209,10 @@ class TradingEngine:
                                  for p in expired])
         return expired
 
-    async def _not_open(self, connection: Any, proposal_id: str, verb: str) -> APIError:
+    async def _not_open(self, connection: Any, proposal_id: str, verb: str) -> GatewayError:
         existing = await store.select_proposal(connection, proposal_id)
         if existing is None:
-            return APIError(404, "PROPOSAL_NOT_FOUND", "Proposal not found",
+            return GatewayError("PROPOSAL_NOT_FOUND", "Proposal not found",
                             f"No proposal {quoted(proposal_id)}")
         return ProposalDecided(existing.status,
                                f"Cannot {verb} {quoted(proposal_id)}: it is {existing.status}"
@@ -355,7 +379,7 @@ class TradingEngine:
             async with self._db.connection() as connection:
                 price = (await store.select_prices(connection)).get(symbol)
         if price is None:
-            raise APIError(503, "NO_PRICE", "No market price yet",
+            raise GatewayError("NO_PRICE", "No market price yet",
                            f"There is no price for {symbol} yet; retry shortly")
         return price
 

@@ -63,17 +63,6 @@ class ErrorCode:
     TOO_MANY_SUBSCRIPTIONS = "TOO_MANY_SUBSCRIPTIONS"
 
 
-class ClientError(Exception):
-    """A client message that cannot be carried out: becomes an `error` event
-    `{error, code, details}` to that client; the connection stays open."""
-
-    def __init__(self, code: str, error: str, details: str) -> None:
-        super().__init__(error)
-        self.code = code
-        self.error = error
-        self.details = details
-
-
 class CloseCode:
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008

@@ -10,27 +10,21 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-from app.errors import quoted
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
-from app.services.connections import Connection, ConnectionManager
+from app.services.connections import ConnectionManager
 from app.services.engine import RiskRules, TradingEngine
 from app.services.events import (
     SERVER_VERSION,
     TOPICS,
-    ClientError,
-    ErrorCode,
     Event,
     normalize_symbol,
 )
 from app.services.health import (
     GarbageCollector,
     LoopLagMonitor,
-    health_snapshot,
     process_rss,
 )
 from app.services.leader import LeaderLease
@@ -41,15 +35,7 @@ from config import Config
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[..., Awaitable[Any]]
 PRODUCER_STOP_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    scope: str
-    handler: CommandHandler
 
 
 class Gateway:
@@ -87,20 +73,22 @@ class Gateway:
         if None in symbols or not symbols:
             raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
         self.market = SimulatedMarket([s for s in symbols if s])
-        self.engine = TradingEngine(db, self.market, self.manager.publish, RiskRules(
+        self.engine = TradingEngine(db, self.market, self.bus.publish, RiskRules(
             fee_rate=config.FEE_RATE, slippage=config.SLIPPAGE,
             risk_per_trade=config.RISK_PER_TRADE, max_position_share=config.MAX_POSITION_SHARE,
             max_drawdown=config.MAX_DRAWDOWN, proposal_ttl=config.PROPOSAL_TTL,
             confidence_threshold=config.PROPOSAL_CONFIDENCE, auto_approve=config.AUTO_APPROVE,
             initial_cash=config.INITIAL_CASH))
         self.simulation = Simulation(
-            market=self.market, engine=self.engine, db=db, publish=self.manager.publish,
+            market=self.market, engine=self.engine, db=db, publish=self.bus.publish,
             system_status=self.system_status, intervals={
                 "market": config.MARKET_INTERVAL, "analysis": config.ANALYSIS_INTERVAL,
                 "portfolio": config.PORTFOLIO_INTERVAL, "status": config.STATUS_INTERVAL,
                 "health": config.HEALTH_INTERVAL})
-        self.bus.set_listener(self._on_events)
-        self.commands: dict[str, Command] = {}
+        # One way: producers publish to the bus; its listeners are the fan-out and the
+        # followers' price feed.
+        self.bus.add_listener(self.manager.fan_out)
+        self.bus.add_listener(self._follow_prices)
         self.loop_lag = LoopLagMonitor()
         self.garbage = GarbageCollector(config.GC_INTERVAL)
         self.started = time.time()
@@ -108,11 +96,6 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._producers: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-        self._register_commands()
-
-    def add_command(self, name: str, scope: str, handler: CommandHandler) -> None:
-        """Register a WebSocket `command`; `handler(connection, **args)` returns its result."""
-        self.commands[name] = Command(name, scope, handler)
 
     async def start(self) -> None:
         await self.bus.start()
@@ -165,10 +148,9 @@ class Gateway:
         await _cancel(self._producers)
         self._producers = []
 
-    def _on_events(self, events: list[Event]) -> None:
-        self.manager.fan_out(events)
+    def _follow_prices(self, events: list[Event]) -> None:
+        """Followers price approvals with what the leader's feed says."""
         if not self.is_leader:
-            # Followers price approvals with what the leader's feed says.
             for event in events:
                 if event.type == "market_update" and isinstance(event.data, list):
                     self.market.restore({entry["symbol"]: entry["price"] for entry in event.data
@@ -210,57 +192,6 @@ class Gateway:
                          "events_published": self.manager.counters["events_published"]},
         }
 
-    # -- WebSocket commands -----------------------------------------------------------------
-
-    def _register_commands(self) -> None:
-        engine, simulation = self.engine, self.simulation
-
-        async def get_status(conn: Connection) -> dict[str, Any]:
-            return self.system_status()
-
-        async def get_portfolio(conn: Connection) -> dict[str, Any]:
-            return await engine.portfolio()
-
-        async def get_health(conn: Connection) -> dict[str, Any]:
-            return health_snapshot()
-
-        async def approve_proposal(conn: Connection, proposal_id: str) -> dict[str, Any]:
-            proposal, trade = await engine.approve(_text(proposal_id, "proposal_id"),
-                                                   conn.principal)
-            return {"proposal": proposal.as_dict(),
-                    "trade": trade.as_event() if trade is not None else None}
-
-        async def reject_proposal(conn: Connection, proposal_id: str,
-                                  reason: str | None = None) -> dict[str, Any]:
-            proposal = await engine.reject(_text(proposal_id, "proposal_id"), conn.principal,
-                                           _text(reason, "reason") if reason is not None
-                                           else None)
-            return {"proposal": proposal.as_dict()}
-
-        async def pause(conn: Connection) -> dict[str, Any]:
-            changed = await engine.set_paused(True, conn.principal)
-            return {"status": "paused", "changed": changed}
-
-        async def resume(conn: Connection) -> dict[str, Any]:
-            changed = await engine.set_paused(False, conn.principal)
-            return {"status": "running", "changed": changed}
-
-        async def analyze(conn: Connection, symbol: str) -> dict[str, Any]:
-            normalized = normalize_symbol(_text(symbol, "symbol"))
-            if normalized not in self.market.symbols:
-                raise ClientError(ErrorCode.INVALID_SYMBOL, "Unknown symbol",
-                                  f"{quoted(symbol)} is not one of "
-                                  f"{', '.join(self.market.symbols)}")
-            return (await simulation.analyze(normalized)).as_dict()
-
-        for name, scope, handler in (
-            ("get_status", "read", get_status), ("get_portfolio", "read", get_portfolio),
-            ("get_health", "read", get_health), ("approve_proposal", "trade", approve_proposal),
-            ("reject_proposal", "trade", reject_proposal), ("pause", "trade", pause),
-            ("resume", "trade", resume), ("analyze", "trade", analyze),
-        ):
-            self.add_command(name, scope, handler)
-
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
@@ -268,10 +199,3 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ClientError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
-                          f"{name} must be a non-empty string (got {value!r:.40})")
-    return value

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from app.errors import APIError
+from app.errors import GatewayError
 from app.services.bus import (
     IdempotencyConflict,
     Listener,
@@ -106,11 +106,11 @@ SETTLE_SECONDS = 3 * WATCH_INTERVAL
 RECONNECT_DELAYS = (0.1, 5.0)  # the reader's backoff, first and longest
 
 
-class BusUnavailable(APIError):
+class BusUnavailable(GatewayError):
     """Publishing failed: Redis cannot be reached, or its stream is being re-established."""
 
     def __init__(self, details: str, retry_after: float = 1.0) -> None:
-        super().__init__(503, "BUS_UNAVAILABLE", "Event stream unavailable", details,
+        super().__init__("BUS_UNAVAILABLE", "Event stream unavailable", details,
                          retry_after=retry_after)
 
 
@@ -131,7 +131,7 @@ class RedisBus:
         self._history_max_age = history_max_age
         self._publish = self._redis.register_script(_PUBLISH)
         self._sync_script = self._redis.register_script(_SYNC)
-        self._listener: Listener = lambda events: None
+        self._listeners: list[Listener] = []
         self._head = 0
         # The highest seq this worker gave an event: part of its floor, with what it read.
         self._last_given = 0
@@ -167,8 +167,8 @@ class RedisBus:
         return (self._behind_since is not None
                 and time.monotonic() - self._behind_since > self._deaf_after)
 
-    def set_listener(self, listener: Listener) -> None:
-        self._listener = listener
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     async def start(self) -> None:
         try:
@@ -326,7 +326,8 @@ class RedisBus:
             events = [e for e in events if e.seq > self._head]
         if events:
             self._head = events[-1].seq
-            self._listener(events)
+            for listener in self._listeners:
+                listener(events)
 
     async def _watch(self) -> None:
         """Compare this worker's head with the stream's, apart from the reading itself: a
