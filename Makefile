@@ -33,6 +33,7 @@ browser:
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app client tests config.py wsgi.py
+	$(BIN)/ruff format --check app client tests config.py wsgi.py
 	$(BIN)/mypy app config.py client/sigmax_client
 
 $(VENV)/bin/python:

@@ -6,10 +6,15 @@ directly and override fields with `dataclasses.replace`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 MIB = 1024 * 1024
+
+
+def positive(default: Any) -> Any:
+    """A setting that must be above 0 (checked when the Config is made)."""
+    return field(default=default, metadata={"positive": True})
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -22,7 +27,7 @@ class Config:
     # the gateway is open, so it must not be reachable from other hosts unless asked.
     HOST: str = "127.0.0.1"
     PORT: int = 8000
-    WORKERS: int = 1
+    WORKERS: int = positive(1)
     # Hypercorn's event loop: asyncio, or uvloop (needs the uvloop package; see the README).
     WORKER_CLASS: str = "asyncio"
 
@@ -31,30 +36,30 @@ class Config:
     # Names of the Redis keys (stream, counter, leader lease): one prefix per deployment.
     REDIS_PREFIX: str = "sigmax"
     # Seconds after which a dead leader's lease runs out and another worker takes over.
-    LEADER_TTL: float = 6.0
+    LEADER_TTL: float = positive(6.0)
     # A worker behind the Redis stream's head this long is reported not receiving (503).
-    REDIS_DEAF_AFTER: float = 10.0
+    REDIS_DEAF_AFTER: float = positive(10.0)
 
-    WS_MAX_CONNECTIONS: int = 1000
+    WS_MAX_CONNECTIONS: int = positive(1000)
     # Connections one API key may hold at once (0 = no limit); without keys it does not apply.
     WS_MAX_CONNECTIONS_PER_KEY: int = 100
-    WS_HEARTBEAT_INTERVAL: float = 30.0
-    WS_CONNECTION_TIMEOUT: float = 60.0
+    WS_HEARTBEAT_INTERVAL: float = positive(30.0)
+    WS_CONNECTION_TIMEOUT: float = positive(60.0)
     # Largest client message accepted; bigger frames are closed with 1009 by Hypercorn.
-    WS_MAX_MESSAGE_SIZE: int = 1 * MIB
+    WS_MAX_MESSAGE_SIZE: int = positive(1 * MIB)
     # Frames waiting for one connection before the slow-consumer policy applies.
-    WS_SEND_QUEUE_SIZE: int = 1000
+    WS_SEND_QUEUE_SIZE: int = positive(1000)
     # Write pre-framed events straight to each connection's TCP transport when served by
     # Hypercorn's asyncio worker over HTTP/1.1 (see app/services/transport.py); off = ASGI send.
     WS_FAST_PATH: bool = True
     # How long a server-initiated close may wait for the client before the connection is dropped.
-    WS_CLOSE_TIMEOUT: float = 5.0
+    WS_CLOSE_TIMEOUT: float = positive(5.0)
     # Seconds between full garbage collections (app/services/health.py); 0 = by allocation count.
     GC_INTERVAL: float = 60.0
 
     # Events kept for resume (`subscribe` with `since`), bounded by count and by age in seconds.
-    EVENT_HISTORY_SIZE: int = 10_000
-    EVENT_HISTORY_MAX_AGE: float = 600.0
+    EVENT_HISTORY_SIZE: int = positive(10_000)
+    EVENT_HISTORY_MAX_AGE: float = positive(600.0)
 
     # SQLite file (default, no server needed) or postgresql://user@host:5432/db.
     DATABASE_URL: str = "sqlite:///sigmax.db"
@@ -63,16 +68,16 @@ class Config:
     # engine publishes through POST /api/events.
     SIMULATION: bool = True
     SYMBOLS: tuple[str, ...] = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
-    MARKET_INTERVAL: float = 2.0
-    ANALYSIS_INTERVAL: float = 10.0
-    PORTFOLIO_INTERVAL: float = 3.0
-    STATUS_INTERVAL: float = 5.0
-    HEALTH_INTERVAL: float = 10.0
+    MARKET_INTERVAL: float = positive(2.0)
+    ANALYSIS_INTERVAL: float = positive(10.0)
+    PORTFOLIO_INTERVAL: float = positive(3.0)
+    STATUS_INTERVAL: float = positive(5.0)
+    HEALTH_INTERVAL: float = positive(10.0)
     # A proposal is made when an analysis is at least this confident.
     PROPOSAL_CONFIDENCE: float = 0.7
-    PROPOSAL_TTL: float = 300.0
+    PROPOSAL_TTL: float = positive(300.0)
     AUTO_APPROVE: bool = False
-    INITIAL_CASH: float = 100_000.0
+    INITIAL_CASH: float = positive(100_000.0)
     FEE_RATE: float = 0.001
     SLIPPAGE: float = 0.0005
     # Share of the portfolio's value one proposal risks; alert thresholds.
@@ -80,10 +85,10 @@ class Config:
     MAX_POSITION_SHARE: float = 0.25
     MAX_DRAWDOWN: float = 0.10
     # Topics and symbols one connection may hold.
-    WS_MAX_SUBSCRIPTIONS: int = 500
+    WS_MAX_SUBSCRIPTIONS: int = positive(500)
     # WebSocket commands per connection: a sustained rate per second and a burst.
-    WS_COMMAND_RATE: float = 5.0
-    WS_COMMAND_BURST: int = 20
+    WS_COMMAND_RATE: float = positive(5.0)
+    WS_COMMAND_BURST: int = positive(20)
 
     # REST requests per second per client (its API key, else its address); 0 = no limit.
     # The ingest endpoint is not limited: it is the engine's bulk path.
@@ -143,14 +148,8 @@ class Config:
         }
 
     def __post_init__(self) -> None:
-        positive = ("WS_MAX_CONNECTIONS", "WS_HEARTBEAT_INTERVAL", "WS_CONNECTION_TIMEOUT",
-                    "WS_MAX_MESSAGE_SIZE", "WS_SEND_QUEUE_SIZE", "EVENT_HISTORY_SIZE",
-                    "EVENT_HISTORY_MAX_AGE", "WORKERS", "WS_CLOSE_TIMEOUT", "MARKET_INTERVAL",
-                    "ANALYSIS_INTERVAL", "PORTFOLIO_INTERVAL", "STATUS_INTERVAL",
-                    "HEALTH_INTERVAL", "PROPOSAL_TTL", "INITIAL_CASH", "WS_COMMAND_RATE",
-                    "WS_COMMAND_BURST", "LEADER_TTL", "REDIS_DEAF_AFTER", "WS_MAX_SUBSCRIPTIONS")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for f in fields(self):
+            if f.metadata.get("positive") and getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)!r}")
         if self.GC_INTERVAL < 0:
             raise ValueError(f"GC_INTERVAL must be 0 or positive, got {self.GC_INTERVAL!r}")

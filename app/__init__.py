@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
 
@@ -13,16 +12,18 @@ from quart_cors import cors
 from quart_rate_limiter import RateLimit, RateLimiter
 from quart_schema import QuartSchema
 
-from app.blueprints.api import NOT_RATE_LIMITED, RestOpenAPIProvider, api_bp
+from app.apidocs.openapi import NOT_RATE_LIMITED, RestOpenAPIProvider
+from app.apidocs.ui import configure_docs
+from app.blueprints.api import api_bp
 from app.blueprints.dashboard import dashboard_bp
-from app.blueprints.docs import configure_docs, docs_bp
+from app.blueprints.docs import docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
 from app.services.auth import hash_key
-from app.services.connections import ASGI_SEND_KEY
 from app.services.database import attach_database
 from app.services.events import SERVER_VERSION
 from app.services.gateway import Gateway
+from app.services.transport import expose_asgi_send
 from config import Config
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def create_app(config: Config | None = None) -> Quart:
             gateway.manager.refuse("rest_rate")
         return response
 
-    app.asgi_app = _expose_asgi_send(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = expose_asgi_send(app.asgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -98,18 +99,3 @@ def _configure_logging(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-
-
-def _expose_asgi_send(asgi_app: Any) -> Any:
-    """Put each WebSocket's ASGI `send` in its scope: the gateway writes frames with it (or
-    with the transport under it, see app/services/transport.py), not through Quart's wrapper,
-    which yields to the loop before every message."""
-
-    def app_with_send(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
-        if scope["type"] == "websocket":
-            # The server builds a scope per connection; adding a key in place saves a copy of
-            # it, and returning the inner coroutine saves a frame, for every connection.
-            scope[ASGI_SEND_KEY] = send
-        return asgi_app(scope, receive, send)
-
-    return app_with_send

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REDIS_URL, REPOSITORY, REQUIRE_SERVICES
+from tests.helpers import REDIS_URL, REPOSITORY, REQUIRE_SERVICES
 
 E2E = REPOSITORY / "tests" / "e2e"
 CHROMIUM = os.environ.get("SIGMAX_CHROMIUM", "/usr/bin/chromium")

@@ -25,7 +25,7 @@ from websockets.asyncio.server import serve as serve_websocket
 
 from app.services.database import migrate
 from app.services.events import Event
-from tests.conftest import RunningGateway, free_socket, running_gateway
+from tests.helpers import RunningGateway, free_socket, own_redis, reader_paused, running_gateway
 
 # The package under test is this repository's client/, installed or not.
 CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
@@ -1072,7 +1072,6 @@ async def reset_redis(server: RunningGateway, url: str) -> str:
 async def test_a_stream_reset_moves_the_client_to_the_new_stream(tmp_path, clients, missed):
     """Redis loses its data: the client follows the new stream, resumes in it after a cut,
     and tells the application to resync only when events were missed."""
-    from tests.test_redis import own_redis, reader_paused
 
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)

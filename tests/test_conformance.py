@@ -30,7 +30,7 @@ import pytest_asyncio
 
 from config import Config
 from tests.conformance.echo_app import ECHO_PATH, running_echo
-from tests.conftest import WRITE_PATHS, RunningGateway, running_gateway
+from tests.helpers import WRITE_PATHS, RunningGateway, running_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

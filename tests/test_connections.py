@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from app.services.commands import COMMANDS, Command, NoArguments
-from tests.conftest import connect_when_up, free_socket, migrate_with_cli, start_host, stop_host
+from tests.helpers import connect_when_up, free_socket, migrate_with_cli, start_host, stop_host
 
 
 async def test_server_pings_on_the_heartbeat_interval(gateway_factory):

@@ -15,7 +15,7 @@ from quart import Quart
 from app import create_app
 from app.blueprints.dashboard import ASSETS, DASHBOARD_CSP, PAGE_DIRECTORY
 from config import Config
-from tests.conftest import running_gateway
+from tests.helpers import running_gateway
 
 STATIC = Path(__file__).resolve().parents[1] / "app" / "static"
 # What dashboard.js takes from the TypeScript client's browser bundle.

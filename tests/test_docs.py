@@ -9,9 +9,10 @@ import pytest
 from quart import Quart
 
 from app import create_app
-from app.blueprints import docs
-from app.blueprints.docs import configure_docs, find_assets
+from app.apidocs import protocol as docs
+from app.apidocs.ui import configure_docs, find_assets
 from app.blueprints.ws import MESSAGE_TYPES
+from app.services.commands import COMMANDS
 from app.services.events import EVENT_TOPICS, TOPICS, CloseCode, ErrorCode
 from config import Config
 
@@ -150,8 +151,8 @@ async def test_websocket_page_shows_configured_values(app: Quart) -> None:
     config = app.config["SIGMAX"]
     assert f"every {config.WS_HEARTBEAT_INTERVAL} s" in html
     assert f"at most {config.WS_SEND_QUEUE_SIZE} frames" in html
-    # The gateway's commands, from the gateway itself.
-    for name in app.extensions["gateway"].commands:
+    # The gateway's commands, from the registry the WebSocket protocol uses.
+    for name in COMMANDS:
         assert f"<code>{name}</code>" in html, name
 
 

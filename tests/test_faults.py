@@ -20,8 +20,14 @@ import redis.asyncio as aioredis
 import websockets
 from sigmax_client import RequestError, SigmaxPublisher
 
-from tests.conftest import connect_when_up, free_socket, migrate_with_cli, start_host, stop_host
-from tests.test_redis import own_redis
+from tests.helpers import (
+    connect_when_up,
+    free_socket,
+    migrate_with_cli,
+    own_redis,
+    start_host,
+    stop_host,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,19 +6,19 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
 import urllib.request
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import websockets
 
-from tests.conftest import (
+from tests.helpers import (
     connect_when_up,
     free_socket,
     migrate_with_cli,
+    own_redis,
+    reader_paused,
     running_gateway,
     start_host,
     stop_host,
@@ -162,53 +162,6 @@ async def test_exactly_one_leader_and_failover(redis_prefix, sqlite_url):
                 assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
         finally:
             await second_stack.aclose()
-
-
-class OwnRedis:
-    """A redis-server of the test's own on `port`, which it can stop and start again."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        import redis.asyncio as aioredis
-
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = aioredis.from_url(f"redis://127.0.0.1:{self.port}/0")
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    try:
-                        await client.ping()
-                        return
-                    except Exception:
-                        await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-@asynccontextmanager
-async def own_redis():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    redis = OwnRedis(port)
-    await redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
@@ -370,21 +323,6 @@ async def test_a_deaf_worker_is_reported_unhealthy(redis_prefix, sqlite_url):
         assert health["receiving"] is False and health["stream_lag"] == 3
         assert health["reason"] == "not receiving the event stream"
         assert (await a.app.test_client().get("/api/health")).status_code == 200
-
-
-@asynccontextmanager
-async def reader_paused(server):
-    """The worker's stream reader stops (as when its process is descheduled or busy), then
-    reads on from where it was."""
-    bus = server.gateway.bus
-    reader = bus._tasks[0]
-    reader.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reader
-    try:
-        yield
-    finally:
-        bus._tasks[0] = asyncio.create_task(bus._consume())
 
 
 async def test_replay_on_a_lagging_worker_meets_live_delivery_at_one_seq(redis_prefix,

@@ -21,9 +21,9 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events, from_schema
 
 from app import create_app
-from app.blueprints.api import NOT_RATE_LIMITED
+from app.apidocs.openapi import NOT_RATE_LIMITED
 from config import Config
-from tests.conftest import running_gateway
+from tests.helpers import running_gateway
 
 SEED = 20251126
 # Every check is on unless disabled, as with `st run --checks all`. The examples and coverage

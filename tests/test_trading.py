@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from app.services.database import latest_migration, migrate, standalone_connection
-from tests.conftest import running_gateway
+from tests.helpers import running_gateway
 
 PROPOSAL_FIELDS = {"proposal_id", "symbol", "action", "size", "reason", "created_at",
                    "confidence", "source", "expires_at", "requested_by"}

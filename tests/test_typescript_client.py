@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 
-from tests.conftest import REDIS_URL, REPOSITORY, REQUIRE_SERVICES
+from tests.helpers import REDIS_URL, REPOSITORY, REQUIRE_SERVICES
 
 PACKAGE = REPOSITORY / "client" / "typescript"
 # The global WebSocket behind --experimental-websocket appeared in Node 20.10.

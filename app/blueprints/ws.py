@@ -22,7 +22,7 @@ from quart_schema.mixins import SchemaValidationError
 from app.errors import GatewayError, describe_validation_error, error_event, excerpt, quoted
 from app.models import ClientMessage, CommandData, SubscriptionData
 from app.services.commands import COMMANDS
-from app.services.connections import ASGI_SEND_KEY, Connection, ConnectionLimitExceeded
+from app.services.connections import Connection, ConnectionLimitExceeded
 from app.services.events import (
     SERVER_VERSION,
     SYMBOL_PREFIX,
@@ -35,7 +35,7 @@ from app.services.events import (
 )
 from app.services.gateway import Gateway
 from app.services.ratelimit import TokenBucket
-from app.services.transport import raw_transport, text_frame
+from app.services.transport import open_writer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ async def gateway_socket() -> Response | None:
     gateway: Gateway = current_app.extensions["gateway"]
     if not _origin_allowed(gateway.config.CORS_ORIGINS):
         return Response("Origin not allowed", status=403)
-    send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
     await websocket.accept()
 
     # The query string is parsed only when there is one: most clients send none, and the
@@ -67,7 +66,7 @@ async def gateway_socket() -> Response | None:
         gateway.manager.counters["auth_failures"] += 1
         log.info("refused a WebSocket from %s: %s", websocket.remote_addr,
                  "wrong API key" if presented else "no API key")
-        await _refuse(send, CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
+        await _refuse(CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
                       "Invalid API key" if presented else "Missing API key",
                       "Pass a valid key as ?api_key= or in the X-API-Key header" if presented
                       else "This gateway requires an API key (?api_key= or X-API-Key)")
@@ -79,7 +78,7 @@ async def gateway_socket() -> Response | None:
     except ConnectionLimitExceeded as limit:
         log.info("refused a WebSocket of %s from %s: %s", principal.name,
                  websocket.remote_addr, limit)
-        await _refuse(send, CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
+        await _refuse(CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
                       "Connection limit reached", f"{limit}; retry later")
         return None
     conn = gateway.manager.connections[connection_id]
@@ -114,20 +113,11 @@ def _origin_allowed(allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc == websocket.headers.get("Host")
 
 
-async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], close_code: int,
-                  code: str, error: str, details: str) -> None:
-    """Tell the client why with an error event, then close with `close_code`.
-
-    The event goes out uncompressed where the transport can be reached: a client that inflates
-    in the background (Node's built-in WebSocket) drops a compressed message that arrives
-    right before the close, and would see only 1006."""
-    notice = error_envelope(code, error, details, None)
-    raw = raw_transport(send)
-    if raw is not None:
-        raw.transport.write(text_frame(notice.encode()))
-    else:
-        await send({"type": "websocket.send", "text": notice})
-    await send({"type": "websocket.close", "code": close_code, "reason": code})
+async def _refuse(close_code: int, code: str, error: str, details: str) -> None:
+    """Tell the client why with an error event, then close with `close_code`."""
+    refusal = GatewayError(code, error, details)
+    writer = open_writer(cast(dict[str, Any], websocket.scope))
+    await writer.refuse(error_event(refusal, None), close_code, code)
 
 
 async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | None) -> None:

@@ -27,13 +27,13 @@ class NoArguments(BaseModel):
 
 
 class ProposalRef(NoArguments):
-    proposal_id: str = Field(min_length=1, max_length=200)
+    proposal_id: str
 
 
 class ProposalDecision(Decision):
     """A decision on one proposal: its id and, for a rejection, the REST body's reason."""
 
-    proposal_id: str = Field(min_length=1, max_length=200)
+    proposal_id: str
 
 
 class SymbolRef(NoArguments):

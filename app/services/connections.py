@@ -25,26 +25,14 @@ from app.services.events import (
     error_envelope,
 )
 from app.services.ratelimit import TokenBucket
-from app.services.transport import (
-    OPEN,
-    RawTransport,
-    closed_for_size,
-    raw_transport,
-    text_frame,
-)
+from app.services.transport import WRITE_BUFFER_LIMIT, Writer, open_writer, text_frame
 
 log = logging.getLogger(__name__)
 
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ConflationKey = tuple[str, str | None]
-# Where the app's ASGI middleware puts each WebSocket's raw ASGI `send` (see app/__init__.py).
-ASGI_SEND_KEY = "sigmax.asgi_send"
 HEARTBEAT_KEY: ConflationKey = ("ping", None)
 # One event for one connection: the event, its frame as text and as a WebSocket frame.
 Delivery = tuple[Event, str, bytes]
-# Bytes a transport may hold unsent before frames wait in the connection's own queue instead
-# (asyncio's default high-water mark).
-WRITE_BUFFER_LIMIT = 64 * 1024
 # The abuse limits whose refusals are counted: connections per worker and per API key,
 # subscriptions per connection, commands per second, message size, REST requests per second.
 LIMITS = ("connections", "connections_per_key", "subscriptions", "command_rate",
@@ -63,23 +51,23 @@ def matches(keys: set[str], event: Event) -> bool:
 
 
 class Connection:
-    """One WebSocket client: its subscriptions, its pending frames and their writer.
+    """One WebSocket client: its subscriptions, its pending frames and their writer task.
 
-    With a raw transport, frames are written at once while the client keeps up, and a writer
-    task exists only while the client is behind. Without one, every frame goes through the
-    ASGI `send` of a writer task that lives as long as the connection.
+    Its `Writer` (app/services/transport.py) knows how bytes reach the socket: a socket writer
+    takes frames at once while the client keeps up, and the writer task exists only while the
+    client is behind; the ASGI writer sends everything from a task that lives as long as the
+    connection.
     """
 
     __slots__ = ("id", "principal", "scopes", "remote", "connected_at", "last_seen",
                  "last_ping", "joined_seq", "keys", "symbols", "sent", "conflated",
                  "queue_high_water", "close_code", "close_reason", "on_slow_consumer",
-                 "command_bucket", "_send", "_transport", "_drain", "_websocket", "_pending",
-                 "_queue_size", "_close_timeout",
+                 "command_bucket", "_out", "_pending", "_queue_size", "_close_timeout",
                  "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog",
                  "_has_through")
 
-    def __init__(self, send: ASGISend, *, queue_size: int, close_timeout: float,
-                 raw: RawTransport | None = None, principal: str = "anonymous",
+    def __init__(self, writer: Writer, *, queue_size: int, close_timeout: float,
+                 principal: str = "anonymous",
                  scopes: frozenset[str] = frozenset(), remote: str = "",
                  joined_seq: int = 0) -> None:
         self.id = str(uuid.uuid4())
@@ -99,10 +87,7 @@ class Connection:
         self.close_reason = ""
         self.on_slow_consumer: Callable[[Connection], None] = _ignore
         self.command_bucket: TokenBucket | None = None  # created on the first command
-        self._send = send
-        self._transport = raw.transport if raw is not None else None
-        self._drain = raw.drain if raw is not None else None
-        self._websocket: Any = raw.websocket if raw is not None else None
+        self._out = writer
         self._pending: list[tuple[str, ConflationKey | None]] = []
         self._queue_size = queue_size
         self._close_timeout = close_timeout
@@ -123,7 +108,11 @@ class Connection:
 
     @property
     def fast_path(self) -> bool:
-        return self._transport is not None
+        return self._out.fast
+
+    @property
+    def closed_for_size(self) -> bool:
+        return self._out.closed_for_size()
 
     @property
     def queue_depth(self) -> int:
@@ -147,7 +136,7 @@ class Connection:
     def attach(self) -> None:
         """Bind to the connection's handler task (the current one) and start sending."""
         self._handler = asyncio.current_task()
-        if self._transport is None and self._writer is None:
+        if self._out.persistent and self._writer is None:
             self._start_writer()
 
     def detach(self) -> None:
@@ -182,8 +171,7 @@ class Connection:
                 self._close_timeout, self._abort)
 
     def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        self._out.abort()
         for task in (self._writer, self._handler):
             if task is not None:
                 task.cancel()
@@ -207,13 +195,10 @@ class Connection:
 
     def deliver_batch(self, batch: list[Delivery]) -> None:
         """Several stream events at once: one write when the client keeps up."""
-        transport = self._transport
         if (self._held is None and not self._pending and not self.closing
-                and transport is not None and batch[0][0].seq > self._has_through
-                and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
-            if self._websocket.state is OPEN and not transport.is_closing():
-                transport.write(b"".join([delivery[2] for delivery in batch]))
-                self.sent += len(batch)
+                and batch[0][0].seq > self._has_through and self._out.fast
+                and self._out.write_all_now([delivery[2] for delivery in batch])):
+            self.sent += len(batch)
             return
         for delivery in batch:
             self.deliver(*delivery)
@@ -243,13 +228,10 @@ class Connection:
         if self.closing:
             return
         pending = self._pending
-        transport = self._transport
         # Nothing of ours is waiting, so writing now keeps the order.
-        if (not pending and transport is not None
-                and transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT):
-            if self._websocket.state is OPEN and not transport.is_closing():
-                transport.write(text_frame(frame.encode()) if wire is None else wire)
-                self.sent += 1
+        if not pending and self._out.fast and self._out.write_now(
+                text_frame(frame.encode()) if wire is None else wire):
+            self.sent += 1
             return
         if (len(pending) >= self._queue_size + self._replay_backlog
                 and not self._make_room(key)):
@@ -294,30 +276,24 @@ class Connection:
         self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
-        """Send pending frames in order; then the close frame once closing. On the fast path
-        the task ends as soon as nothing is pending, and is started again when needed."""
-        transport, drain, send = self._transport, self._drain, self._send
+        """Send pending frames in order; then the close frame once closing. Unless the writer
+        is persistent, the task ends as soon as nothing is pending, and is started again when
+        needed."""
+        out = self._out
         try:
             while True:
                 if self._pending:
                     batch, self._pending = self._pending, []
                     self._replay_backlog = 0
                     self.sent += len(batch)
-                    if transport is None:
-                        for frame, _ in batch:
-                            await send({"type": "websocket.send", "text": frame})
-                        continue
-                    assert drain is not None
-                    if self._websocket.state is not OPEN or transport.is_closing():
+                    if not await out.send([frame for frame, _ in batch]):
                         return
-                    transport.write(b"".join(text_frame(frame.encode()) for frame, _ in batch))
-                    await drain()  # returns once the client has taken most of it
                     continue
                 if self.closing:
-                    await send({"type": "websocket.close", "code": self.close_code,
-                                "reason": self.close_reason})
+                    assert self.close_code is not None
+                    await out.close(self.close_code, self.close_reason)
                     return
-                if transport is not None:
+                if not out.persistent:
                     self._writer = None
                     return
                 self._wakeup = asyncio.get_running_loop().create_future()
@@ -335,15 +311,19 @@ def _ignore(conn: Connection) -> None:
 
 
 def _chunks(events: list[Event], max_bytes: int) -> Iterator[list[Event]]:
-    """Consecutive runs of events whose frames add up to at most `max_bytes` (at least one)."""
+    """Consecutive runs of events whose frames add up to at most `max_bytes` (at least one).
+    Each event is framed here once (`Event.wire`): every subscriber gets the same bytes."""
     chunk: list[Event] = []
     size = 0
     for event in events:
-        if chunk and size + len(event.wire) > max_bytes:
+        wire = event.wire
+        if not wire:
+            wire = event.wire = text_frame(event.frame.encode())
+        if chunk and size + len(wire) > max_bytes:
             yield chunk
             chunk, size = [], 0
         chunk.append(event)
-        size += len(event.wire)
+        size += len(wire)
     if chunk:
         yield chunk
 
@@ -438,12 +418,11 @@ class ConnectionManager:
             self.refuse("connections_per_key")
             raise ConnectionLimitExceeded(
                 f"An API key may hold at most {self.max_per_key} connections")
-        send = cast(dict[str, Any], websocket.scope)[ASGI_SEND_KEY]
-        raw = raw_transport(send) if self.fast_path else None
-        if raw is not None and raw.shutting_down is not None and self.shutdown_watch is None:
-            self.shutdown_watch = asyncio.create_task(self._close_all_on(raw.shutting_down()))
-        conn = Connection(send, queue_size=self.queue_size, close_timeout=self.close_timeout,
-                          raw=raw,
+        writer = open_writer(cast(dict[str, Any], websocket.scope), self.fast_path)
+        shutting_down = getattr(writer, "shutting_down", None)
+        if shutting_down is not None and self.shutdown_watch is None:
+            self.shutdown_watch = asyncio.create_task(self._close_all_on(shutting_down()))
+        conn = Connection(writer, queue_size=self.queue_size, close_timeout=self.close_timeout,
                           principal=principal,
                           scopes=frozenset(metadata.get("scopes", ())),
                           remote=metadata.get("remote", ""), joined_seq=self.bus.head)
@@ -461,7 +440,7 @@ class ConnectionManager:
         if self.connections.pop(conn.id, None) is None:
             return
         self.index.remove(conn, list(conn.keys))
-        if closed_for_size(conn._send):
+        if conn.closed_for_size:
             self.refuse("message_size")
         self._closed_sent += conn.sent
         self._closed_conflated += conn.conflated

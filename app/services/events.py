@@ -12,8 +12,6 @@ from typing import Any
 
 import orjson
 
-from app.services.transport import text_frame
-
 SERVER_VERSION = "2.0.0"
 
 TOPICS = ("all", "proposals", "executions", "analysis", "status", "market", "portfolio",
@@ -131,11 +129,11 @@ class Event:
             self.conflation_key = (type_, self.symbols[0] if len(self.symbols) == 1 else None)
 
     def stamp(self, seq: int) -> None:
-        """Give the event its place in the stream and build the frame every subscriber gets,
-        as text and as a WebSocket frame."""
+        """Give the event its place in the stream and build the frame every subscriber gets.
+        (`wire`, the same as a WebSocket frame, is the connection layer's, built once there.)"""
         self.seq = seq
         self.frame = self.render(self.data_json)
-        self.wire = text_frame(self.frame.encode())
+        self.wire = b""
 
     def render(self, data_json: str) -> str:
         return (f'{{"type":"{self.type}","data":{data_json},"timestamp":"{self.timestamp}",'

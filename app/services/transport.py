@@ -1,4 +1,10 @@
-"""The fast write path: pre-framed WebSocket messages written straight to the TCP transport.
+"""How frames reach a client's socket: the one place that knows. A `Connection` holds a writer:
+
+- `SocketWriter`, the fast path: pre-framed WebSocket messages written straight to the TCP
+  transport;
+- `AsgiWriter`, the fallback: each message through the server's ASGI `send`.
+
+The fast path:
 
 Hypercorn's ASGI `send` frames every message with wsproto, then writes it under a lock and waits
 for `drain()`: most of the cost of a fan-out. An event is the same bytes for every subscriber, so
@@ -14,9 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 _TEXT = 0x81  # FIN + text opcode
 
@@ -29,17 +34,6 @@ def text_frame(payload: bytes) -> bytes:
     if size < 65536:
         return struct.pack("!BBH", _TEXT, 126, size) + payload
     return struct.pack("!BBQ", _TEXT, 127, size) + payload
-
-
-@dataclass(frozen=True)
-class RawTransport:
-    transport: asyncio.WriteTransport
-    drain: Callable[[], Awaitable[None]]
-    # wsproto's connection: Hypercorn closes some WebSockets by itself (1009, protocol errors)
-    # without telling the app, and no frame may follow a close frame (see `open`).
-    websocket: Any
-    # Returns when the Hypercorn worker starts shutting down (None when that cannot be seen).
-    shutting_down: Callable[[], Awaitable[None]] | None = None
 
 
 def _hypercorn_classes() -> tuple[type, type, type] | None:
@@ -55,42 +49,180 @@ def _hypercorn_classes() -> tuple[type, type, type] | None:
 _CLASSES = _hypercorn_classes()
 try:
     from wsproto.connection import ConnectionState
-    # The state of a WebSocket that may still be written to: `RawTransport.websocket.state is
+    # The state of a WebSocket that may still be written to: `websocket.state is
     # OPEN` (compared inline on the hot path).
     OPEN: Any = ConnectionState.OPEN
 except ImportError:
     OPEN = None
 
 
-def raw_transport(asgi_send: Any) -> RawTransport | None:
-    """The TCP transport under a Hypercorn asyncio HTTP/1.1 WebSocket, or None."""
-    if _CLASSES is None:
-        return None
-    ws_stream_class, h11_class, tcp_server_class = _CLASSES
-    stream = getattr(asgi_send, "__self__", None)
-    if not isinstance(stream, ws_stream_class):
-        return None
-    protocol = getattr(getattr(stream, "send", None), "__self__", None)
-    if not isinstance(protocol, h11_class):
-        return None
-    server = getattr(getattr(protocol, "send", None), "__self__", None)
-    if not isinstance(server, tcp_server_class):
-        return None
-    writer = getattr(server, "writer", None)
-    transport = getattr(writer, "transport", None)
-    if not isinstance(writer, asyncio.StreamWriter) or transport is None:
-        return None
-    websocket = getattr(stream, "connection", None)
-    if getattr(websocket, "state", None) is not OPEN:
-        return None
-    terminated = getattr(getattr(server, "context", None), "terminated", None)
-    return RawTransport(transport, writer.drain, websocket, getattr(terminated, "wait", None))
-
-
-def closed_for_size(asgi_send: Any) -> bool:
+def _closed_for_size(asgi_send: Any) -> bool:
     """Whether Hypercorn closed this WebSocket with 1009 because a client message went over
     `websocket_max_message_size`. Hypercorn does not tell the app (its ASGI disconnect says
     1006); its message buffer is left holding more than the limit."""
     buffer = getattr(getattr(asgi_send, "__self__", None), "buffer", None)
     limit = getattr(buffer, "max_length", None)
     return isinstance(limit, int) and getattr(buffer, "length", 0) > limit
+
+
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+# Where the app's ASGI middleware (`expose_asgi_send`) puts each WebSocket's raw ASGI `send`.
+ASGI_SEND_KEY = "sigmax.asgi_send"
+# Bytes a transport may hold unsent before frames wait in the connection's own queue instead
+# (asyncio's default high-water mark).
+WRITE_BUFFER_LIMIT = 64 * 1024
+
+
+def expose_asgi_send(asgi_app: Any) -> Any:
+    """Put each WebSocket's ASGI `send` in its scope: the gateway writes frames with it (or
+    with the transport under it), not through Quart's wrapper, which yields to the loop before
+    every message."""
+
+    def app_with_send(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+        if scope["type"] == "websocket":
+            # The server builds a scope per connection; adding a key in place saves a copy of
+            # it, and returning the inner coroutine saves a frame, for every connection.
+            scope[ASGI_SEND_KEY] = send
+        return asgi_app(scope, receive, send)
+
+    return app_with_send
+
+
+class AsgiWriter:
+    """Every message through the ASGI `send`, from the connection's writer task, which lives as
+    long as the connection."""
+
+    __slots__ = ("_send",)
+    fast = False
+    persistent = True
+
+    def __init__(self, send: ASGISend) -> None:
+        self._send = send
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write `frame` at once if the client keeps up; False: queue it for the writer task
+        (always, here). True also when the socket is closed and the frame is dropped."""
+        return False
+
+    def write_all_now(self, frames: Iterable[bytes]) -> bool:
+        return False
+
+    async def send(self, frames: list[str]) -> bool:
+        """Send queued frames, in order, waiting for the socket; False once it is closed."""
+        for frame in frames:
+            await self._send({"type": "websocket.send", "text": frame})
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> None:
+        """Drop the connection whatever the client does (the tasks are cancelled too)."""
+
+    def closed_for_size(self) -> bool:
+        return _closed_for_size(self._send)
+
+    async def refuse(self, notice: str, code: int, reason: str) -> None:
+        """The refusal `notice`, then the close."""
+        await self.send([notice])
+        await self.close(code, reason)
+
+
+class SocketWriter(AsgiWriter):
+    """Pre-framed messages written straight to the TCP transport: at once while the client
+    keeps up (its socket buffer within WRITE_BUFFER_LIMIT), else by the connection's writer
+    task, which then exists only while the client is behind."""
+
+    __slots__ = ("_transport", "_drain", "_websocket", "shutting_down")
+    fast = True
+    persistent = False
+
+    def __init__(self, send: ASGISend, writer: asyncio.StreamWriter, websocket: Any,
+                 shutting_down: Callable[[], Awaitable[None]] | None) -> None:
+        super().__init__(send)
+        self._transport = writer.transport
+        self._drain = writer.drain
+        # wsproto's connection: Hypercorn closes some WebSockets by itself (1009, protocol
+        # errors) without telling the app, and no frame may follow a close frame.
+        self._websocket = websocket
+        # Returns when the Hypercorn worker starts shutting down (None when that cannot be seen).
+        self.shutting_down = shutting_down
+
+    def write_now(self, frame: bytes) -> bool:
+        transport = self._transport
+        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return False
+        if self._websocket.state is OPEN and not transport.is_closing():
+            transport.write(frame)
+        return True
+
+    def write_all_now(self, frames: Iterable[bytes]) -> bool:
+        transport = self._transport
+        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return False
+        if self._websocket.state is OPEN and not transport.is_closing():
+            transport.write(b"".join(frames))
+        return True
+
+    async def send(self, frames: list[str]) -> bool:
+        if self._websocket.state is not OPEN or self._transport.is_closing():
+            return False
+        self._transport.write(b"".join(text_frame(frame.encode()) for frame in frames))
+        await self._drain()  # returns once the client has taken most of it
+        return True
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    async def refuse(self, notice: str, code: int, reason: str) -> None:
+        # Uncompressed: a client that inflates in the background (Node's built-in WebSocket)
+        # drops a compressed message that arrives right before the close, and sees only 1006.
+        self._transport.write(text_frame(notice.encode()))
+        await self.close(code, reason)
+
+
+class Writer(Protocol):
+    """What a `Connection` writes with."""
+
+    fast: bool  # frames may be written at once, outside the writer task
+    persistent: bool  # the connection's writer task lives as long as the connection
+
+    def write_now(self, frame: bytes) -> bool: ...
+
+    def write_all_now(self, frames: Iterable[bytes]) -> bool: ...
+
+    async def send(self, frames: list[str]) -> bool: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def closed_for_size(self) -> bool: ...
+
+    async def refuse(self, notice: str, code: int, reason: str) -> None: ...
+
+
+def open_writer(scope: dict[str, Any], fast_path: bool = True) -> Writer:
+    """The writer of the WebSocket of `scope`: straight to the socket when it is served by
+    Hypercorn's asyncio worker over HTTP/1.1 (and `fast_path`), else the ASGI `send`."""
+    send = scope[ASGI_SEND_KEY]
+    if not fast_path or _CLASSES is None:
+        return AsgiWriter(send)
+    ws_stream_class, h11_class, tcp_server_class = _CLASSES
+    stream = getattr(send, "__self__", None)
+    if not isinstance(stream, ws_stream_class):
+        return AsgiWriter(send)
+    protocol = getattr(getattr(stream, "send", None), "__self__", None)
+    if not isinstance(protocol, h11_class):
+        return AsgiWriter(send)
+    server = getattr(getattr(protocol, "send", None), "__self__", None)
+    if not isinstance(server, tcp_server_class):
+        return AsgiWriter(send)
+    writer = getattr(server, "writer", None)
+    if not isinstance(writer, asyncio.StreamWriter) or writer.transport is None:
+        return AsgiWriter(send)
+    websocket = getattr(stream, "connection", None)
+    if getattr(websocket, "state", None) is not OPEN:
+        return AsgiWriter(send)
+    terminated = getattr(getattr(server, "context", None), "terminated", None)
+    return SocketWriter(send, writer, websocket, getattr(terminated, "wait", None))

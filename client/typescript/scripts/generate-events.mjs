@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Writes src/events.generated.ts from the gateway's AsyncAPI document: the data interfaces of
 // every message, the event type unions and the topics. The document comes from the gateway's
-// own code (app/blueprints/docs.py, served at /asyncapi.json), so the types cannot drift from
+// own code (app/apidocs/asyncapi.py, served at /asyncapi.json), so the types cannot drift from
 // what the server sends; `--check` fails when the committed file is out of date.
 //
 //   node scripts/generate-events.mjs            regenerate from the gateway's code
@@ -18,7 +18,7 @@ export const REPOSITORY_DIR = resolve(PACKAGE_DIR, '..', '..');
 export const GENERATED_PATH = resolve(PACKAGE_DIR, 'src', 'events.generated.ts');
 
 const DOCUMENT_SCRIPT =
-  'import json; from app.blueprints.docs import asyncapi_document; ' +
+  'import json; from app.apidocs.asyncapi import asyncapi_document; ' +
   'print(json.dumps(asyncapi_document()))';
 
 /** The Python that runs the gateway: $SIGMAX_PYTHON, else the repository's virtualenv. */
