@@ -3,6 +3,7 @@
 `Config.from_env()` is what `wsgi.py` and `hypercorn_config.py` use; tests build a `Config`
 directly and override fields with `dataclasses.replace`.
 """
+
 from __future__ import annotations
 
 import os
@@ -132,8 +133,10 @@ class Config:
         if self.WORKERS > 1 and not self.REDIS_URL:
             # Each worker would have its own in-memory stream: clients on different workers
             # would see different events and different seq numbers.
-            raise SystemExit(f"WORKERS={self.WORKERS} needs REDIS_URL: without Redis every "
-                             "worker is an island. Set REDIS_URL or run one worker.")
+            raise SystemExit(
+                f"WORKERS={self.WORKERS} needs REDIS_URL: without Redis every "
+                "worker is an island. Set REDIS_URL or run one worker."
+            )
         return {
             "bind": [f"{self.HOST}:{self.PORT}"],
             "workers": self.WORKERS,

@@ -1,4 +1,5 @@
 """The SIGMAX Gateway application factory."""
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,11 @@ def create_app(config: Config | None = None) -> Quart:
     app = Quart(__name__)
     app.json = StrictJSONProvider(app)
     app.config["SIGMAX"] = config
-    QuartSchema(app, info={"title": "SIGMAX Gateway", "version": SERVER_VERSION},
-                openapi_provider_class=RestOpenAPIProvider)
+    QuartSchema(
+        app,
+        info={"title": "SIGMAX Gateway", "version": SERVER_VERSION},
+        openapi_provider_class=RestOpenAPIProvider,
+    )
     configure_docs(app)
     register_error_handlers(app)
     app.register_blueprint(ws_bp)
@@ -53,8 +57,12 @@ def create_app(config: Config | None = None) -> Quart:
     cors(app, allow_origin=list(config.CORS_ORIGINS), allow_headers=["Content-Type", "X-API-Key"])
 
     if config.REST_RATE_LIMIT:
-        RateLimiter(app, key_function=_rate_limit_key, skip_function=_not_rate_limited,
-                    default_limits=[RateLimit(config.REST_RATE_LIMIT, timedelta(seconds=1))])
+        RateLimiter(
+            app,
+            key_function=_rate_limit_key,
+            skip_function=_not_rate_limited,
+            default_limits=[RateLimit(config.REST_RATE_LIMIT, timedelta(seconds=1))],
+        )
     db = attach_database(app, config.DATABASE_URL)
     gateway = Gateway(config, db)
     app.extensions["gateway"] = gateway
@@ -62,8 +70,9 @@ def create_app(config: Config | None = None) -> Quart:
     @app.before_serving
     async def start_gateway() -> None:
         if not await gateway.api_keys.required():
-            log.warning("no API_KEYS configured: the gateway is open to every client that can "
-                        "reach it")
+            log.warning(
+                "no API_KEYS configured: the gateway is open to every client that can reach it"
+            )
         await gateway.start()
 
     @app.after_serving

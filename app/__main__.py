@@ -1,10 +1,11 @@
 """Administration commands.
 
-    python -m app migrate                              bring the database to the latest migration
-    python -m app keys create --scopes read+trade [--label NAME]   prints the new key once
-    python -m app keys revoke KEY_ID
-    python -m app keys list
+python -m app migrate                              bring the database to the latest migration
+python -m app keys create --scopes read+trade [--label NAME]   prints the new key once
+python -m app keys revoke KEY_ID
+python -m app keys list
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,20 @@ async def _create_key(url: str, scopes: str, label: str) -> str:
     scope_set = parse_scopes(scopes)
 
     async def insert(connection) -> None:  # type: ignore[no-untyped-def]
-        await store.insert_api_key(connection, key_id, hash_key(key), "+".join(sorted(scope_set)),
-                                   label, time.time())
+        await store.insert_api_key(
+            connection, key_id, hash_key(key), "+".join(sorted(scope_set)), label, time.time()
+        )
 
     await _with_connection(url, insert)
     return f"{key_id} {key}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="bring the database to the latest migration")
     keys = commands.add_parser("keys", help="API keys stored in the database")
@@ -63,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print("store the key now: only its hash is kept", file=sys.stderr)
     elif args.action == "revoke":
-        revoked = asyncio.run(_with_connection(
-            url, lambda c: store.revoke_api_key(c, args.key_id, time.time())))
+        revoked = asyncio.run(
+            _with_connection(url, lambda c: store.revoke_api_key(c, args.key_id, time.time()))
+        )
         print("revoked" if revoked else f"no active key {args.key_id}")
         return 0 if revoked else 1
     else:

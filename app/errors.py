@@ -1,6 +1,7 @@
 """One error type, `GatewayError`: services, the REST views and the WebSocket protocol raise it;
 this module maps it once to an HTTP response and to a WebSocket `error` event, both the spec's
 `{error, code, details}`."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,15 @@ class GatewayError(Exception):
     `details` that name the offending value, and `fields` more of the answer's body. Not the
     caller's connection: a WebSocket client gets it as an `error` event and stays connected."""
 
-    def __init__(self, code: str, error: str, details: str = "", *,
-                 retry_after: float | None = None, **fields: Any) -> None:
+    def __init__(
+        self,
+        code: str,
+        error: str,
+        details: str = "",
+        *,
+        retry_after: float | None = None,
+        **fields: Any,
+    ) -> None:
         super().__init__(error)
         self.code = code
         self.error = error
@@ -77,7 +85,7 @@ def quoted(value: Any) -> str:
 
 def excerpt(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 SECURITY_HEADERS = {
@@ -105,20 +113,29 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(RequestSchemaValidationError)
     async def validation_error(error: RequestSchemaValidationError) -> tuple[dict[str, Any], int]:
-        return error_body("VALIDATION_ERROR", "Invalid request body",
-                          describe_validation_error(error.validation_error)), 400
+        return error_body(
+            "VALIDATION_ERROR",
+            "Invalid request body",
+            describe_validation_error(error.validation_error),
+        ), 400
 
     @app.errorhandler(UnicodeDecodeError)
     async def undecodable_body(error: UnicodeDecodeError) -> tuple[dict[str, Any], int]:
-        return error_body("BAD_REQUEST", "Bad Request",
-                          f"The body is not valid UTF-8 (byte {error.start})"), 400
+        return error_body(
+            "BAD_REQUEST", "Bad Request", f"The body is not valid UTF-8 (byte {error.start})"
+        ), 400
 
     @app.errorhandler(HTTPException)
-    async def http_error(
-            error: HTTPException) -> tuple[dict[str, Any], int, list[tuple[str, str]]]:
+    async def http_error(error: HTTPException) -> tuple[dict[str, Any], int, list[tuple[str, str]]]:
         code = (error.name or "error").upper().replace(" ", "_")
         # Keep what tells the client how to go on (429's Retry-After), not the HTML type.
-        headers = [(name, value) for name, value in error.get_headers()
-                   if name.lower() in ("retry-after", "allow")]
-        return (error_body(code, error.name or "Error", error.description or ""),
-                error.code or 500, headers)
+        headers = [
+            (name, value)
+            for name, value in error.get_headers()
+            if name.lower() in ("retry-after", "allow")
+        ]
+        return (
+            error_body(code, error.name or "Error", error.description or ""),
+            error.code or 500,
+            headers,
+        )

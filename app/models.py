@@ -3,6 +3,7 @@
 Models are strict: a string where a list belongs, or `true` where a number belongs, is an error
 rather than something silently converted.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
@@ -35,7 +36,8 @@ def _integral(value: Any) -> Any:
 SerializableInt = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_integral)]
 JsonValue = TypeAliasType(
     "JsonValue",
-    "None | bool | SerializableInt | float | str | list[JsonValue] | dict[str, JsonValue]")
+    "None | bool | SerializableInt | float | str | list[JsonValue] | dict[str, JsonValue]",
+)
 
 
 class Strict(BaseModel):
@@ -43,6 +45,7 @@ class Strict(BaseModel):
 
 
 # -- client -> server ------------------------------------------------------------------------
+
 
 class ClientMessage(Strict):
     """Every client message: `{type, data, request_id}`."""
@@ -69,6 +72,7 @@ class CommandData(Strict):
 
 
 # -- server -> client (documented in the AsyncAPI document) ------------------------------------
+
 
 class ServerEvent(BaseModel):
     """Every server message. `seq` is on stream events; `request_id` on replies that had one."""
@@ -115,14 +119,14 @@ class ConnectedData(BaseModel):
 class StreamResetData(BaseModel):
     stream_id: str = Field(description="The new stream: send it with `since` from now on")
     last_seq: int = Field(description="The new stream continues after this seq")
-    recovered: bool = Field(description="false: events up to `last_seq` may be missing; "
-                                        "reload state over REST")
+    recovered: bool = Field(
+        description="false: events up to `last_seq` may be missing; reload state over REST"
+    )
     reason: str
 
 
-
-
 # -- REST --------------------------------------------------------------------------------------
+
 
 class IngestEvent(BaseModel):
     """One event to publish. `topic` defaults to the one its type belongs to."""
@@ -131,8 +135,10 @@ class IngestEvent(BaseModel):
     type: str = Field(examples=["market_update"])
     topic: str | None = Field(default=None, examples=["market"])
     symbol: str | None = Field(default=None, examples=["BTC/USDT"])
-    data: Any = Field(description="delivered to clients exactly as sent: a list for "
-                      "market_update, an object otherwise")
+    data: Any = Field(
+        description="delivered to clients exactly as sent: a list for "
+        "market_update, an object otherwise"
+    )
 
 
 class EventBatch(BaseModel):
@@ -142,18 +148,25 @@ class EventBatch(BaseModel):
 
 class IngestHeaders(BaseModel):
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=200, pattern=r"^[!-~]+$",
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[!-~]+$",
         description="Unique per batch, the same on every retry of it (for example a UUID): a "
-                    "retry within EVENT_HISTORY_MAX_AGE, to any worker or host, answers the "
-                    "first result and publishes nothing")
+        "retry within EVENT_HISTORY_MAX_AGE, to any worker or host, answers the "
+        "first result and publishes nothing",
+    )
 
 
 class IngestResult(BaseModel):
     accepted: int
     first_seq: int | None
     last_seq: int | None
-    repeated: bool = Field(False, description="This Idempotency-Key was published before: "
-                                              "its result, nothing was published again")
+    repeated: bool = Field(
+        False,
+        description="This Idempotency-Key was published before: "
+        "its result, nothing was published again",
+    )
 
 
 class Health(BaseModel):
@@ -169,7 +182,8 @@ class Health(BaseModel):
     redis_connected: bool | None = Field(default=None, description="with REDIS_URL only")
     stream_lag: int | None = Field(default=None, description="events behind the stream head")
     receiving: bool | None = Field(
-        default=None, description="false: behind the stream head for too long (deaf worker)")
+        default=None, description="false: behind the stream head for too long (deaf worker)"
+    )
     reason: str | None = None
 
 
@@ -194,14 +208,17 @@ class ConnectionStats(BaseModel):
     subscriptions: dict[str, int]
     refusals: dict[str, int] = Field(
         description="Requests refused by each abuse limit: connections, connections_per_key, "
-                    "subscriptions, command_rate, message_size, rest_rate")
+        "subscriptions, command_rate, message_size, rest_rate"
+    )
     uptime_seconds: float
-    event_loop_lag_ms: float = Field(description="How late the worker's event loop last woke "
-                                                 "a 100 ms timer")
+    event_loop_lag_ms: float = Field(
+        description="How late the worker's event loop last woke a 100 ms timer"
+    )
     event_loop_lag_max_ms: float = Field(description="The largest such lag since start")
     rss_bytes: int = Field(description="The worker's resident memory")
-    gc_full_collections: int = Field(description="Full garbage collections run on the "
-                                                 "GC_INTERVAL timer")
+    gc_full_collections: int = Field(
+        description="Full garbage collections run on the GC_INTERVAL timer"
+    )
     gc_pause_ms: float = Field(description="How long the last of them blocked the worker")
     gc_pause_max_ms: float = Field(description="The longest of them")
 
@@ -211,14 +228,17 @@ class ErrorResponse(BaseModel):
     code: str
     details: str
     proposal_status: str | None = Field(
-        default=None, description="PROPOSAL_ALREADY_DECIDED: what the proposal is now "
-                                  "(approved, executed, rejected, expired)")
+        default=None,
+        description="PROPOSAL_ALREADY_DECIDED: what the proposal is now "
+        "(approved, executed, rejected, expired)",
+    )
 
 
 # -- stream event data ---------------------------------------------------------------------------
 # What the gateway's producers emit, and what ingest checks an external engine's events against.
 # Ingest relays the data as sent: every field is optional (the original SIGMAX engine leaves many
 # out), a field that is present must have its type, and unknown fields are kept.
+
 
 class EventData(BaseModel):
     """Extra fields are kept: they reach clients as sent."""
@@ -255,13 +275,12 @@ class ProposalCreatedData(EventData):
     size: float | None = None
     reason: str | None = None
     created_at: str | None = None
-    confidence: float | None = Field(default=None, description="the analysis behind it; null "
-                                                               "for a manual proposal")
+    confidence: float | None = Field(
+        default=None, description="the analysis behind it; null for a manual proposal"
+    )
     source: str | None = Field(default=None, description="`analysis` or `manual`")
-    expires_at: str | None = Field(default=None, description="pending until then "
-                                                             "(PROPOSAL_TTL)")
-    requested_by: str | None = Field(default=None, description="who proposed it (manual "
-                                                               "proposals)")
+    expires_at: str | None = Field(default=None, description="pending until then (PROPOSAL_TTL)")
+    requested_by: str | None = Field(default=None, description="who proposed it (manual proposals)")
 
 
 class ProposalApprovedData(EventData):
@@ -331,17 +350,20 @@ SEVERITY_DESCRIPTION = "low, medium, high or critical"
 
 
 class AlertData(EventData):
-    severity: str | None = Field(default=None, examples=["high"],
-                                 description=SEVERITY_DESCRIPTION)
-    level: str | None = Field(default=None, examples=["warning"],
-                              description="a synonym of severity (info, warning, critical)")
+    severity: str | None = Field(default=None, examples=["high"], description=SEVERITY_DESCRIPTION)
+    level: str | None = Field(
+        default=None,
+        examples=["warning"],
+        description="a synonym of severity (info, warning, critical)",
+    )
     message: str | None = None
     action_required: bool | None = None
 
 
 class WarningData(EventData):
-    severity: str | None = Field(default=None, examples=["medium"],
-                                 description=SEVERITY_DESCRIPTION)
+    severity: str | None = Field(
+        default=None, examples=["medium"], description=SEVERITY_DESCRIPTION
+    )
     message: str | None = None
 
 
@@ -363,6 +385,7 @@ EVENT_DATA_MODELS: dict[str, Any] = {
 
 
 # -- trading REST bodies -------------------------------------------------------------------------
+
 
 class ProposalOut(BaseModel):
     proposal_id: str
@@ -405,11 +428,15 @@ PAGE_OFFSET = "How many items to skip, newest first: the page starts after them"
 
 class ProposalQuery(BaseModel):
     status: Literal["pending", "approved", "executed", "rejected", "expired"] | None = Field(
-        default=None, description="Only proposals in this state (all when left out)")
+        default=None, description="Only proposals in this state (all when left out)"
+    )
     # Documented, not validated here: an invalid symbol is INVALID_SYMBOL, as everywhere.
-    symbol: str | None = Field(default=None, examples=["BTC/USDT"],
-                               description="Only proposals of this symbol (BASE/QUOTE)",
-                               json_schema_extra={"pattern": SYMBOL_PATTERN})
+    symbol: str | None = Field(
+        default=None,
+        examples=["BTC/USDT"],
+        description="Only proposals of this symbol (BASE/QUOTE)",
+        json_schema_extra={"pattern": SYMBOL_PATTERN},
+    )
     limit: int = Field(default=50, ge=1, le=500, description=PAGE_LIMIT)
     offset: int = Field(default=0, ge=0, le=MAX_OFFSET, description=PAGE_OFFSET)
 
@@ -427,7 +454,8 @@ class NewProposal(BaseModel):
     action: Literal["buy", "sell"]
     # At least MIN_PROPOSAL_SIZE: documented; a smaller one is INVALID_SIZE from the engine.
     size: Annotated[float, Field(gt=0, json_schema_extra={"minimum": MIN_PROPOSAL_SIZE})] | None = (
-        Field(default=None, description="default: sized by the risk rule"))
+        Field(default=None, description="default: sized by the risk rule")
+    )
     reason: str = Field(default="Manual proposal", max_length=500)
 
 
@@ -471,6 +499,7 @@ class MarketSnapshot(BaseModel):
 
 # -- ingest, as documented: each event type with the data its stream event carries ---------------
 
+
 def _ingest_event_model(type_: str, topic: str) -> type[BaseModel]:
     data: Any = EVENT_DATA_MODELS[type_]
     its_type: Any = Literal[type_]
@@ -487,8 +516,10 @@ def _ingest_event_model(type_: str, topic: str) -> type[BaseModel]:
 
 
 _INGEST_EVENT_MODELS = tuple(_ingest_event_model(t, topic) for t, topic in EVENT_TOPICS.items())
-IngestEventDocument = Annotated[Union[_INGEST_EVENT_MODELS],  # type: ignore[valid-type]  # noqa: UP007
-                                Field(discriminator="type")]
+IngestEventDocument = Annotated[
+    Union[_INGEST_EVENT_MODELS],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="type"),
+]
 
 
 # Documents the body of `POST /api/events`; EventBatch parses it, then each event is checked
@@ -503,7 +534,10 @@ class EventBatchDocument(BaseModel):
 class CommandResultData(BaseModel):
     command: str
     success: bool
-    result: DecisionResult | EngineState | AnalysisData = Field(description=(
-        "approve_proposal: {proposal, trade} (trade null while paused); reject_proposal: "
-        "{proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. "
-        "get_status, get_portfolio and get_health answer with their event instead"))
+    result: DecisionResult | EngineState | AnalysisData = Field(
+        description=(
+            "approve_proposal: {proposal, trade} (trade null while paused); reject_proposal: "
+            "{proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. "
+            "get_status, get_portfolio and get_health answer with their event instead"
+        )
+    )

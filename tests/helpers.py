@@ -57,8 +57,9 @@ class RunningGateway:
             yield Client(ws)
 
     @asynccontextmanager
-    async def subscribed(self, topics: list[str] | None = None,
-                         symbols: list[str] | None = None) -> AsyncIterator[Client]:
+    async def subscribed(
+        self, topics: list[str] | None = None, symbols: list[str] | None = None
+    ) -> AsyncIterator[Client]:
         """A client past its greeting, subscribed and acknowledged."""
         async with self.client() as client:
             await client.greeting()
@@ -137,8 +138,9 @@ def free_socket(port: int = 0) -> socket.socket:
 
 
 @asynccontextmanager
-async def running_gateway(*, port: int | None = None,
-                          **settings: Any) -> AsyncIterator[RunningGateway]:
+async def running_gateway(
+    *, port: int | None = None, **settings: Any
+) -> AsyncIterator[RunningGateway]:
     """A gateway on a fresh, migrated database (a new SQLite file unless DATABASE_URL is given),
     with the simulation off unless asked: tests publish what they need."""
     with tempfile.TemporaryDirectory() as folder:
@@ -158,8 +160,8 @@ async def _serving(config: Config, port: int | None) -> AsyncIterator[RunningGat
     sock = free_socket(port or 0)
     port = sock.getsockname()[1]
     hypercorn_config = HypercornConfig.from_mapping(
-        {**config.hypercorn_settings(), "bind": [f"fd://{sock.detach()}"],
-         "graceful_timeout": 1.0})
+        {**config.hypercorn_settings(), "bind": [f"fd://{sock.detach()}"], "graceful_timeout": 1.0}
+    )
     stop = asyncio.Event()
     server = asyncio.create_task(serve(app, hypercorn_config, shutdown_trigger=stop.wait))
     running = RunningGateway(app, port)
@@ -181,7 +183,9 @@ WRITE_PATHS = [pytest.param(True, id="fast-path"), pytest.param(False, id="asgi-
 
 # -- databases ---------------------------------------------------------------------------------
 
-POSTGRES_URL = os.environ.get("SIGMAX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "SIGMAX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 # CI sets this: a test that needs PostgreSQL or Redis then fails instead of skipping.
 REQUIRE_SERVICES = os.environ.get("SIGMAX_REQUIRE_SERVICES") == "1"
 
@@ -220,21 +224,31 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def migrate_with_cli(env: dict[str, str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=REPOSITORY,
-                          env={**os.environ, **env}, capture_output=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "migrate"],
+        cwd=REPOSITORY,
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
 
 
-def start_host(port: int, workers: int, env: dict[str, str],
-               log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+def start_host(
+    port: int, workers: int, env: dict[str, str], log: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
     """`hypercorn -w N` with the repository's config, as a deployment runs it; its output goes
     to `log` (default: nowhere)."""
     output = log or subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "hypercorn", "--config", "file:hypercorn_config.py", "wsgi:app"],
-        cwd=REPOSITORY, env={**os.environ, **env, "PORT": str(port), "WORKERS": str(workers)},
-        stdout=output, stderr=output, start_new_session=True)
+        cwd=REPOSITORY,
+        env={**os.environ, **env, "PORT": str(port), "WORKERS": str(workers)},
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+    )
 
 
 def stop_host(process: subprocess.Popen[bytes]) -> None:
@@ -264,8 +278,20 @@ class OwnRedis:
         import redis.asyncio as aioredis
 
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = aioredis.from_url(f"redis://127.0.0.1:{self.port}/0")
         try:
             async with asyncio.timeout(10):

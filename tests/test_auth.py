@@ -1,4 +1,5 @@
 """API keys: open without keys, scopes, refusals."""
+
 from __future__ import annotations
 
 import pytest

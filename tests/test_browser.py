@@ -4,6 +4,7 @@ gateway processes, Redis, a browser driven by playwright-core) and reports its o
 Without node, /usr/bin/chromium (`make browser`) or Redis the test is skipped with the reason;
 with SIGMAX_REQUIRE_SERVICES=1 (set by CI) it fails instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,14 @@ def install_packages(npm: str) -> None:
     installed = E2E / "node_modules" / ".package-lock.json"  # written by every npm install
     if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
         return
-    done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=E2E, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=E2E,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
 
 
@@ -61,10 +68,17 @@ def test_dashboard_in_headless_chromium() -> None:
     if error is not None:
         missing(f"Redis is not reachable at {REDIS_URL} ({error})")
     install_packages(npm)
-    env = {**os.environ, "SIGMAX_PYTHON": sys.executable, "SIGMAX_CHROMIUM": CHROMIUM,
-           "SIGMAX_TEST_REDIS_URL": REDIS_URL}
-    done = subprocess.run([node, "--test"], cwd=E2E, env=env, capture_output=True, text=True,
-                          timeout=540, check=False)
-    assert done.returncode == 0, (f"the browser test failed (screenshots in "
-                                  f"{E2E / 'artifacts'}):\n{done.stdout[-12000:]}\n"
-                                  f"{done.stderr[-4000:]}")
+    env = {
+        **os.environ,
+        "SIGMAX_PYTHON": sys.executable,
+        "SIGMAX_CHROMIUM": CHROMIUM,
+        "SIGMAX_TEST_REDIS_URL": REDIS_URL,
+    }
+    done = subprocess.run(
+        [node, "--test"], cwd=E2E, env=env, capture_output=True, text=True, timeout=540, check=False
+    )
+    assert done.returncode == 0, (
+        f"the browser test failed (screenshots in "
+        f"{E2E / 'artifacts'}):\n{done.stdout[-12000:]}\n"
+        f"{done.stderr[-4000:]}"
+    )

@@ -1,4 +1,5 @@
 """The in-memory event bus: seq, history, idempotency keys."""
+
 from __future__ import annotations
 
 import asyncio

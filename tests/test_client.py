@@ -1,6 +1,7 @@
 """The client package (`client/`, `sigmax_client`) against a real gateway in a real Hypercorn on
 loopback: the spec's examples, request/reply matching, errors, reconnect and resume across
 restarts and worker changes, dead connections, back-pressure, clean shutdown, and the CLI."""
+
 from __future__ import annotations
 
 import asyncio
@@ -49,25 +50,59 @@ pytestmark = pytest.mark.timeout(60)
 # Short reconnect delays: the tests restart gateways and cut connections.
 FAST = {"reconnect_delay": 0.05, "max_reconnect_delay": 0.5}
 
-PROPOSAL = {"proposal_id": "prop_123", "symbol": "BTC/USDT", "action": "buy", "size": 0.001,
-            "reason": "Agent consensus: strong buy signal",
-            "created_at": "2025-12-21T10:30:00.000Z"}
-TRADE = {"proposal_id": "prop_123", "symbol": "BTC/USDT", "action": "buy", "size": 0.001,
-         "filled_price": 95000.0, "order_id": "order_456", "status": "filled", "fee": 0.095,
-         "timestamp": "2025-12-21T10:31:00.000Z"}
-ANALYSIS = {"symbol": "BTC/USDT", "decision": "buy", "confidence": 0.75, "bull_score": 0.8,
-            "bear_score": 0.4, "reasoning": "Strong upward momentum with increasing volume"}
-MARKET = [{"symbol": "BTC/USDT", "price": 95000.0, "volume_24h": 1000000, "change_24h": 2.5},
-          {"symbol": "ETH/USDT", "price": 3500.0, "volume_24h": 500000, "change_24h": 1.8}]
-PORTFOLIO = {"total_value": 100000.0, "available_cash": 50000.0, "positions": [
-    {"symbol": "BTC/USDT", "size": 0.5, "entry_price": 90000.0, "current_price": 95000.0,
-     "value": 47500.0, "pnl": 2500.0, "pnl_percent": 5.56}],
-    "total_pnl": 5000.0, "total_pnl_percent": 5.0}
-HEALTH = {"cpu_percent": 45.2, "memory_percent": 62.1, "disk_percent": 35.0,
-          "process_count": 150}
+PROPOSAL = {
+    "proposal_id": "prop_123",
+    "symbol": "BTC/USDT",
+    "action": "buy",
+    "size": 0.001,
+    "reason": "Agent consensus: strong buy signal",
+    "created_at": "2025-12-21T10:30:00.000Z",
+}
+TRADE = {
+    "proposal_id": "prop_123",
+    "symbol": "BTC/USDT",
+    "action": "buy",
+    "size": 0.001,
+    "filled_price": 95000.0,
+    "order_id": "order_456",
+    "status": "filled",
+    "fee": 0.095,
+    "timestamp": "2025-12-21T10:31:00.000Z",
+}
+ANALYSIS = {
+    "symbol": "BTC/USDT",
+    "decision": "buy",
+    "confidence": 0.75,
+    "bull_score": 0.8,
+    "bear_score": 0.4,
+    "reasoning": "Strong upward momentum with increasing volume",
+}
+MARKET = [
+    {"symbol": "BTC/USDT", "price": 95000.0, "volume_24h": 1000000, "change_24h": 2.5},
+    {"symbol": "ETH/USDT", "price": 3500.0, "volume_24h": 500000, "change_24h": 1.8},
+]
+PORTFOLIO = {
+    "total_value": 100000.0,
+    "available_cash": 50000.0,
+    "positions": [
+        {
+            "symbol": "BTC/USDT",
+            "size": 0.5,
+            "entry_price": 90000.0,
+            "current_price": 95000.0,
+            "value": 47500.0,
+            "pnl": 2500.0,
+            "pnl_percent": 5.56,
+        }
+    ],
+    "total_pnl": 5000.0,
+    "total_pnl_percent": 5.0,
+}
+HEALTH = {"cpu_percent": 45.2, "memory_percent": 62.1, "disk_percent": 35.0, "process_count": 150}
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
@@ -75,8 +110,9 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def publish_alerts(server: RunningGateway, count: int, *, start: int = 0,
-                         symbol: str | None = None, pad: str = "") -> list[int]:
+async def publish_alerts(
+    server: RunningGateway, count: int, *, start: int = 0, symbol: str | None = None, pad: str = ""
+) -> list[int]:
     """Publish `count` alerts; their seqs."""
     seqs = []
     for n in range(start, start + count):
@@ -194,8 +230,7 @@ class TcpProxy:
                 writer.transport.abort()
                 return
             try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1",
-                                                                     self.target_port)
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
             except OSError:
                 writer.transport.abort()
                 return
@@ -203,13 +238,15 @@ class TcpProxy:
             link = _Link(writer, up_writer)
             link.flowing.set()
             self._links.append(link)
-            await asyncio.gather(self._pump(reader, up_writer, link),
-                                 self._pump(up_reader, writer, link))
+            await asyncio.gather(
+                self._pump(reader, up_writer, link), self._pump(up_reader, writer, link)
+            )
         finally:
             self._tasks.discard(task)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    link: _Link) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 await link.flowing.wait()
@@ -219,13 +256,20 @@ class TcpProxy:
 
 
 @asynccontextmanager
-async def fake_gateway(script: Callable[[ServerConnection], Awaitable[None]]
-                       ) -> AsyncIterator[str]:
+async def fake_gateway(script: Callable[[ServerConnection], Awaitable[None]]) -> AsyncIterator[str]:
     """A WebSocket server of the test's own that greets like the gateway, then runs `script`."""
+
     async def handler(ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "connected", "data": {
-            "connection_id": "fake", "last_seq": 0}, "timestamp": "2025-12-21T10:30:00.000Z",
-            "connection_id": "fake"}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "connected",
+                    "data": {"connection_id": "fake", "last_seq": 0},
+                    "timestamp": "2025-12-21T10:30:00.000Z",
+                    "connection_id": "fake",
+                }
+            )
+        )
         with contextlib.suppress(websockets.ConnectionClosed):
             await script(ws)
 
@@ -242,7 +286,8 @@ def client_side_tasks(tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
     for task in tasks:
         code = getattr(task.get_coro(), "cr_code", None)
         if task.get_name().startswith("sigmax-client") or (
-                code is not None and code.co_filename.startswith(roots)):
+            code is not None and code.co_filename.startswith(roots)
+        ):
             found.append(task)
     return found
 
@@ -476,31 +521,39 @@ def spec_example(source: str, output: Output, **names: Any) -> Callable[[], Awai
     as `await f()` (the test runs inside an event loop already). Returns the example's names."""
     lines = []
     for line in textwrap.dedent(source).strip("\n").splitlines():
-        line = line.replace("from ui.api.clients.websocket_client import",
-                            "from sigmax_client import")
+        line = line.replace(
+            "from ui.api.clients.websocket_client import", "from sigmax_client import"
+        )
         run = re.fullmatch(r"asyncio\.run\((\w+)\(\)\)", line)
         lines.append(f"await {run.group(1)}()" if run else line)
     code = "async def example():\n" + textwrap.indent("\n".join(lines), "    ")
     code += "\n    return locals()\n"
     # The names the spec's earlier snippets imported, as a notebook would still have them.
-    namespace: dict[str, Any] = {"asyncio": asyncio, "SigmaxWebSocketClient": SigmaxWebSocketClient,
-                                 "connect_sigmax": connect_sigmax, "print": output.print, **names}
+    namespace: dict[str, Any] = {
+        "asyncio": asyncio,
+        "SigmaxWebSocketClient": SigmaxWebSocketClient,
+        "connect_sigmax": connect_sigmax,
+        "print": output.print,
+        **names,
+    }
     exec(compile(code, "<spec example>", "exec"), namespace)
     example: Callable[[], Awaitable[Any]] = namespace["example"]
     return example
 
 
 @pytest.fixture
-async def spec_clients(monkeypatch: pytest.MonkeyPatch
-                       ) -> AsyncIterator[Callable[[str], list[SigmaxWebSocketClient]]]:
+async def spec_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Callable[[str], list[SigmaxWebSocketClient]]]:
     """`spec_clients(url)`: from then on the spec's address (localhost:8000) reaches `url`;
     returns the clients that connect, which are disconnected at the end of the test."""
     made: list[SigmaxWebSocketClient] = []
     connect = SigmaxWebSocketClient.connect
 
     def redirect(url: str) -> list[SigmaxWebSocketClient]:
-        async def connect_to_test_gateway(self: SigmaxWebSocketClient, target: str = DEFAULT_URL,
-                                          api_key: str | None = None) -> None:
+        async def connect_to_test_gateway(
+            self: SigmaxWebSocketClient, target: str = DEFAULT_URL, api_key: str | None = None
+        ) -> None:
             made.append(self)
             await connect(self, url if target == SPEC_URL else target, api_key)
 
@@ -513,28 +566,57 @@ async def spec_clients(monkeypatch: pytest.MonkeyPatch
 
 
 SPEC_RUNS = [
-    pytest.param(BASIC_USAGE, [("proposal_created", PROPOSAL), ("trade_executed", TRADE)],
-                 ["Event: proposal_created", f"Data: {PROPOSAL}", "Event: trade_executed",
-                  f"Data: {TRADE}"], id="basic-usage"),
-    pytest.param(EVENT_CALLBACKS, [("proposal_created", PROPOSAL)],
-                 ["New proposal: prop_123", "Symbol: BTC/USDT", "Action: buy"],
-                 id="event-callbacks"),
-    pytest.param(QUICK_CONNECT, [("proposal_created", PROPOSAL)],
-                 [f"proposal_created {PROPOSAL}"], id="quick-connect"),
-    pytest.param(MONITOR_TRADING, [("proposal_created", PROPOSAL), ("trade_executed", TRADE),
-                                   ("analysis_update", ANALYSIS)],
-                 ["New Proposal: BTC/USDT - buy", "Trade Executed: BTC/USDT @ 95000.0",
-                  "📊 Analysis: BTC/USDT - buy (conf: 0.75)"], id="monitor-trading"),
-    pytest.param(TRACK_BTC, [("market_update", MARKET), ("analysis_update", ANALYSIS)],
-                 ["BTC Price: $95,000.00",
-                  "BTC Analysis: buy - Strong upward momentum with increasing volume"],
-                 id="track-btc"),
-    pytest.param(PORTFOLIO_DASHBOARD, [("portfolio_update", PORTFOLIO), ("trade_executed", TRADE),
-                                       ("health_update", HEALTH)],
-                 ["💼 Portfolio Update", "   Total Value: $100,000.00", "   Cash: $50,000.00",
-                  "   P&L: $5,000.00 (5.00%)", "   BTC/USDT: 0.5 @ $95,000.00 (P&L: $2,500.00)",
-                  "🔔 Trade: buy 0.001 BTC/USDT @ $95,000.00",
-                  "System Health: CPU 45.2% | Memory 62.1%"], id="portfolio-dashboard"),
+    pytest.param(
+        BASIC_USAGE,
+        [("proposal_created", PROPOSAL), ("trade_executed", TRADE)],
+        ["Event: proposal_created", f"Data: {PROPOSAL}", "Event: trade_executed", f"Data: {TRADE}"],
+        id="basic-usage",
+    ),
+    pytest.param(
+        EVENT_CALLBACKS,
+        [("proposal_created", PROPOSAL)],
+        ["New proposal: prop_123", "Symbol: BTC/USDT", "Action: buy"],
+        id="event-callbacks",
+    ),
+    pytest.param(
+        QUICK_CONNECT,
+        [("proposal_created", PROPOSAL)],
+        [f"proposal_created {PROPOSAL}"],
+        id="quick-connect",
+    ),
+    pytest.param(
+        MONITOR_TRADING,
+        [("proposal_created", PROPOSAL), ("trade_executed", TRADE), ("analysis_update", ANALYSIS)],
+        [
+            "New Proposal: BTC/USDT - buy",
+            "Trade Executed: BTC/USDT @ 95000.0",
+            "📊 Analysis: BTC/USDT - buy (conf: 0.75)",
+        ],
+        id="monitor-trading",
+    ),
+    pytest.param(
+        TRACK_BTC,
+        [("market_update", MARKET), ("analysis_update", ANALYSIS)],
+        [
+            "BTC Price: $95,000.00",
+            "BTC Analysis: buy - Strong upward momentum with increasing volume",
+        ],
+        id="track-btc",
+    ),
+    pytest.param(
+        PORTFOLIO_DASHBOARD,
+        [("portfolio_update", PORTFOLIO), ("trade_executed", TRADE), ("health_update", HEALTH)],
+        [
+            "💼 Portfolio Update",
+            "   Total Value: $100,000.00",
+            "   Cash: $50,000.00",
+            "   P&L: $5,000.00 (5.00%)",
+            "   BTC/USDT: 0.5 @ $95,000.00 (P&L: $2,500.00)",
+            "🔔 Trade: buy 0.001 BTC/USDT @ $95,000.00",
+            "System Health: CPU 45.2% | Memory 62.1%",
+        ],
+        id="portfolio-dashboard",
+    ),
 ]
 
 
@@ -545,8 +627,9 @@ async def test_spec_example_runs_unchanged(server, spec_clients, source, events,
     example = asyncio.create_task(spec_example(source, output)())
     await until(lambda: bool(made) and all(c.topics or c.symbols for c in made))
     for type_, data in events:
-        await server.publish(type_, data,
-                             symbol=data.get("symbol") if isinstance(data, dict) else None)
+        await server.publish(
+            type_, data, symbol=data.get("symbol") if isinstance(data, dict) else None
+        )
     await until(lambda: all(line in output.lines for line in expected))
     for client in made:
         await client.disconnect()
@@ -584,8 +667,9 @@ async def test_spec_best_practices_subscriptions_and_callbacks(server, clients):
     assert client.topics == ("all", "proposals", "executions")
     assert client.symbols == ("BTC/USDT", "ETH/USDT")
     approved: list[str] = []
-    await spec_example(CALLBACKS_FOR_ACTIONS, Output(), client=client,
-                       approve_proposal=approved.append)()
+    await spec_example(
+        CALLBACKS_FOR_ACTIONS, Output(), client=client, approve_proposal=approved.append
+    )()
     await server.publish("proposal_created", PROPOSAL, symbol="BTC/USDT")
     await until(lambda: approved == ["prop_123"])
     await asyncio.sleep(0.1)
@@ -624,6 +708,7 @@ async def test_spec_clean_disconnect_in_finally(server, clients):
 
 # -- the API ------------------------------------------------------------------------------------
 
+
 async def test_events_have_type_data_timestamp_and_seq(server, clients):
     client = clients()
     await client.connect(server.url)
@@ -631,16 +716,16 @@ async def test_events_have_type_data_timestamp_and_seq(server, clients):
     confirmed = await client.subscribe(topics=["proposals"], symbols=["btc/usdt"])
     assert confirmed["symbols"] == ["BTC/USDT"]
     assert (client.topics, client.symbols) == (("proposals",), ("BTC/USDT",))
-    published = [await server.publish("proposal_created", PROPOSAL, symbol="BTC/USDT"),
-                 await server.publish("alert", {"level": "info", "message": "x"},
-                                      symbol="BTC/USDT")]
+    published = [
+        await server.publish("proposal_created", PROPOSAL, symbol="BTC/USDT"),
+        await server.publish("alert", {"level": "info", "message": "x"}, symbol="BTC/USDT"),
+    ]
     events = []
     async for event in client.listen():
         events.append(event)
         if len(events) == 2:
             break
-    assert [(e.type, e.data, e.seq) for e in events] == [
-        (p.type, p.data, p.seq) for p in published]
+    assert [(e.type, e.data, e.seq) for e in events] == [(p.type, p.data, p.seq) for p in published]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", events[0].timestamp)
     assert events[0].time is not None and events[0].time.tzinfo is not None
     assert client.last_seq == published[-1].seq
@@ -673,12 +758,16 @@ async def test_sync_and_async_callbacks_get_every_event_in_order(server, clients
 
 
 async def test_connect_sigmax_connects_and_subscribes(server):
-    client = await connect_sigmax(server.url, topics=["alerts"], symbols=["ETH/USDT"],
-                                  ping_interval=5.0)
+    client = await connect_sigmax(
+        server.url, topics=["alerts"], symbols=["ETH/USDT"], ping_interval=5.0
+    )
     try:
         assert client.is_connected() and client.ping_interval == 5.0
         assert await client.get_subscriptions() == {
-            "topics": ["alerts"], "symbols": ["ETH/USDT"], "count": 2}
+            "topics": ["alerts"],
+            "symbols": ["ETH/USDT"],
+            "count": 2,
+        }
         published = await publish_alerts(server, 2)
         seqs = []
         async for event in client.listen():
@@ -703,7 +792,10 @@ async def test_unsubscribe_and_get_subscriptions(server, clients):
     assert reply["topics"] == ["alerts"]
     assert client.topics == ("proposals",)
     assert await client.get_subscriptions() == {
-        "topics": ["proposals"], "symbols": ["BTC/USDT"], "count": 2}
+        "topics": ["proposals"],
+        "symbols": ["BTC/USDT"],
+        "count": 2,
+    }
     await server.publish("alert", {"level": "info", "message": "not for us"})
     proposal = await server.publish("proposal_created", PROPOSAL)
     async for event in client.listen():
@@ -711,10 +803,12 @@ async def test_unsubscribe_and_get_subscriptions(server, clients):
         break
 
 
-async def test_get_status_and_commands_get_their_own_reply_under_a_flood(gateway_factory,
-                                                                       clients):
-    settings = {"WS_SEND_QUEUE_SIZE": 100_000, "WS_COMMAND_RATE": 10_000,
-                "WS_COMMAND_BURST": 10_000}
+async def test_get_status_and_commands_get_their_own_reply_under_a_flood(gateway_factory, clients):
+    settings = {
+        "WS_SEND_QUEUE_SIZE": 100_000,
+        "WS_COMMAND_RATE": 10_000,
+        "WS_COMMAND_BURST": 10_000,
+    }
     async with gateway_factory(**settings) as server:
         client = clients(request_timeout=20)
         await client.connect(server.url)
@@ -911,8 +1005,9 @@ async def test_disconnect_while_reconnecting_leaves_no_task(gateway_factory):
     assert client_side_tasks(asyncio.all_tasks() - before) == []
 
 
-async def test_without_auto_reconnect_listen_raises_when_the_connection_is_lost(gateway_factory,
-                                                                               clients):
+async def test_without_auto_reconnect_listen_raises_when_the_connection_is_lost(
+    gateway_factory, clients
+):
     async with gateway_factory() as server:
         client = clients(auto_reconnect=False)
         await client.connect(server.url)
@@ -929,6 +1024,7 @@ async def test_without_auto_reconnect_listen_raises_when_the_connection_is_lost(
 
 
 # -- reconnect and resume -----------------------------------------------------------------------
+
 
 async def test_resumes_across_a_restart_without_gap_or_duplicate(redis_prefix, tmp_path, clients):
     redis_url, prefix = redis_prefix
@@ -952,7 +1048,10 @@ async def test_resumes_across_a_restart_without_gap_or_duplicate(redis_prefix, t
         published += await publish_alerts(second, 100, start=400)
         await collector.wait_for(len(published), timeout=30)
         assert await client.get_subscriptions() == {
-            "topics": ["alerts"], "symbols": ["BTC/USDT"], "count": 2}
+            "topics": ["alerts"],
+            "symbols": ["BTC/USDT"],
+            "count": 2,
+        }
     assert collector.seqs == published
     assert published == list(range(published[0], published[0] + 500))
     assert client.duplicates_dropped == 0
@@ -964,8 +1063,11 @@ async def test_resumes_on_another_worker(redis_prefix, tmp_path, clients):
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
     settings = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "DATABASE_URL": database}
-    async with running_gateway(**settings) as one, running_gateway(**settings) as other, \
-            TcpProxy(one.port) as balancer:
+    async with (
+        running_gateway(**settings) as one,
+        running_gateway(**settings) as other,
+        TcpProxy(one.port) as balancer,
+    ):
         client = clients(**FAST)
         await client.connect(balancer.url)
         await client.subscribe(topics=["alerts"])
@@ -1007,8 +1109,7 @@ async def test_resync_required_when_history_no_longer_reaches_back(gateway_facto
     assert resync.data["topics"] == ["alerts"] and "reload" in resync.data["reason"]
 
 
-async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(tmp_path,
-                                                                              clients):
+async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(tmp_path, clients):
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
     port = closed_port()
@@ -1032,8 +1133,7 @@ async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(
     assert {e.data["status"] for e in notices if e.type == "status_change"} == {"shutting_down"}
 
 
-async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(tmp_path,
-                                                                                clients):
+async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(tmp_path, clients):
     """The new gateway's seq 4.. are other events than the old one's: the stream id tells."""
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
@@ -1077,8 +1177,10 @@ async def test_a_stream_reset_moves_the_client_to_the_new_stream(tmp_path, clien
     await migrate(database)
     async with own_redis() as redis:
         url = f"redis://127.0.0.1:{redis.port}/0"
-        async with running_gateway(REDIS_URL=url, DATABASE_URL=database) as server, \
-                TcpProxy(server.port) as proxy:
+        async with (
+            running_gateway(REDIS_URL=url, DATABASE_URL=database) as server,
+            TcpProxy(server.port) as proxy,
+        ):
             client = clients(**FAST)
             await client.connect(proxy.url)
             await client.subscribe(topics=["alerts"])
@@ -1107,8 +1209,7 @@ async def test_a_stream_reset_moves_the_client_to_the_new_stream(tmp_path, clien
     assert client.duplicates_dropped == 0
 
 
-async def test_a_slow_consumer_closed_by_the_gateway_resumes_without_loss(gateway_factory,
-                                                                        clients):
+async def test_a_slow_consumer_closed_by_the_gateway_resumes_without_loss(gateway_factory, clients):
     async with gateway_factory(WS_SEND_QUEUE_SIZE=10) as server:
         client = clients(queue_size=5, **FAST)
         await client.connect(server.url)
@@ -1136,11 +1237,26 @@ async def test_duplicates_are_dropped_as_a_safety_net(clients):
         async for raw in ws:
             message = json.loads(raw)
             if message["type"] == "subscribe":
-                await ws.send(json.dumps({"type": "subscribed", "data": {
-                    "topics": ["alerts"], "symbols": []}, "request_id": message["request_id"]}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "subscribed",
+                            "data": {"topics": ["alerts"], "symbols": []},
+                            "request_id": message["request_id"],
+                        }
+                    )
+                )
                 for seq in (1, 2, 2, 3, 1, 4):
-                    await ws.send(json.dumps({"type": "alert", "data": {"n": seq}, "seq": seq,
-                                              "timestamp": "2025-12-21T10:30:00.000Z"}))
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "type": "alert",
+                                "data": {"n": seq},
+                                "seq": seq,
+                                "timestamp": "2025-12-21T10:30:00.000Z",
+                            }
+                        )
+                    )
 
     async with fake_gateway(script) as url:
         client = clients()
@@ -1153,6 +1269,7 @@ async def test_duplicates_are_dropped_as_a_safety_net(clients):
 
 
 # -- heartbeat ----------------------------------------------------------------------------------
+
 
 async def test_answers_the_gateways_ping(clients):
     received: list[dict[str, Any]] = []
@@ -1222,6 +1339,7 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap():
 
 # -- the package and the CLI --------------------------------------------------------------------
 
+
 def test_the_distribution_depends_on_websockets_only_and_is_typed():
     project = tomllib.loads((CLIENT_DIR / "pyproject.toml").read_text())["project"]
     assert project["name"] == "sigmax-client"
@@ -1240,8 +1358,14 @@ def cli_environment() -> dict[str, str]:
 
 async def run_cli(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sigmax_client", *args, env=cli_environment(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "sigmax_client",
+        *args,
+        env=cli_environment(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def read_line(stream: asyncio.StreamReader | None, timeout: float = 10.0) -> str:
@@ -1251,8 +1375,9 @@ async def read_line(stream: asyncio.StreamReader | None, timeout: float = 10.0) 
     return line.decode().rstrip("\n")
 
 
-async def read_until(stream: asyncio.StreamReader | None, text: str,
-                     timeout: float = 15.0) -> list[str]:
+async def read_until(
+    stream: asyncio.StreamReader | None, text: str, timeout: float = 15.0
+) -> list[str]:
     lines: list[str] = []
     async with asyncio.timeout(timeout):
         while not lines or text not in lines[-1]:
@@ -1281,32 +1406,42 @@ async def cli(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
 
 
 async def test_cli_tail_prints_a_readable_line_per_event(server):
-    async with cli("tail", "--url", server.url, "--topics", "alerts,proposals",
-                   "--symbols", "BTC/USDT") as process:
+    async with cli(
+        "tail", "--url", server.url, "--topics", "alerts,proposals", "--symbols", "BTC/USDT"
+    ) as process:
         status = await read_until(process.stderr, "subscribed to")
         assert status[-1] == "sigmax-client: subscribed to alerts, proposals, BTC/USDT"
-        alert = await server.publish("alert", {"level": "warning",
-                                               "message": "drawdown near limit"},
-                                     symbol="BTC/USDT")
+        alert = await server.publish(
+            "alert", {"level": "warning", "message": "drawdown near limit"}, symbol="BTC/USDT"
+        )
         proposal = await server.publish("proposal_created", PROPOSAL, symbol="BTC/USDT")
         market = await server.publish("market_update", MARKET)
         lines = [await read_line(process.stdout) for _ in range(3)]
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
-    assert re.fullmatch(stamp + rf"\s+#{alert.seq}\s+alert\s+level=warning "
-                        r'message="drawdown near limit"', lines[0]), lines[0]
-    assert re.fullmatch(stamp + rf"\s+#{proposal.seq}\s+proposal_created\s+BTC/USDT "
-                        r"proposal_id=prop_123 action=buy size=0.001 "
-                        r'reason="Agent consensus: strong buy signal" '
-                        r"created_at=2025-12-21T10:30:00.000Z", lines[1]), lines[1]
+    assert re.fullmatch(
+        stamp + rf"\s+#{alert.seq}\s+alert\s+level=warning "
+        r'message="drawdown near limit"',
+        lines[0],
+    ), lines[0]
+    assert re.fullmatch(
+        stamp + rf"\s+#{proposal.seq}\s+proposal_created\s+BTC/USDT "
+        r"proposal_id=prop_123 action=buy size=0.001 "
+        r'reason="Agent consensus: strong buy signal" '
+        r"created_at=2025-12-21T10:30:00.000Z",
+        lines[1],
+    ), lines[1]
     # Subscribed to the symbol only: the market update carries that symbol's entry.
-    assert lines[2].endswith(f"#{market.seq}  market_update      BTC/USDT price=95000.0 "
-                             "volume_24h=1000000 change_24h=2.5"), lines[2]
+    assert lines[2].endswith(
+        f"#{market.seq}  market_update      BTC/USDT price=95000.0 "
+        "volume_24h=1000000 change_24h=2.5"
+    ), lines[2]
 
 
 async def test_cli_json_lines_since_and_count(server):
     published = await publish_alerts(server, 3)
-    process = await run_cli("tail", "--url", server.url, "--topics", "alerts", "--since", "0",
-                            "--json", "--count", "3")
+    process = await run_cli(
+        "tail", "--url", server.url, "--topics", "alerts", "--since", "0", "--json", "--count", "3"
+    )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, stderr.decode()
     events = [json.loads(line) for line in stdout.decode().splitlines()]
@@ -1322,7 +1457,8 @@ async def test_cli_reconnects_across_a_restart(tmp_path):
     port = closed_port()
     async with contextlib.AsyncExitStack() as first_gateway:
         first = await first_gateway.enter_async_context(
-            running_gateway(port=port, DATABASE_URL=database))
+            running_gateway(port=port, DATABASE_URL=database)
+        )
         async with cli("tail", "--url", first.url, "--topics", "alerts", "--json") as process:
             await read_until(process.stderr, "subscribed to")
             await publish_alerts(first, 2)
@@ -1336,8 +1472,13 @@ async def test_cli_reconnects_across_a_restart(tmp_path):
                 while [e["seq"] for e in events][-2:] != [1, 2] or len(events) < 4:
                     events.append(json.loads(await read_line(process.stdout)))
     kinds = [(e["type"], e["seq"]) for e in events if e["type"] != "status_change"]
-    assert kinds == [("alert", 1), ("alert", 2), (RESYNC_REQUIRED, None), ("alert", 1),
-                     ("alert", 2)]
+    assert kinds == [
+        ("alert", 1),
+        ("alert", 2),
+        (RESYNC_REQUIRED, None),
+        ("alert", 1),
+        ("alert", 2),
+    ]
 
 
 async def test_cli_reports_what_went_wrong_without_a_traceback(server):

@@ -1,4 +1,5 @@
 """Configuration: environment variables, defaults, refusals, and the README's table."""
+
 from __future__ import annotations
 
 import re
@@ -19,17 +20,27 @@ class TestConfig:
         assert config.REDIS_URL == ""
 
     def test_environment_overrides_with_types(self):
-        config = Config.from_env({"WS_MAX_CONNECTIONS": "5", "WS_HEARTBEAT_INTERVAL": "2.5",
-                                  "CORS_ORIGINS": "http://a, http://b",
-                                  "REDIS_URL": "redis://127.0.0.1:6379"})
+        config = Config.from_env(
+            {
+                "WS_MAX_CONNECTIONS": "5",
+                "WS_HEARTBEAT_INTERVAL": "2.5",
+                "CORS_ORIGINS": "http://a, http://b",
+                "REDIS_URL": "redis://127.0.0.1:6379",
+            }
+        )
         assert config.WS_MAX_CONNECTIONS == 5
         assert config.WS_HEARTBEAT_INTERVAL == 2.5
         assert config.CORS_ORIGINS == ("http://a", "http://b")
         assert config.REDIS_URL == "redis://127.0.0.1:6379"
 
-    @pytest.mark.parametrize("env", [{"WS_MAX_CONNECTIONS": "many"},
-                                     {"WS_MAX_CONNECTIONS": "0"},
-                                     {"WS_CONNECTION_TIMEOUT": "-1"}])
+    @pytest.mark.parametrize(
+        "env",
+        [
+            {"WS_MAX_CONNECTIONS": "many"},
+            {"WS_MAX_CONNECTIONS": "0"},
+            {"WS_CONNECTION_TIMEOUT": "-1"},
+        ],
+    )
     def test_bad_values_are_refused_by_name(self, env):
         with pytest.raises(ValueError, match=next(iter(env))):
             Config.from_env(env)
@@ -48,8 +59,7 @@ def readme_settings() -> dict[str, str]:
     for row in table.splitlines()[2:]:
         names, defaults = (cell.strip() for cell in row.strip("|").split("|")[:2])
         names_list = re.findall(r"`([A-Z_0-9]+)`", names)
-        defaults_list = (["empty"] if defaults == "empty"
-                         else re.findall(r"`([^`]*)`", defaults))
+        defaults_list = ["empty"] if defaults == "empty" else re.findall(r"`([^`]*)`", defaults)
         assert len(names_list) == len(defaults_list), row
         settings.update(zip(names_list, defaults_list, strict=True))
     return settings

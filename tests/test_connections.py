@@ -1,4 +1,5 @@
 """Connection lifecycle: heartbeat, timeout, limits, API keys, slow consumers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -70,29 +71,36 @@ async def test_connection_limit_refuses_with_1013_and_spares_the_others(gateway_
 KEYS = ("reader-key:read", "bot-key:read+trade", "admin-key")
 
 
-@pytest.mark.parametrize("query, headers", [
-    ("", {}),
-    ("?api_key=wrong", {}),
-    ("", {"X-API-Key": "wrong"}),
-    ("?api_key=reader-ke", {}),
-])
+@pytest.mark.parametrize(
+    "query, headers",
+    [
+        ("", {}),
+        ("?api_key=wrong", {}),
+        ("", {"X-API-Key": "wrong"}),
+        ("?api_key=reader-ke", {}),
+    ],
+)
 async def test_missing_or_wrong_key_is_refused_with_1008(gateway_factory, query, headers):
     async with gateway_factory(API_KEYS=KEYS) as server:
         async with server.client(query, additional_headers=headers) as client:
             error = await client.recv()
             assert error["data"]["code"] == "AUTHENTICATION_FAILED"
-            assert error["data"]["error"] == ("Invalid API key" if query or headers
-                                              else "Missing API key")
+            assert error["data"]["error"] == (
+                "Invalid API key" if query or headers else "Missing API key"
+            )
             assert "wrong" not in error["data"]["details"]
             await client.ws.wait_closed()
             assert client.ws.close_code == 1008
         assert server.gateway.manager.get_stats()["active_connections"] == 0
 
 
-@pytest.mark.parametrize("query, headers", [
-    ("?api_key=reader-key", {}),
-    ("", {"X-API-Key": "bot-key"}),
-])
+@pytest.mark.parametrize(
+    "query, headers",
+    [
+        ("?api_key=reader-key", {}),
+        ("", {"X-API-Key": "bot-key"}),
+    ],
+)
 async def test_valid_key_by_query_or_header_connects(gateway_factory, query, headers):
     async with gateway_factory(API_KEYS=KEYS) as server:
         async with server.client(query, additional_headers=headers) as client:
@@ -140,14 +148,22 @@ def stalled_socket(port: int) -> socket.socket:
 
 
 async def test_a_stalled_client_does_not_slow_the_others(gateway_factory):
-    async with gateway_factory(WS_SEND_QUEUE_SIZE=50, WS_CLOSE_TIMEOUT=30,
-                               WS_MAX_CONNECTIONS=200) as server, AsyncExitStack() as stack:
+    async with (
+        gateway_factory(
+            WS_SEND_QUEUE_SIZE=50, WS_CLOSE_TIMEOUT=30, WS_MAX_CONNECTIONS=200
+        ) as server,
+        AsyncExitStack() as stack,
+    ):
         manager = server.gateway.manager
-        readers = [await stack.enter_async_context(server.subscribed(["alerts"]))
-                   for _ in range(100)]
+        readers = [
+            await stack.enter_async_context(server.subscribed(["alerts"])) for _ in range(100)
+        ]
         # No permessage-deflate: repeated payloads would compress to nothing and never stall.
-        stalled = await stack.enter_async_context(server.client(
-            sock=stalled_socket(server.port), max_queue=1, close_timeout=0.5, compression=None))
+        stalled = await stack.enter_async_context(
+            server.client(
+                sock=stalled_socket(server.port), max_queue=1, close_timeout=0.5, compression=None
+            )
+        )
         await stalled.greeting()
         await stalled.request("subscribe", {"topics": ["alerts"]})
 
@@ -212,8 +228,9 @@ async def test_clients_with_and_without_permessage_deflate(server, compression):
 async def test_a_stalled_client_is_dropped_after_the_close_timeout(gateway_factory):
     async with gateway_factory(WS_SEND_QUEUE_SIZE=20, WS_CLOSE_TIMEOUT=0.5) as server:
         manager = server.gateway.manager
-        async with server.client(sock=stalled_socket(server.port), max_queue=1, close_timeout=0.5,
-                                 compression=None) as stalled:
+        async with server.client(
+            sock=stalled_socket(server.port), max_queue=1, close_timeout=0.5, compression=None
+        ) as stalled:
             await stalled.greeting()
             await stalled.request("subscribe", {"topics": ["alerts"]})
             for n in range(4000):  # bounded; stops once the client is cut off
@@ -231,8 +248,11 @@ async def test_a_stalled_client_is_dropped_after_the_close_timeout(gateway_facto
 
 
 async def test_sigterm_tells_clients_and_closes_with_1001(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/shutdown.db", "SIMULATION": "false",
-           "LOG_LEVEL": "WARNING"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/shutdown.db",
+        "SIMULATION": "false",
+        "LOG_LEVEL": "WARNING",
+    }
     migrate_with_cli(env)
     sock = free_socket()
     port = sock.getsockname()[1]
@@ -252,10 +272,13 @@ async def test_sigterm_tells_clients_and_closes_with_1001(tmp_path):
 
 
 async def test_connections_per_api_key_are_limited(gateway_factory):
-    async with gateway_factory(API_KEYS=("bot-key:read", "other:read"),
-                               WS_MAX_CONNECTIONS_PER_KEY=2) as server:
-        async with server.client("?api_key=bot-key") as first, \
-                server.client("?api_key=bot-key") as second:
+    async with gateway_factory(
+        API_KEYS=("bot-key:read", "other:read"), WS_MAX_CONNECTIONS_PER_KEY=2
+    ) as server:
+        async with (
+            server.client("?api_key=bot-key") as first,
+            server.client("?api_key=bot-key") as second,
+        ):
             await first.greeting()
             await second.greeting()
             async with server.client("?api_key=bot-key") as third:
@@ -269,8 +292,12 @@ async def test_connections_per_api_key_are_limited(gateway_factory):
 
 
 def http(port: int, method: str, path: str, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     headers=headers, data=b"{}" if method == "POST" else None)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        headers=headers,
+        data=b"{}" if method == "POST" else None,
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status
@@ -281,11 +308,18 @@ def http(port: int, method: str, path: str, headers: dict[str, str]) -> int:
 async def test_api_keys_never_reach_the_logs(tmp_path):
     """A host logging at DEBUG, served keys right and wrong by query and header, on WebSocket
     and REST, through refusals of every kind: no key appears in its output."""
-    keys = {"reader": "secret-reader-7f3a", "trader": "secret-trader-9c1d",
-            "wrong": "secret-wrong-5e2b"}
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/keys.db", "SIMULATION": "false",
-           "LOG_LEVEL": "DEBUG", "WS_MAX_CONNECTIONS_PER_KEY": "1",
-           "API_KEYS": f"{keys['reader']}:read,{keys['trader']}"}
+    keys = {
+        "reader": "secret-reader-7f3a",
+        "trader": "secret-trader-9c1d",
+        "wrong": "secret-wrong-5e2b",
+    }
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db",
+        "SIMULATION": "false",
+        "LOG_LEVEL": "DEBUG",
+        "WS_MAX_CONNECTIONS_PER_KEY": "1",
+        "API_KEYS": f"{keys['reader']}:read,{keys['trader']}",
+    }
     migrate_with_cli(env)
     sock = free_socket()
     port = sock.getsockname()[1]
@@ -296,25 +330,32 @@ async def test_api_keys_never_reach_the_logs(tmp_path):
     try:
         await (await connect_when_up(port)).ws.close()  # refused: no key; the host is up
         url = f"ws://127.0.0.1:{port}/api/ws"
-        for query, headers in ((f"?api_key={keys['reader']}", {}),
-                               ("", {"X-API-Key": keys["trader"]}),
-                               (f"?api_key={keys['wrong']}", {}),
-                               ("", {"X-API-Key": keys["wrong"]})):
+        for query, headers in (
+            (f"?api_key={keys['reader']}", {}),
+            ("", {"X-API-Key": keys["trader"]}),
+            (f"?api_key={keys['wrong']}", {}),
+            ("", {"X-API-Key": keys["wrong"]}),
+        ):
             async with websockets.connect(url + query, additional_headers=headers) as ws:
                 first = json.loads(await ws.recv())
                 if first["type"] == "connected":
-                    await ws.send(json.dumps({"type": "command",
-                                              "data": {"command": "pause"}}))
+                    await ws.send(json.dumps({"type": "command", "data": {"command": "pause"}}))
                     await ws.recv()
                     async with websockets.connect(url + query, additional_headers=headers) as again:
                         await again.wait_closed()  # over the per-key limit
                 assert all(key not in json.dumps(first) for key in keys.values())
-        for method, path, key in (("GET", "/api/status", keys["wrong"]),
-                                  ("POST", "/api/pause", keys["reader"]),
-                                  ("GET", "/api/status", keys["trader"]),
-                                  ("POST", "/api/events", keys["wrong"])):
+        for method, path, key in (
+            ("GET", "/api/status", keys["wrong"]),
+            ("POST", "/api/pause", keys["reader"]),
+            ("GET", "/api/status", keys["trader"]),
+            ("POST", "/api/events", keys["wrong"]),
+        ):
             assert await asyncio.to_thread(http, port, method, path, {"X-API-Key": key}) in (
-                200, 400, 401, 403)
+                200,
+                400,
+                401,
+                403,
+            )
     finally:
         host.send_signal(signal.SIGTERM)
         host.wait(timeout=15)

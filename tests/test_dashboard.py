@@ -1,6 +1,7 @@
 """The dashboard's routes: the page and everything it loads come from the gateway itself, with
 the right types, under a Content-Security-Policy that allows no inline script. What the page
 does in a browser is tested in tests/e2e (run by test_browser.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,14 +41,18 @@ def external_urls(text: str) -> list[str]:
     """Anything a browser could fetch from another host: not the page's own host (the
     WebSocket's address), nor the SVG namespace, which is only a name."""
     found = re.findall(r"""(?:https?:)?//[^\s"'<>)`]+""", text)
-    return [url for url in found
-            if url != "http://www.w3.org/2000/svg" and not url.startswith("//${location.host}/")]
+    return [
+        url
+        for url in found
+        if url != "http://www.w3.org/2000/svg" and not url.startswith("//${location.host}/")
+    ]
 
 
 def expected_type(url: str) -> str:
     suffix = Path(url.split("?", 1)[0]).suffix
     return {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}.get(
-        suffix, "text/html")
+        suffix, "text/html"
+    )
 
 
 async def test_page_and_everything_it_loads_are_served_from_this_origin(app: Quart) -> None:
@@ -94,8 +99,14 @@ async def test_page_runs_no_inline_script_and_loads_only_from_itself(app: Quart)
 
 def test_script_never_parses_server_text_as_html() -> None:
     script = (PAGE_DIRECTORY / "dashboard.js").read_text()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
-                 "new Function"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+    ):
         assert sink not in script, sink
 
 
@@ -110,13 +121,16 @@ async def test_only_the_listed_assets_are_served(app: Quart) -> None:
 
 def test_client_bundle_exports_what_the_dashboard_imports() -> None:
     bundle = STATIC / "sigmax.js"
-    assert bundle.is_file(), "app/static/sigmax.js (the TypeScript client's browser bundle) " \
-                             "is missing: build it in client/typescript"
+    assert bundle.is_file(), (
+        "app/static/sigmax.js (the TypeScript client's browser bundle) "
+        "is missing: build it in client/typescript"
+    )
     source = bundle.read_text()
     assert not re.search(r"""^\s*import\b""", source, re.MULTILINE), "the bundle must be whole"
     for name in CLIENT_EXPORTS:
-        assert re.search(rf"export\s+(?:class|function|const)\s+{name}\b", source) or \
-            re.search(rf"export\s*\{{[^}}]*\b{name}\b", source), name
+        assert re.search(rf"export\s+(?:class|function|const)\s+{name}\b", source) or re.search(
+            rf"export\s*\{{[^}}]*\b{name}\b", source
+        ), name
 
 
 async def test_served_by_hypercorn_with_types_a_browser_accepts() -> None:
@@ -131,9 +145,11 @@ async def test_served_by_hypercorn_with_types_a_browser_accepts() -> None:
             except urllib.error.HTTPError as error:
                 return error.code, error.headers["Content-Type"]
 
-        for path, content_type in (("/dashboard", "text/html"),
-                                   ("/dashboard/static/dashboard.js", "text/javascript"),
-                                   ("/dashboard/static/dashboard.css", "text/css"),
-                                   ("/static/sigmax.js", "text/javascript")):
+        for path, content_type in (
+            ("/dashboard", "text/html"),
+            ("/dashboard/static/dashboard.js", "text/javascript"),
+            ("/dashboard/static/dashboard.css", "text/css"),
+            ("/static/sigmax.js", "text/javascript"),
+        ):
             status, served = await asyncio.to_thread(fetch, path)
             assert (status, served.split(";")[0]) == (200, content_type), path

@@ -1,5 +1,6 @@
 """Documentation routes: the REST UIs work offline, the WebSocket page and the AsyncAPI document
 describe the whole protocol from the code's own vocabulary."""
+
 from __future__ import annotations
 
 import re
@@ -41,8 +42,11 @@ def external_urls(text: str) -> list[str]:
 
 def expected_type(url: str) -> str:
     path = url.split("?", 1)[0]
-    for suffix, content_type in ((".js", "text/javascript"), (".css", "text/css"),
-                                 (".json", "application/json")):
+    for suffix, content_type in (
+        (".js", "text/javascript"),
+        (".css", "text/css"),
+        (".json", "application/json"),
+    ):
         if path.endswith(suffix):
             return content_type
     return "text/html"
@@ -80,19 +84,22 @@ async def test_asset_route_serves_listed_files_only(app: Quart) -> None:
     assert bundle.status_code == 200
     assert "max-age" in bundle.headers["Cache-Control"]
     assert len(await bundle.get_data()) > 100_000
-    for path in ["/docs/assets/swagger-ui/index.html",  # in the package, but not listed
-                 "/docs/assets/swagger-ui/../../../../config.py",
-                 "/docs/assets/%2e%2e/%2e%2e/config.py",
-                 "/docs/assets//etc/passwd",
-                 "/docs/assets/nothing.js"]:
+    for path in [
+        "/docs/assets/swagger-ui/index.html",  # in the package, but not listed
+        "/docs/assets/swagger-ui/../../../../config.py",
+        "/docs/assets/%2e%2e/%2e%2e/config.py",
+        "/docs/assets//etc/passwd",
+        "/docs/assets/nothing.js",
+    ]:
         response = await client.get(path, follow_redirects=True)
         assert response.status_code == 404, path
 
 
 async def test_ui_without_its_package_redirects_to_an_offline_one() -> None:
     app = create_app(Config())
-    swagger_only = {name: where for name, where in find_assets().items()
-                    if name.startswith("swagger-ui/")}
+    swagger_only = {
+        name: where for name, where in find_assets().items() if name.startswith("swagger-ui/")
+    }
     configure_docs(app, swagger_only)
     client = app.test_client()
     for page in ["/redocs", "/scalar"]:
@@ -156,13 +163,18 @@ async def test_websocket_page_shows_configured_values(app: Quart) -> None:
         assert f"<code>{name}</code>" in html, name
 
 
-async def test_websocket_page_escapes_what_it_inserts(app: Quart,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(docs.ERROR_NOTES, ErrorCode.INVALID_TOPIC,
-                        '<img src=x onerror="alert(1)"> and `<b>code</b>`')
+async def test_websocket_page_escapes_what_it_inserts(
+    app: Quart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        docs.ERROR_NOTES,
+        ErrorCode.INVALID_TOPIC,
+        '<img src=x onerror="alert(1)"> and `<b>code</b>`',
+    )
     monkeypatch.setitem(docs.TOPIC_NOTES, "market", "</td><script>alert(2)</script>")
-    response = await app.test_client().get("/docs/websocket",
-                                           headers={"Host": 'evil"><script>x</script>'})
+    response = await app.test_client().get(
+        "/docs/websocket", headers={"Host": 'evil"><script>x</script>'}
+    )
     html = await response.get_data(as_text=True)
     assert "<img" not in html and "<script" not in html and "<b>" not in html
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
@@ -171,6 +183,7 @@ async def test_websocket_page_escapes_what_it_inserts(app: Quart,
 
 
 # -- AsyncAPI -----------------------------------------------------------------------------------
+
 
 def walk(node: Any, path: str = "#") -> list[tuple[str, Any]]:
     """Every (path, value) under node."""
@@ -203,17 +216,20 @@ async def asyncapi(app: Quart) -> dict[str, Any]:
 
 async def test_asyncapi_refs_all_resolve_within_the_document(app: Quart) -> None:
     document = await asyncapi(app)
-    refs = [value["$ref"] for _, value in walk(document)
-            if isinstance(value, dict) and "$ref" in value]
+    refs = [
+        value["$ref"] for _, value in walk(document) if isinstance(value, dict) and "$ref" in value
+    ]
     assert len(refs) > 50
     for ref in refs:
         resolve(document, ref)
     # pydantic's local definitions were hoisted into the components.
-    assert not [path for path, value in walk(document)
-                if isinstance(value, dict) and "$defs" in value]
+    assert not [
+        path for path, value in walk(document) if isinstance(value, dict) and "$defs" in value
+    ]
     schemas = document["components"]["schemas"]
     assert schemas["PortfolioData"]["properties"]["positions"]["anyOf"][0]["items"] == {
-        "$ref": "#/components/schemas/PositionData"}
+        "$ref": "#/components/schemas/PositionData"
+    }
     assert "PositionData" in schemas and "MarketEntry" in schemas
 
 

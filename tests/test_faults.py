@@ -3,6 +3,7 @@ the repository's config), real Redis (the machine's, or a redis-server of the te
 flushed or restarted empty) and real sockets. Every client's deliveries are judged against what
 the publisher was acknowledged: lost, duplicated, reordered, seq reused, and whether each loss was
 announced (`recovered: false` or a `stream_reset` that says so)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -60,9 +61,12 @@ class Publisher:
     batch, retried on 503 and on no answer) and keeps what each acknowledged seq carried."""
 
     def __init__(self, ports: list[int], batch: int, interval: float) -> None:
-        self.clients = [SigmaxPublisher(f"http://127.0.0.1:{port}", attempts=60,
-                                        retry_delay=0.05, max_retry_delay=0.5)
-                        for port in ports]
+        self.clients = [
+            SigmaxPublisher(
+                f"http://127.0.0.1:{port}", attempts=60, retry_delay=0.05, max_retry_delay=0.5
+            )
+            for port in ports
+        ]
         self.batch, self.interval = batch, interval
         self.acknowledged: dict[int, int] = {}  # seq -> n
         self.reused: list[int] = []  # seqs acknowledged for two different batches
@@ -76,8 +80,11 @@ class Publisher:
             self.next_n += self.batch
             started = time.monotonic()
             result = await self.clients[turn % len(self.clients)].publish(
-                [{"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
-                 for n in range(first, first + self.batch)])
+                [
+                    {"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
+                    for n in range(first, first + self.batch)
+                ]
+            )
             self.longest_wait = max(self.longest_wait, time.monotonic() - started)
             for offset, seq in enumerate(range(result["first_seq"], result["last_seq"] + 1)):
                 if seq in self.acknowledged:
@@ -128,11 +135,18 @@ class Ledger:
         expected = {seq for seq in publisher.acknowledged if seq > self.start}
         lost = len(expected - set(self.carried))
         wrong = sum(publisher.acknowledged.get(seq) != n for seq, n in self.carried.items())
-        return {"client": self.name, "resumes": self.resumes, "resets": self.resets,
-                "received": len(self.carried),
-                "lost": lost, "duplicated": self.duplicated, "reordered": self.reordered,
-                "seq_reused": wrong, "told": self.told,
-                "silent_loss": lost if not self.told else 0}
+        return {
+            "client": self.name,
+            "resumes": self.resumes,
+            "resets": self.resets,
+            "received": len(self.carried),
+            "lost": lost,
+            "duplicated": self.duplicated,
+            "reordered": self.reordered,
+            "seq_reused": wrong,
+            "told": self.told,
+            "silent_loss": lost if not self.told else 0,
+        }
 
 
 async def session(port: int, ledger: Ledger, until: float) -> None:
@@ -164,9 +178,11 @@ async def sink(port: int, stop: asyncio.Event) -> None:
     worker fan out (its reader then lags behind the stream, as under real load) at almost no
     cost to the test process."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    writer.write(
+        b"GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
     await reader.readuntil(b"\r\n\r\n")
     payload = json.dumps({"type": "subscribe", "data": {"topics": ["all"]}}).encode()
     mask = b"\0\0\0\0"  # a masked client frame; a zero mask leaves the payload as it is
@@ -187,9 +203,11 @@ async def drain(ports: list[int], ledger: Ledger, last_seq: int, timeout: float 
 
 def judge(ledgers: list[Ledger], publisher: Publisher) -> list[dict[str, Any]]:
     verdicts = [ledger.verdict(publisher) for ledger in ledgers]
-    print(f"\n{len(publisher.acknowledged)} events acknowledged, seqs reused by the publisher: "
-          f"{len(publisher.reused)}, longest wait for an acknowledgement (retries included): "
-          f"{publisher.longest_wait:.2f} s")
+    print(
+        f"\n{len(publisher.acknowledged)} events acknowledged, seqs reused by the publisher: "
+        f"{len(publisher.reused)}, longest wait for an acknowledgement (retries included): "
+        f"{publisher.longest_wait:.2f} s"
+    )
     for verdict in verdicts:
         print("  ".join(f"{key}={value}" for key, value in verdict.items()))
     return verdicts
@@ -211,8 +229,10 @@ async def test_a_resume_storm_delivers_every_event_once_in_order(redis_prefix, t
         sinks = [asyncio.create_task(sink(ports[i % 2], stop)) for i in range(300)]
         staying = [Ledger(f"stay{i}") for i in range(10)]
         end = time.monotonic() + 60
-        listening = [asyncio.create_task(session(ports[i % 2], ledger, end))
-                     for i, ledger in enumerate(staying)]
+        listening = [
+            asyncio.create_task(session(ports[i % 2], ledger, end))
+            for i, ledger in enumerate(staying)
+        ]
         publisher = Publisher(ports, batch=10, interval=0.01)
         publishing = asyncio.create_task(publisher.run(stop))
         ledgers = [Ledger(f"c{i}") for i in range(20)]
@@ -221,8 +241,7 @@ async def test_a_resume_storm_delivers_every_event_once_in_order(redis_prefix, t
         async def churn(ledger: Ledger) -> None:
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
-                await session(rng.choice(ports), ledger,
-                              time.monotonic() + rng.uniform(0.1, 0.6))
+                await session(rng.choice(ports), ledger, time.monotonic() + rng.uniform(0.1, 0.6))
 
         await asyncio.gather(*(churn(ledger) for ledger in ledgers))
         stop.set()
@@ -239,7 +258,12 @@ async def test_a_resume_storm_delivers_every_event_once_in_order(redis_prefix, t
     assert len(publisher.acknowledged) > 2000
     assert publisher.reused == []
     assert totals(verdicts, "lost", "duplicated", "reordered", "seq_reused", "told") == {
-        "lost": 0, "duplicated": 0, "reordered": 0, "seq_reused": 0, "told": 0}
+        "lost": 0,
+        "duplicated": 0,
+        "reordered": 0,
+        "seq_reused": 0,
+        "told": 0,
+    }
 
 
 async def test_redis_that_comes_back_empty_never_reuses_a_seq_nor_loses_silently(tmp_path):
@@ -254,8 +278,10 @@ async def test_redis_that_comes_back_empty_never_reuses_a_seq_nor_loses_silently
             stop = asyncio.Event()
             ledgers = [Ledger(f"c{i}") for i in range(12)]
             end = time.monotonic() + 60  # sessions outlive the faults; cancelled below
-            listening = [asyncio.create_task(session(ports[i % 2], ledger, end))
-                         for i, ledger in enumerate(ledgers)]
+            listening = [
+                asyncio.create_task(session(ports[i % 2], ledger, end))
+                for i, ledger in enumerate(ledgers)
+            ]
             async with asyncio.timeout(10):
                 while not all(ledger.stream_id for ledger in ledgers):
                     await asyncio.sleep(0.05)
@@ -273,8 +299,7 @@ async def test_redis_that_comes_back_empty_never_reuses_a_seq_nor_loses_silently
             stop.set()
             await publishing
             async with asyncio.timeout(30):
-                while not all((ledger.position or 0) >= publisher.last_seq
-                              for ledger in ledgers):
+                while not all((ledger.position or 0) >= publisher.last_seq for ledger in ledgers):
                     await asyncio.sleep(0.1)
             for task in listening:
                 task.cancel()
@@ -289,7 +314,11 @@ async def test_redis_that_comes_back_empty_never_reuses_a_seq_nor_loses_silently
     assert len(publisher.acknowledged) > 150
     assert publisher.reused == []
     assert totals(verdicts, "duplicated", "reordered", "seq_reused", "silent_loss") == {
-        "duplicated": 0, "reordered": 0, "seq_reused": 0, "silent_loss": 0}
+        "duplicated": 0,
+        "reordered": 0,
+        "seq_reused": 0,
+        "silent_loss": 0,
+    }
 
 
 class AnswerDroppingProxy:
@@ -315,8 +344,14 @@ class AnswerDroppingProxy:
         upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
             upstream.write(head + await reader.readexactly(length))
             answer = await upstream_reader.read()  # urllib asks for Connection: close
             if self.dropped == 0:
@@ -340,8 +375,9 @@ async def test_a_retried_publish_is_published_once(redis_prefix, tmp_path):
         async with asyncio.timeout(10):
             while listener.stream_id is None:
                 await asyncio.sleep(0.05)
-        batch = [{"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
-                 for n in range(3)]
+        batch = [
+            {"type": "alert", "data": {"level": "info", "message": "m", "n": n}} for n in range(3)
+        ]
         # The answer is lost: the helper retries with the same key and gets the first result.
         proxy = AnswerDroppingProxy(ports[0])
         async with proxy as proxy_port:
@@ -350,15 +386,21 @@ async def test_a_retried_publish_is_published_once(redis_prefix, tmp_path):
         assert result["repeated"] is True and result["accepted"] == 3
         # The same key on the other host: the same result again, nothing published.
         again = await SigmaxPublisher(f"http://127.0.0.1:{ports[1]}").publish(
-            batch, idempotency_key="batch-1")
+            batch, idempotency_key="batch-1"
+        )
         repeat = await SigmaxPublisher(f"http://127.0.0.1:{ports[0]}").publish(
-            batch, idempotency_key="batch-1")
+            batch, idempotency_key="batch-1"
+        )
         assert (repeat["first_seq"], repeat["last_seq"], repeat["repeated"]) == (
-            again["first_seq"], again["last_seq"], True)
+            again["first_seq"],
+            again["last_seq"],
+            True,
+        )
         assert again["repeated"] is False and again["first_seq"] == result["last_seq"] + 1
         with pytest.raises(RequestError) as refused:
             await SigmaxPublisher(f"http://127.0.0.1:{ports[0]}").publish(
-                batch[:1], idempotency_key="batch-1")
+                batch[:1], idempotency_key="batch-1"
+            )
         assert refused.value.code == "IDEMPOTENCY_KEY_REUSED"
         async with asyncio.timeout(10):
             while (listener.position or 0) < again["last_seq"]:

@@ -1,5 +1,6 @@
 """Hostile and broken input on /api/ws: every bad message gets an error event or a meaningful
 close, the connection or the server keeps serving, and the event loop is not blocked."""
+
 from __future__ import annotations
 
 import asyncio
@@ -51,23 +52,34 @@ async def unharmed(server, case: Callable[[], Awaitable[None]]) -> None:
 
 HOSTILE = [
     pytest.param("[" * 100_000 + "]" * 100_000, "Invalid JSON", id="nesting-100k"),
-    pytest.param('{"type": "subscribe", "data": {"since": ' + "9" * 5000 + "}}",
-                 "Invalid JSON", id="huge-integer"),
-    pytest.param('{"type": "subscribe", "data": {"since": -1}}', "Invalid message",
-                 id="negative-since"),
-    pytest.param('{"type": "subscribe", "data": {"topics": [[["market"]]]}}',
-                 "Invalid message", id="nested-topic"),
-    pytest.param('{"type": "ping", "request_id": {"a": 1}}', "Invalid message",
-                 id="object-request-id"),
-    pytest.param('{"type": "subscribe", "data": {"topics": null}}', "Invalid message",
-                 id="null-topics"),
-    pytest.param('{"type": "command", "data": {"command": ["get_status"]}}',
-                 "Invalid message", id="list-command"),
+    pytest.param(
+        '{"type": "subscribe", "data": {"since": ' + "9" * 5000 + "}}",
+        "Invalid JSON",
+        id="huge-integer",
+    ),
+    pytest.param(
+        '{"type": "subscribe", "data": {"since": -1}}', "Invalid message", id="negative-since"
+    ),
+    pytest.param(
+        '{"type": "subscribe", "data": {"topics": [[["market"]]]}}',
+        "Invalid message",
+        id="nested-topic",
+    ),
+    pytest.param(
+        '{"type": "ping", "request_id": {"a": 1}}', "Invalid message", id="object-request-id"
+    ),
+    pytest.param(
+        '{"type": "subscribe", "data": {"topics": null}}', "Invalid message", id="null-topics"
+    ),
+    pytest.param(
+        '{"type": "command", "data": {"command": ["get_status"]}}',
+        "Invalid message",
+        id="list-command",
+    ),
     pytest.param('"just a string"', "Message must be a JSON object", id="string"),
     pytest.param("null", "Message must be a JSON object", id="null"),
     pytest.param("\u0000\u0001", "Invalid JSON", id="control-characters"),
-    pytest.param('{"type": "' + "x" * 100_000 + '"}', "Unknown message type",
-                 id="long-type"),
+    pytest.param('{"type": "' + "x" * 100_000 + '"}', "Unknown message type", id="long-type"),
 ]
 
 
@@ -82,13 +94,16 @@ async def test_hostile_message_gets_an_error_and_the_connection_survives(server,
             assert reply["data"]["error"] == error
             assert len(reply["data"]["details"]) < 1000  # names the value, does not echo it all
             assert (await client.request("ping"))["type"] == "pong"
+
     await unharmed(server, case)
 
 
 # Each client message, valid, with its reply; and the JSON types each field accepts.
 MESSAGES = {
-    "subscribe": ({"topics": ["market"], "symbols": ["BTC/USDT"], "since": 0,
-                   "stream_id": "s"}, "subscribed"),
+    "subscribe": (
+        {"topics": ["market"], "symbols": ["BTC/USDT"], "since": 0, "stream_id": "s"},
+        "subscribed",
+    ),
     "unsubscribe": ({"topics": ["market"], "symbols": ["BTC/USDT"]}, "unsubscribed"),
     "command": ({"command": "get_status"}, "system_status"),
     "ping": ({}, "pong"),
@@ -96,10 +111,17 @@ MESSAGES = {
     "get_status": ({}, "system_status"),
     "get_subscriptions": ({}, "subscriptions"),
 }
-ACCEPTED = {"type": (str,), "request_id": (str, int, type(None)), "data": (dict, type(None)),
-            "topics": (list,), "symbols": (list,), "since": (int, type(None)),
-            "stream_id": (str, type(None)), "command": (str,)}
-WRONG_VALUES = [True, 1, 1.5, "text", None, [], ["x", 1], {}, {"a": [1]}, 10 ** 30]
+ACCEPTED = {
+    "type": (str,),
+    "request_id": (str, int, type(None)),
+    "data": (dict, type(None)),
+    "topics": (list,),
+    "symbols": (list,),
+    "since": (int, type(None)),
+    "stream_id": (str, type(None)),
+    "command": (str,),
+}
+WRONG_VALUES = [True, 1, 1.5, "text", None, [], ["x", 1], {}, {"a": [1]}, 10**30]
 
 
 def wrong_type_cases():
@@ -107,8 +129,11 @@ def wrong_type_cases():
         for field in ("type", "request_id", "data", *data):
             for value in WRONG_VALUES:
                 accepted = ACCEPTED[field]
-                if isinstance(value, accepted) and not isinstance(value, bool) \
-                        and not (isinstance(value, int) and value >= 2 ** 63):
+                if (
+                    isinstance(value, accepted)
+                    and not isinstance(value, bool)
+                    and not (isinstance(value, int) and value >= 2**63)
+                ):
                     continue  # a right type: not this test's business
                 yield pytest.param(type_, field, value, id=f"{type_}-{field}-{value!r:.12}")
 
@@ -118,6 +143,7 @@ async def test_a_wrong_type_in_any_field_of_any_message_is_an_error_event(server
     request_id when it was usable), and the same connection goes on serving."""
     cases = list(wrong_type_cases())
     assert len(cases) > 150
+
     async def case():
         async with server.client() as client:
             await client.greeting()
@@ -139,6 +165,7 @@ async def test_a_wrong_type_in_any_field_of_any_message_is_an_error_event(server
                 if reply_type is not None:
                     reply = await client.request(type_, data)
                     assert reply["type"] == reply_type, reply
+
     await unharmed(server, case)
 
 
@@ -149,16 +176,19 @@ async def test_subscribing_to_thousands_of_topics_at_once(server, count):
             await client.greeting()
             valid = await client.request("subscribe", {"topics": ["market"] * count})
             assert valid["data"]["topics"] == ["market"]
-            refused = await client.request("subscribe",
-                                           {"symbols": [f"S{n}/USDT" for n in range(10_000)]})
+            refused = await client.request(
+                "subscribe", {"symbols": [f"S{n}/USDT" for n in range(10_000)]}
+            )
             assert refused["data"]["code"] == "TOO_MANY_SUBSCRIPTIONS"
             subscriptions = await client.request("get_subscriptions")
             assert subscriptions["data"]["count"] == 1
+
     await unharmed(server, case)
 
 
 async def test_messages_at_the_size_limit_are_served_and_over_it_closed(gateway_factory):
     async with gateway_factory(WS_MAX_MESSAGE_SIZE=4096) as server:
+
         async def case():
             async with server.client() as client:
                 await client.greeting()
@@ -171,6 +201,7 @@ async def test_messages_at_the_size_limit_are_served_and_over_it_closed(gateway_
                 await client.send(message)
                 await client.ws.wait_closed()
                 assert client.ws.close_code == 1009
+
         await unharmed(server, case)
 
 
@@ -181,6 +212,7 @@ async def test_invalid_utf8_in_a_binary_message_is_an_error_event(server):
             await client.send(b'{"type": "ping", "request_id": "\xff\xfe"}')
             reply = await client.recv()
             assert (reply["type"], reply["data"]["error"]) == ("error", "Invalid JSON")
+
     await unharmed(server, case)
 
 
@@ -192,6 +224,7 @@ async def test_binary_and_empty_frames(server):
                 await client.send(frame)
             replies = [await client.recv() for _ in range(4)]
             assert [r["type"] for r in replies] == ["error", "error", "error", "subscriptions"]
+
     await unharmed(server, case)
 
 
@@ -201,17 +234,23 @@ async def test_a_flood_of_subscribe_and_unsubscribe(server):
             await client.greeting()
             for n in range(1000):
                 kind = "subscribe" if n % 2 == 0 else "unsubscribe"
-                await client.send({"type": kind, "data": {"topics": ["market", "alerts"],
-                                                          "symbols": ["BTC/USDT"]}})
+                await client.send(
+                    {
+                        "type": kind,
+                        "data": {"topics": ["market", "alerts"], "symbols": ["BTC/USDT"]},
+                    }
+                )
             replies = [await client.recv(timeout=10) for _ in range(1000)]
             assert [r["type"] for r in replies] == ["subscribed", "unsubscribed"] * 500
             assert (await client.request("get_subscriptions"))["data"]["count"] == 0
+
     await unharmed(server, case)
     assert server.gateway.manager.index.by_key == {}
 
 
 async def test_hundreds_of_connections_at_once(gateway_factory):
     async with gateway_factory(WS_MAX_CONNECTIONS=400) as server:
+
         async def connect_and_greet():
             ws = await websockets.connect(server.url, open_timeout=20)
             first = json.loads(await asyncio.wait_for(ws.recv(), 20))
@@ -225,4 +264,5 @@ async def test_hundreds_of_connections_at_once(gateway_factory):
                 await assert_serving(server)
             finally:
                 await asyncio.gather(*(ws.close() for ws, _ in opened))
+
         await unharmed(server, case)

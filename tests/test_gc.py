@@ -1,4 +1,5 @@
 """Garbage collection on the GC_INTERVAL timer."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,19 +1,26 @@
 """Every abuse limit refuses with its own error and is counted by name in the stats and in
 /metrics, so an operator sees which limit clients run into."""
+
 from __future__ import annotations
 
 import asyncio
 
 import websockets
 
-LIMITED = dict(API_KEYS=("bot-key",), WS_MAX_CONNECTIONS=3, WS_MAX_CONNECTIONS_PER_KEY=2,
-               WS_MAX_SUBSCRIPTIONS=2, WS_COMMAND_RATE=0.01, WS_COMMAND_BURST=1,
-               WS_MAX_MESSAGE_SIZE=1024, REST_RATE_LIMIT=2)
+LIMITED = dict(
+    API_KEYS=("bot-key",),
+    WS_MAX_CONNECTIONS=3,
+    WS_MAX_CONNECTIONS_PER_KEY=2,
+    WS_MAX_SUBSCRIPTIONS=2,
+    WS_COMMAND_RATE=0.01,
+    WS_COMMAND_BURST=1,
+    WS_MAX_MESSAGE_SIZE=1024,
+    REST_RATE_LIMIT=2,
+)
 
 
 async def refusals(server) -> dict[str, int]:
-    response = await server.app.test_client().get("/api/ws/stats",
-                                                  headers={"X-API-Key": "bot-key"})
+    response = await server.app.test_client().get("/api/ws/stats", headers={"X-API-Key": "bot-key"})
     return (await response.get_json())["refusals"]
 
 
@@ -26,8 +33,9 @@ async def test_each_limit_refuses_and_counts_by_name(gateway_factory):
             await second.greeting()
             async with server.client(key) as third:  # the key's third connection
                 assert (await third.recv())["data"]["code"] == "MAX_CONNECTIONS_EXCEEDED"
-            refused = await first.request("subscribe",
-                                          {"topics": ["market", "alerts", "executions"]})
+            refused = await first.request(
+                "subscribe", {"topics": ["market", "alerts", "executions"]}
+            )
             assert refused["data"]["code"] == "TOO_MANY_SUBSCRIPTIONS"
             assert (await first.command("get_status"))["type"] == "system_status"
             assert (await first.command("get_status"))["data"]["code"] == "RATE_LIMITED"
@@ -42,14 +50,21 @@ async def test_each_limit_refuses_and_counts_by_name(gateway_factory):
         statuses = [(await rest.get("/api/health")).status_code for _ in range(4)]
         assert 429 in statuses
 
-        expected = {"connections_per_key": 1, "subscriptions": 1, "command_rate": 1,
-                    "message_size": 1, "rest_rate": statuses.count(429), "connections": 0}
+        expected = {
+            "connections_per_key": 1,
+            "subscriptions": 1,
+            "command_rate": 1,
+            "message_size": 1,
+            "rest_rate": statuses.count(429),
+            "connections": 0,
+        }
         async with asyncio.timeout(5):  # the oversized connection is forgotten once closed
             while await refusals(server) != expected:
                 await asyncio.sleep(0.05)
 
         metrics = await (await rest.get("/metrics", headers={"X-API-Key": "bot-key"})).get_data(
-            as_text=True)
+            as_text=True
+        )
         for limit, count in expected.items():
             assert f'sigmax_limit_refusals_total{{limit="{limit}"}} {count}' in metrics
 

@@ -1,5 +1,6 @@
 """Units: the simulated market feed (random walk, rolling window, persistence) and the analysis
 agent (indicators on hand-checked inputs, decisions on known series)."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,7 @@ from app.services.market import (
 SYMBOLS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
 
 
-def run(market: SimulatedMarket, ticks: int, start: float = 0.0,
-        step: float = 1.0) -> list[Ticker]:
+def run(market: SimulatedMarket, ticks: int, start: float = 0.0, step: float = 1.0) -> list[Ticker]:
     tickers: list[Ticker] = []
     for i in range(ticks):
         tickers = market.tick(start + i * step)
@@ -35,6 +35,7 @@ def run(market: SimulatedMarket, ticks: int, start: float = 0.0,
 
 
 # -- market ------------------------------------------------------------------------------------
+
 
 def test_starting_state_before_any_tick() -> None:
     market = SimulatedMarket(["BTC/USDT", "ETH/USDT", "SOL/USDT", "FOO/BAR"], seed=1)
@@ -45,15 +46,15 @@ def test_starting_state_before_any_tick() -> None:
         {"symbol": "BTC/USDT", "price": 95000.0, "volume_24h": 0.0, "change_24h": 0.0},
         {"symbol": "ETH/USDT", "price": 3500.0, "volume_24h": 0.0, "change_24h": 0.0},
         {"symbol": "SOL/USDT", "price": 180.0, "volume_24h": 0.0, "change_24h": 0.0},
-        {"symbol": "FOO/BAR", "price": DEFAULT_START_PRICE, "volume_24h": 0.0,
-         "change_24h": 0.0},
+        {"symbol": "FOO/BAR", "price": DEFAULT_START_PRICE, "volume_24h": 0.0, "change_24h": 0.0},
     ]
     assert market.prices("BTC/USDT") == []
 
 
 def test_symbols_price_and_start_price_override() -> None:
-    market = SimulatedMarket(["ETH/USDT", "BTC/USDT", "ETH/USDT"], seed=1,
-                             start_prices={"ETH/USDT": 4000.0})
+    market = SimulatedMarket(
+        ["ETH/USDT", "BTC/USDT", "ETH/USDT"], seed=1, start_prices={"ETH/USDT": 4000.0}
+    )
     assert market.symbols == ["ETH/USDT", "BTC/USDT"]
     market.symbols.append("XRP/USDT")  # a copy: the market's own list is not exposed
     assert market.symbols == ["ETH/USDT", "BTC/USDT"]
@@ -139,9 +140,13 @@ def test_volume_and_change_come_from_the_recorded_history() -> None:
             assert all(point.at >= now * 0.7 - 30.0 for point in history)
             assert ticker.price == history[-1].price
             assert ticker.volume_24h == pytest.approx(
-                math.fsum(point.volume for point in history), rel=1e-9)
-            expected = (0.0 if len(history) == 1
-                        else (history[-1].price - history[0].price) / history[0].price * 100)
+                math.fsum(point.volume for point in history), rel=1e-9
+            )
+            expected = (
+                0.0
+                if len(history) == 1
+                else (history[-1].price - history[0].price) / history[0].price * 100
+            )
             assert ticker.change_24h == pytest.approx(expected, abs=1e-9)
     assert market.latest() == tickers
 
@@ -208,19 +213,31 @@ def test_restore_starts_a_fresh_history() -> None:
 
 def test_ticker_as_dict_rounds() -> None:
     assert Ticker("BTC/USDT", 95012.3456789, 1234.5678, 1.23456).as_dict() == {
-        "symbol": "BTC/USDT", "price": 95012.346, "volume_24h": 1234.57, "change_24h": 1.23}
+        "symbol": "BTC/USDT",
+        "price": 95012.346,
+        "volume_24h": 1234.57,
+        "change_24h": 1.23,
+    }
     assert Ticker("DOGE/USDT", 0.123456789123, 10.0, -0.005).as_dict()["price"] == 0.12345679
 
 
-@pytest.mark.parametrize("kwargs", [{"volatility": -0.1}, {"window_seconds": 0.0},
-                                    {"history_limit": 0}, {"start_prices": {"BTC/USDT": 0.0}},
-                                    {"volatility": math.nan}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"volatility": -0.1},
+        {"window_seconds": 0.0},
+        {"history_limit": 0},
+        {"start_prices": {"BTC/USDT": 0.0}},
+        {"volatility": math.nan},
+    ],
+)
 def test_invalid_market_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SimulatedMarket(["BTC/USDT"], **kwargs)
 
 
 # -- indicators --------------------------------------------------------------------------------
+
 
 def test_sma() -> None:
     assert sma([1.0, 2.0, 3.0, 4.0, 5.0], 3) == 4.0
@@ -251,8 +268,23 @@ def test_rsi_by_hand() -> None:
 
 def test_rsi_on_wilders_textbook_series() -> None:
     # The series of the common RSI worked example: 9 gains summing 3.34, 4 losses 1.40.
-    closes = [44.34, 44.09, 44.15, 43.61, 44.33, 44.83, 45.10, 45.42, 45.84, 46.08, 45.89,
-              46.03, 45.61, 46.28, 46.28]
+    closes = [
+        44.34,
+        44.09,
+        44.15,
+        43.61,
+        44.33,
+        44.83,
+        45.10,
+        45.42,
+        45.84,
+        46.08,
+        45.89,
+        46.03,
+        45.61,
+        46.28,
+        46.28,
+    ]
     assert rsi(closes) == pytest.approx(100 - 100 / (1 + 3.34 / 1.40))
     assert rsi(closes) == pytest.approx(70.46, abs=0.01)
     assert rsi([*closes, 46.00]) == pytest.approx(66.25, abs=0.01)
@@ -282,6 +314,7 @@ def test_sma_cross() -> None:
 
 
 # -- analyze -----------------------------------------------------------------------------------
+
 
 def rising(count: int = 60, rate: float = 0.003) -> list[float]:
     return [100.0 * (1 + rate) ** i for i in range(count)]
@@ -354,7 +387,7 @@ def test_mixed_signals_name_what_disagreed() -> None:
     # A long climb, then a few sharp drops: the short SMA is still above the long one and RSI
     # still high, while momentum over 10 ticks has just turned negative.
     climb = rising(50, 0.01)
-    prices = climb + [climb[-1] * 0.985 ** i for i in range(1, 5)]
+    prices = climb + [climb[-1] * 0.985**i for i in range(1, 5)]
     analysis = analyze("BTC/USDT", prices)
     assert analysis.decision == "buy"
     assert analysis.reasoning.startswith("Buy: short SMA above long SMA")
@@ -372,8 +405,14 @@ def test_scores_stay_in_range_on_random_walks() -> None:
         for symbol in SYMBOLS:
             analysis = analyze(symbol, market.prices(symbol, 200))
             data = analysis.as_dict()
-            assert list(data) == ["symbol", "decision", "confidence", "bull_score",
-                                  "bear_score", "reasoning"]
+            assert list(data) == [
+                "symbol",
+                "decision",
+                "confidence",
+                "bull_score",
+                "bear_score",
+                "reasoning",
+            ]
             for key in ("confidence", "bull_score", "bear_score"):
                 assert 0.0 <= data[key] <= 1.0
                 assert data[key] == round(data[key], 4)

@@ -1,4 +1,5 @@
 """The spec's Message Protocol, Subscription System and Error Handling, end to end."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,9 +26,15 @@ async def test_connect_sends_connected_then_system_status(server):
 async def test_subscribe_reply_matches_the_spec(server):
     async with server.client() as client:
         await client.greeting()
-        await client.send({"type": "subscribe", "data": {
-            "topics": ["proposals", "executions", "analysis"],
-            "symbols": ["BTC/USDT", "ETH/USDT"]}})
+        await client.send(
+            {
+                "type": "subscribe",
+                "data": {
+                    "topics": ["proposals", "executions", "analysis"],
+                    "symbols": ["BTC/USDT", "ETH/USDT"],
+                },
+            }
+        )
         reply = await client.recv()
         assert reply["type"] == "subscribed"
         assert reply["data"] == {
@@ -42,25 +49,35 @@ async def test_subscribe_reply_matches_the_spec(server):
 async def test_topics_and_symbols_are_normalised(server):
     async with server.client() as client:
         await client.greeting()
-        reply = await client.request("subscribe", {
-            "topics": ["MARKET", "symbol:sol/usdt", "market"], "symbols": ["btc/usdt"]})
+        reply = await client.request(
+            "subscribe",
+            {"topics": ["MARKET", "symbol:sol/usdt", "market"], "symbols": ["btc/usdt"]},
+        )
         assert reply["data"]["topics"] == ["market"]
         assert reply["data"]["symbols"] == ["SOL/USDT", "BTC/USDT"]
         subs = await client.request("get_subscriptions")
         assert subs["type"] == "subscriptions"
-        assert subs["data"] == {"topics": ["market"], "symbols": ["BTC/USDT", "SOL/USDT"],
-                                "count": 3}
+        assert subs["data"] == {
+            "topics": ["market"],
+            "symbols": ["BTC/USDT", "SOL/USDT"],
+            "count": 3,
+        }
 
 
-@pytest.mark.parametrize("message_type, reply_type", [
-    ("subscribe", "subscribed"), ("unsubscribe", "unsubscribed"), ("ping", "pong"),
-    ("get_status", "system_status"), ("get_subscriptions", "subscriptions"),
-])
+@pytest.mark.parametrize(
+    "message_type, reply_type",
+    [
+        ("subscribe", "subscribed"),
+        ("unsubscribe", "unsubscribed"),
+        ("ping", "pong"),
+        ("get_status", "system_status"),
+        ("get_subscriptions", "subscriptions"),
+    ],
+)
 async def test_every_direct_reply_echoes_request_id(server, message_type, reply_type):
     async with server.client() as client:
         await client.greeting()
-        await client.send({"type": message_type, "data": {"topics": ["alerts"]},
-                           "request_id": 42})
+        await client.send({"type": message_type, "data": {"topics": ["alerts"]}, "request_id": 42})
         reply = await client.recv()
         assert reply["type"] == reply_type
         assert reply["request_id"] == 42
@@ -71,8 +88,11 @@ async def test_unsubscribe_stops_delivery(server):
     async with server.subscribed(["alerts", "market"]) as client:
         reply = await client.request("unsubscribe", {"topics": ["alerts"]})
         assert reply["type"] == "unsubscribed"
-        assert reply["data"] == {"topics": ["alerts"], "symbols": [],
-                                 "message": "Unsubscribed from 1 topics and 0 symbols"}
+        assert reply["data"] == {
+            "topics": ["alerts"],
+            "symbols": [],
+            "message": "Unsubscribed from 1 topics and 0 symbols",
+        }
         await server.publish("alert", {"level": "warning"})
         await server.publish("market_update", [{"symbol": "BTC/USDT", "price": 1.0}])
         event = await client.recv_event()
@@ -115,13 +135,17 @@ async def test_command_runs_and_unknown_command_is_an_error(server):
         assert "verbose" in error["data"]["details"]
 
 
-@pytest.mark.parametrize(("command", "reply_type", "field"), [
-    ("get_status", "system_status", "status"),
-    ("get_portfolio", "portfolio_update", "total_value"),
-    ("get_health", "health_update", "cpu_percent"),
-])
-async def test_commands_that_ask_for_an_event_are_answered_with_it(server, command, reply_type,
-                                                                   field):
+@pytest.mark.parametrize(
+    ("command", "reply_type", "field"),
+    [
+        ("get_status", "system_status", "status"),
+        ("get_portfolio", "portfolio_update", "total_value"),
+        ("get_health", "health_update", "cpu_percent"),
+    ],
+)
+async def test_commands_that_ask_for_an_event_are_answered_with_it(
+    server, command, reply_type, field
+):
     """As the original SIGMAX server answers them: a direct reply (no seq) of the event type."""
     async with server.client() as client:
         connected = await client.greeting()
@@ -137,17 +161,22 @@ BAD_MESSAGES = [
     ('{"data": {}}', "MESSAGE_PROCESSING_ERROR", "type"),
     ('{"type": "teleport"}', "MESSAGE_PROCESSING_ERROR", "teleport"),
     ('{"type": 7}', "MESSAGE_PROCESSING_ERROR", "type"),
-    ('{"type": "subscribe", "data": {"topics": "market"}}', "MESSAGE_PROCESSING_ERROR",
-     "topics"),
+    ('{"type": "subscribe", "data": {"topics": "market"}}', "MESSAGE_PROCESSING_ERROR", "topics"),
     ('{"type": "subscribe", "data": {"topics": [1]}}', "MESSAGE_PROCESSING_ERROR", "topics.0"),
     ('{"type": "subscribe", "data": {"since": "5"}}', "MESSAGE_PROCESSING_ERROR", "since"),
     ('{"type": "subscribe", "data": []}', "MESSAGE_PROCESSING_ERROR", "data"),
     ('{"type": "command", "data": {}}', "MESSAGE_PROCESSING_ERROR", "command"),
-    ('{"type": "subscribe", "data": {"topics": ["invalid_topic"]}}', "INVALID_TOPIC",
-     "'invalid_topic'"),
+    (
+        '{"type": "subscribe", "data": {"topics": ["invalid_topic"]}}',
+        "INVALID_TOPIC",
+        "'invalid_topic'",
+    ),
     ('{"type": "subscribe", "data": {"symbols": ["BTCUSDT"]}}', "INVALID_SYMBOL", "'BTCUSDT'"),
-    ('{"type": "subscribe", "data": {"topics": ["symbol:BTC-USDT"]}}', "INVALID_SYMBOL",
-     "'BTC-USDT'"),
+    (
+        '{"type": "subscribe", "data": {"topics": ["symbol:BTC-USDT"]}}',
+        "INVALID_SYMBOL",
+        "'BTC-USDT'",
+    ),
     ('{"type": "unsubscribe", "data": {"topics": ["nope"]}}', "INVALID_TOPIC", "'nope'"),
     (b"", "MESSAGE_PROCESSING_ERROR", "Empty"),
     (b"\xff\xfe", "MESSAGE_PROCESSING_ERROR", "Invalid JSON"),
@@ -171,8 +200,13 @@ async def test_bad_message_gets_error_and_connection_survives(server, raw, code,
 async def test_error_echoes_request_id_and_nothing_changes(server):
     async with server.client() as client:
         await client.greeting()
-        await client.send({"type": "subscribe", "request_id": "bad-1",
-                           "data": {"topics": ["market", "invalid_topic"]}})
+        await client.send(
+            {
+                "type": "subscribe",
+                "request_id": "bad-1",
+                "data": {"topics": ["market", "invalid_topic"]},
+            }
+        )
         error = await client.recv()
         assert error["data"]["code"] == "INVALID_TOPIC"
         assert error["request_id"] == "bad-1"
@@ -201,8 +235,9 @@ async def test_oversized_message_is_closed_with_1009(gateway_factory):
             assert (await client.request("ping"))["type"] == "pong"
 
 
-async def test_a_failing_command_is_an_internal_error_and_the_connection_survives(server,
-                                                                                 monkeypatch):
+async def test_a_failing_command_is_an_internal_error_and_the_connection_survives(
+    server, monkeypatch
+):
     async def broken(gateway, principal, arguments):
         raise ZeroDivisionError("bug")
 

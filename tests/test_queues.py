@@ -1,5 +1,6 @@
 """Connection units: the subscription index and the slow-consumer policy of one connection's
 queue (conflation, bounds, close)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,6 @@
 """Scale-out through Redis: several gateways (workers) share one event stream. Real Redis, real
 connections; fault tests start a redis-server of their own on a free port."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,9 +31,14 @@ async def workers(count, redis, database_url, **settings):
     """`count` gateways on one Redis stream and one database, like the workers of a host."""
     url, prefix = redis
     async with AsyncExitStack() as stack:
-        servers = [await stack.enter_async_context(running_gateway(
-            REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=database_url, **settings))
-            for _ in range(count)]
+        servers = [
+            await stack.enter_async_context(
+                running_gateway(
+                    REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=database_url, **settings
+                )
+            )
+            for _ in range(count)
+        ]
         yield servers
 
 
@@ -46,9 +52,14 @@ async def sqlite_url(tmp_path):
 
 
 async def publish_alerts(server, first, count):
-    events = [{"type": "alert", "symbol": "BTC/USDT" if n % 2 else None,
-               "data": {"level": "info", "message": "m", "n": n}}
-              for n in range(first, first + count)]
+    events = [
+        {
+            "type": "alert",
+            "symbol": "BTC/USDT" if n % 2 else None,
+            "data": {"level": "info", "message": "m", "n": n},
+        }
+        for n in range(first, first + count)
+    ]
     for event in events:
         if event["symbol"] is None:
             del event["symbol"]
@@ -69,16 +80,18 @@ async def receive_n(client, count, timeout=20.0):
 
 async def test_every_worker_delivers_every_event_once_in_order(redis_prefix, sqlite_url):
     async with workers(2, redis_prefix, sqlite_url) as (a, b):
-        async with a.subscribed(["alerts"]) as on_a, \
-                b.subscribed(["alerts", "all"], ["BTC/USDT"]) as on_b, \
-                b.subscribed(symbols=["BTC/USDT"]) as on_b_symbol:
+        async with (
+            a.subscribed(["alerts"]) as on_a,
+            b.subscribed(["alerts", "all"], ["BTC/USDT"]) as on_b,
+            b.subscribed(symbols=["BTC/USDT"]) as on_b_symbol,
+        ):
             total = 0
             for batch in range(20):  # through both workers, alternately
                 publisher = a if batch % 2 else b
                 result = await publish_alerts(publisher, total, 100)
                 assert result["accepted"] == 100
                 total += 100
-            first = (await receive_n(on_a, total))
+            first = await receive_n(on_a, total)
             seqs = [e["seq"] for e in first]
             assert seqs == list(range(seqs[0], seqs[0] + total))  # gap-free, once each
             assert [e["data"]["n"] for e in first] == list(range(total))
@@ -113,33 +126,42 @@ async def receive_n_after(client, server, first, count):
     return await receive_n(client, count)
 
 
-async def test_resume_ahead_of_a_lagging_worker_skips_what_the_client_has(redis_prefix,
-                                                                          sqlite_url):
+async def test_resume_ahead_of_a_lagging_worker_skips_what_the_client_has(redis_prefix, sqlite_url):
     async with workers(1, redis_prefix, sqlite_url) as (a,):
         result = await publish_alerts(a, 0, 10)
         async with a.client() as client:
             await client.greeting()
             # A client that saw up to seq 7 elsewhere: it gets 8..10 once, nothing before.
-            reply = await client.request("subscribe", {"topics": ["alerts"],
-                                                       "since": result["last_seq"] - 3})
+            reply = await client.request(
+                "subscribe", {"topics": ["alerts"], "since": result["last_seq"] - 3}
+            )
             assert reply["data"]["recovered"] is True
             events = await receive_n(client, 3)
-            assert [e["seq"] for e in events] == list(range(result["last_seq"] - 2,
-                                                              result["last_seq"] + 1))
+            assert [e["seq"] for e in events] == list(
+                range(result["last_seq"] - 2, result["last_seq"] + 1)
+            )
             await client.no_message(0.3)
 
 
 async def test_exactly_one_leader_and_failover(redis_prefix, sqlite_url):
-    settings = dict(SIMULATION=True, LEADER_TTL=1.0, MARKET_INTERVAL=0.1,
-                    ANALYSIS_INTERVAL=5, PORTFOLIO_INTERVAL=5, STATUS_INTERVAL=5,
-                    HEALTH_INTERVAL=5)
+    settings = dict(
+        SIMULATION=True,
+        LEADER_TTL=1.0,
+        MARKET_INTERVAL=0.1,
+        ANALYSIS_INTERVAL=5,
+        PORTFOLIO_INTERVAL=5,
+        STATUS_INTERVAL=5,
+        HEALTH_INTERVAL=5,
+    )
     url, prefix = redis_prefix
     async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(running_gateway(
-            REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, **settings))
+        first = await stack.enter_async_context(
+            running_gateway(REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, **settings)
+        )
         second_stack = AsyncExitStack()
-        second = await second_stack.enter_async_context(running_gateway(
-            REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, **settings))
+        second = await second_stack.enter_async_context(
+            running_gateway(REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, **settings)
+        )
         try:
             async with asyncio.timeout(5):
                 while not (first.gateway.is_leader or second.gateway.is_leader):
@@ -178,8 +200,13 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
                 assert response.status_code == 503
                 assert (await response.get_json())["redis_connected"] is False
                 failed = await server.app.test_client().post(
-                    "/api/events", json={"events": [{"type": "alert", "data": {
-                        "level": "info", "message": "not published"}}]})
+                    "/api/events",
+                    json={
+                        "events": [
+                            {"type": "alert", "data": {"level": "info", "message": "not published"}}
+                        ]
+                    },
+                )
                 assert failed.status_code == 503
                 assert (await failed.get_json())["code"] == "BUS_UNAVAILABLE"
                 await redis.start()
@@ -187,8 +214,13 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
                 assert notice["data"]["status"] == "running"
                 # The new stream settles before anyone may publish: refused, with Retry-After.
                 settling = await server.app.test_client().post(
-                    "/api/events", json={"events": [{"type": "alert", "data": {
-                        "level": "info", "message": "too early"}}]})
+                    "/api/events",
+                    json={
+                        "events": [
+                            {"type": "alert", "data": {"level": "info", "message": "too early"}}
+                        ]
+                    },
+                )
                 assert settling.status_code == 503
                 assert int(settling.headers["Retry-After"]) >= 1
                 reset = await client.next_of("stream_reset", timeout=10)
@@ -204,20 +236,34 @@ async def test_redis_restart_is_survived_without_repeating_seq(sqlite_url):
             # A client that kept its place resumes in the new stream without a gap.
             async with server.client() as again:
                 await again.greeting()
-                reply = await again.request("subscribe", {
-                    "topics": ["alerts"], "since": before[-1]["seq"],
-                    "stream_id": reset["data"]["stream_id"]})
+                reply = await again.request(
+                    "subscribe",
+                    {
+                        "topics": ["alerts"],
+                        "since": before[-1]["seq"],
+                        "stream_id": reset["data"]["stream_id"],
+                    },
+                )
                 assert (reply["data"]["recovered"], reply["data"]["replayed"]) == (True, 5)
 
 
 # -- real Hypercorn processes -------------------------------------------------------------------
 
+
 def post_alerts(port: int, first: int, count: int) -> None:
-    body = json.dumps({"events": [
-        {"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
-        for n in range(first, first + count)]}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/events", data=body,
-                                     headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "events": [
+                {"type": "alert", "data": {"level": "info", "message": "m", "n": n}}
+                for n in range(first, first + count)
+            ]
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/events",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 202
 
@@ -236,8 +282,13 @@ async def open_client(port: int, since: int | None = None):
 async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix, tmp_path):
     url, prefix = redis_prefix
     database = f"sqlite:///{tmp_path}/hosts.db"
-    env = {"REDIS_URL": url, "REDIS_PREFIX": prefix, "DATABASE_URL": database,
-           "SIMULATION": "false", "LOG_LEVEL": "WARNING"}
+    env = {
+        "REDIS_URL": url,
+        "REDIS_PREFIX": prefix,
+        "DATABASE_URL": database,
+        "SIMULATION": "false",
+        "LOG_LEVEL": "WARNING",
+    }
     migrate_with_cli(env)
     ports = []
     for _ in range(2):
@@ -325,8 +376,7 @@ async def test_a_deaf_worker_is_reported_unhealthy(redis_prefix, sqlite_url):
         assert (await a.app.test_client().get("/api/health")).status_code == 200
 
 
-async def test_replay_on_a_lagging_worker_meets_live_delivery_at_one_seq(redis_prefix,
-                                                                         sqlite_url):
+async def test_replay_on_a_lagging_worker_meets_live_delivery_at_one_seq(redis_prefix, sqlite_url):
     async with workers(2, redis_prefix, sqlite_url) as (a, b):
         result = await publish_alerts(a, 0, 10)
         async with asyncio.timeout(5):
@@ -336,32 +386,36 @@ async def test_replay_on_a_lagging_worker_meets_live_delivery_at_one_seq(redis_p
             await client.greeting()
             async with reader_paused(b):
                 await publish_alerts(a, 10, 10)  # in the stream, not yet read by worker b
-                reply = await client.request("subscribe", {
-                    "topics": ["alerts"], "since": result["last_seq"] - 5})
+                reply = await client.request(
+                    "subscribe", {"topics": ["alerts"], "since": result["last_seq"] - 5}
+                )
                 # History ends at b's head; the ten it has not read come live, once.
                 assert (reply["data"]["recovered"], reply["data"]["replayed"]) == (True, 5)
             events = await receive_n(client, 15)
-            assert [e["seq"] for e in events] == list(range(result["last_seq"] - 4,
-                                                              result["last_seq"] + 11))
+            assert [e["seq"] for e in events] == list(
+                range(result["last_seq"] - 4, result["last_seq"] + 11)
+            )
             await client.no_message(0.3)
 
 
-async def test_a_client_ahead_of_a_lagging_worker_gets_nothing_twice(redis_prefix,
-                                                                     sqlite_url):
+async def test_a_client_ahead_of_a_lagging_worker_gets_nothing_twice(redis_prefix, sqlite_url):
     async with workers(2, redis_prefix, sqlite_url) as (a, b):
         async with b.client() as client:
             await client.greeting()
             async with reader_paused(b):
                 result = await publish_alerts(a, 0, 10)
                 # Seen up to seq 7 on worker a: b has read none of it yet.
-                reply = await client.request("subscribe", {
-                    "topics": ["alerts"], "since": result["last_seq"] - 3})
+                reply = await client.request(
+                    "subscribe", {"topics": ["alerts"], "since": result["last_seq"] - 3}
+                )
                 assert (reply["data"]["recovered"], reply["data"]["replayed"]) == (True, 0)
             events = await receive_n(client, 3)
-            assert [e["seq"] for e in events] == list(range(result["last_seq"] - 2,
-                                                              result["last_seq"] + 1))
+            assert [e["seq"] for e in events] == list(
+                range(result["last_seq"] - 2, result["last_seq"] + 1)
+            )
             await client.no_message(0.3)
             # A position the stream has not reached is not a position of this stream.
-            reply = await client.request("subscribe", {"topics": ["alerts"],
-                                                       "since": result["last_seq"] + 100})
+            reply = await client.request(
+                "subscribe", {"topics": ["alerts"], "since": result["last_seq"] + 100}
+            )
             assert reply["data"]["recovered"] is False

@@ -6,6 +6,7 @@ The document is the app's `/openapi.json`; the requests go to a real Hypercorn s
 gateway in a thread of its own (schemathesis calls it with blocking `requests`). The example
 count and the seed are fixed, so that a CI run is bounded and repeatable.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,13 +38,17 @@ SCHEMATHESIS_CONFIG = {
         "enabled": True,
         # Schemathesis's list, and 422: a trading rule may refuse valid data for what the
         # portfolio holds (NOTHING_TO_SELL once a sequence of calls has sold it all).
-        "positive_data_acceptance": {"expected-statuses": [
-            "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]},
+        "positive_data_acceptance": {
+            "expected-statuses": ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+        },
     },
 }
 # For callers the key check refuses before the input is read: fewer cases, no coverage phase.
-REFUSED_CONFIG = {**SCHEMATHESIS_CONFIG, "generation": {"max-examples": 5, "deterministic": True},
-                  "phases": {"coverage": {"enabled": False}}}
+REFUSED_CONFIG = {
+    **SCHEMATHESIS_CONFIG,
+    "generation": {"max-examples": 5, "deterministic": True},
+    "phases": {"coverage": {"enabled": False}},
+}
 
 ADMIN_KEY = "schemathesis-admin"
 READER_KEY = "schemathesis-reader"
@@ -62,9 +67,11 @@ def openapi_document() -> dict[str, Any]:
 
 DOCUMENT = openapi_document()
 schema = schemathesis.openapi.from_dict(
-    DOCUMENT, config=SchemathesisConfig.from_dict(SCHEMATHESIS_CONFIG))
+    DOCUMENT, config=SchemathesisConfig.from_dict(SCHEMATHESIS_CONFIG)
+)
 refused_schema = schemathesis.openapi.from_dict(
-    DOCUMENT, config=SchemathesisConfig.from_dict(REFUSED_CONFIG))
+    DOCUMENT, config=SchemathesisConfig.from_dict(REFUSED_CONFIG)
+)
 
 
 @contextmanager
@@ -122,8 +129,7 @@ def open_gateway() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def keyed_gateway() -> Iterator[str]:
-    with gateway_thread(**GATEWAY_SETTINGS,
-                        API_KEYS=(ADMIN_KEY, f"{READER_KEY}:read")) as base_url:
+    with gateway_thread(**GATEWAY_SETTINGS, API_KEYS=(ADMIN_KEY, f"{READER_KEY}:read")) as base_url:
         yield base_url
 
 
@@ -139,8 +145,9 @@ REFUSED_CALLERS = {
 }
 
 
-def base_url_and_headers(request: pytest.FixtureRequest, gateway: str,
-                         key: str | None) -> tuple[str, dict[str, str]]:
+def base_url_and_headers(
+    request: pytest.FixtureRequest, gateway: str, key: str | None
+) -> tuple[str, dict[str, str]]:
     return request.getfixturevalue(gateway), {"X-API-Key": key} if key else {}
 
 
@@ -160,15 +167,17 @@ def test_gateways_serve_the_tested_document(open_gateway: str, keyed_gateway: st
 
 
 @schema.parametrize()
-def test_rest_conforms_to_its_openapi_document(case: Any,
-                                                caller: tuple[str, dict[str, str]]) -> None:
+def test_rest_conforms_to_its_openapi_document(
+    case: Any, caller: tuple[str, dict[str, str]]
+) -> None:
     base_url, headers = caller
     case.call_and_validate(base_url=base_url, headers=headers)
 
 
 @refused_schema.parametrize()
 def test_refusals_conform_to_the_openapi_document(
-        case: Any, refused_caller: tuple[str, dict[str, str]]) -> None:
+    case: Any, refused_caller: tuple[str, dict[str, str]]
+) -> None:
     base_url, headers = refused_caller
     case.call_and_validate(base_url=base_url, headers=headers)
 
@@ -180,18 +189,24 @@ def test_sequences_of_calls_conform_to_the_openapi_document() -> None:
     the gateway, and the engine knows not to replay one on a gateway in another state. On a
     gateway of its own for the same reason."""
     with gateway_thread(**GATEWAY_SETTINGS) as base_url:
-        stateful_only = {phase: {"enabled": phase == "stateful"}
-                         for phase in ("examples", "coverage", "fuzzing", "stateful")}
+        stateful_only = {
+            phase: {"enabled": phase == "stateful"}
+            for phase in ("examples", "coverage", "fuzzing", "stateful")
+        }
         config = {**SCHEMATHESIS_CONFIG, "base-url": base_url, "phases": stateful_only}
-        engine = from_schema(schemathesis.openapi.from_dict(
-            DOCUMENT, config=SchemathesisConfig.from_dict(config)))
+        engine = from_schema(
+            schemathesis.openapi.from_dict(DOCUMENT, config=SchemathesisConfig.from_dict(config))
+        )
         calls, problems = 0, []
         for event in engine.execute():
             if isinstance(event, events.ScenarioFinished):
                 calls += len(event.recorder.interactions)
-                problems += [f"{found.failure.title}: {found.failure.message}\n{found.code_sample}"
-                             for checks in event.recorder.checks.values() for check in checks
-                             if (found := check.failure_info) is not None]
+                problems += [
+                    f"{found.failure.title}: {found.failure.message}\n{found.code_sample}"
+                    for checks in event.recorder.checks.values()
+                    for check in checks
+                    if (found := check.failure_info) is not None
+                ]
             elif isinstance(event, events.NonFatalError):
                 problems.append(f"{event.label}: {event.value!r}")
             elif isinstance(event, events.FatalError):
@@ -202,6 +217,7 @@ def test_sequences_of_calls_conform_to_the_openapi_document() -> None:
 
 # -- what schemathesis found, pinned ------------------------------------------------------------
 
+
 def test_document_lists_the_errors_operations_share() -> None:
     for path, path_item in DOCUMENT["paths"].items():
         for method, operation in path_item.items():
@@ -209,9 +225,11 @@ def test_document_lists_the_errors_operations_share() -> None:
             responses = set(operation["responses"])
             if "requestBody" in operation:  # optional only where no body has a meaning
                 assert operation["requestBody"]["required"] is (
-                    path != "/api/proposals/{proposal_id}/reject"), label
-            if "requestBody" in operation or any(p["in"] == "query"
-                                                 for p in operation["parameters"]):
+                    path != "/api/proposals/{proposal_id}/reject"
+                ), label
+            if "requestBody" in operation or any(
+                p["in"] == "query" for p in operation["parameters"]
+            ):
                 assert "400" in responses, label
             if "security" in operation:
                 assert {"401", "403"} <= responses, label
@@ -224,21 +242,40 @@ def test_document_lists_the_errors_operations_share() -> None:
 HEALTH = {"cpu_percent": 1, "memory_percent": 2.5, "disk_percent": 3, "process_count": 7.0}
 
 
-@pytest.mark.parametrize("method, path, body, status, named", [
-    ("get", "/api/trades?offset=30101124387696058368", None, 400, "offset"),  # was a 500
-    ("get", "/api/proposals?symbol=", None, 400, "INVALID_SYMBOL"),  # was every proposal
-    ("get", "/api/proposals/approve", None, 405, "METHOD_NOT_ALLOWED"),  # was a 404
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": "1"}, 400,
-     "size: Input should be a valid number (got '1')"),
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": True}, 400,
-     "size: Input should be a valid number (got True)"),
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 1}, 201, "buy"),
-    # JSON Schema's integer: 7.0 is one.
-    ("post", "/api/events", {"events": [{"type": "health_update", "data": HEALTH}]}, 202,
-     "accepted"),
-])
-def test_found_by_schemathesis(open_gateway: str, method: str, path: str,
-                               body: dict[str, Any] | None, status: int, named: str) -> None:
+@pytest.mark.parametrize(
+    "method, path, body, status, named",
+    [
+        ("get", "/api/trades?offset=30101124387696058368", None, 400, "offset"),  # was a 500
+        ("get", "/api/proposals?symbol=", None, 400, "INVALID_SYMBOL"),  # was every proposal
+        ("get", "/api/proposals/approve", None, 405, "METHOD_NOT_ALLOWED"),  # was a 404
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTC/USDT", "action": "buy", "size": "1"},
+            400,
+            "size: Input should be a valid number (got '1')",
+        ),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTC/USDT", "action": "buy", "size": True},
+            400,
+            "size: Input should be a valid number (got True)",
+        ),
+        ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 1}, 201, "buy"),
+        # JSON Schema's integer: 7.0 is one.
+        (
+            "post",
+            "/api/events",
+            {"events": [{"type": "health_update", "data": HEALTH}]},
+            202,
+            "accepted",
+        ),
+    ],
+)
+def test_found_by_schemathesis(
+    open_gateway: str, method: str, path: str, body: dict[str, Any] | None, status: int, named: str
+) -> None:
     response = requests.request(method, open_gateway + path, json=body, timeout=10)
     assert response.status_code == status, response.text
     assert named in response.text

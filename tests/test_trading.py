@@ -1,5 +1,6 @@
 """The trading domain end to end, on real SQLite and real PostgreSQL: proposals, approvals,
 executions, the portfolio, restarts, the approval race, risk refusals, REST errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,15 +13,32 @@ import pytest
 from app.services.database import latest_migration, migrate, standalone_connection
 from tests.helpers import running_gateway
 
-PROPOSAL_FIELDS = {"proposal_id", "symbol", "action", "size", "reason", "created_at",
-                   "confidence", "source", "expires_at", "requested_by"}
+PROPOSAL_FIELDS = {
+    "proposal_id",
+    "symbol",
+    "action",
+    "size",
+    "reason",
+    "created_at",
+    "confidence",
+    "source",
+    "expires_at",
+    "requested_by",
+}
 APPROVED_FIELDS = {"proposal_id", "symbol", "action", "size", "approved_by", "approved_at"}
-TRADE_FIELDS = {"proposal_id", "symbol", "action", "size", "filled_price", "order_id", "status",
-                "fee", "timestamp"}
-PORTFOLIO_FIELDS = {"total_value", "available_cash", "positions", "total_pnl",
-                    "total_pnl_percent"}
-POSITION_FIELDS = {"symbol", "size", "entry_price", "current_price", "value", "pnl",
-                   "pnl_percent"}
+TRADE_FIELDS = {
+    "proposal_id",
+    "symbol",
+    "action",
+    "size",
+    "filled_price",
+    "order_id",
+    "status",
+    "fee",
+    "timestamp",
+}
+PORTFOLIO_FIELDS = {"total_value", "available_cash", "positions", "total_pnl", "total_pnl_percent"}
+POSITION_FIELDS = {"symbol", "size", "entry_price", "current_price", "value", "pnl", "pnl_percent"}
 
 
 async def started(database_url: str, **settings):
@@ -58,20 +76,23 @@ async def test_full_lifecycle_over_websocket_and_rest(database_url):
     context, server = await started(database_url)
     try:
         async with server.subscribed(["proposals", "executions", "portfolio"]) as client:
-            status, created = await post(server, "/api/proposals",
-                                          {"symbol": "btc/usdt", "action": "buy", "size": 0.1})
+            status, created = await post(
+                server, "/api/proposals", {"symbol": "btc/usdt", "action": "buy", "size": 0.1}
+            )
             assert status == 201 and created["status"] == "pending"
             event = await client.next_of("proposal_created")
             assert set(event["data"]) == PROPOSAL_FIELDS
             assert event["data"]["proposal_id"] == created["proposal_id"]
             assert (event["data"]["symbol"], event["data"]["size"]) == ("BTC/USDT", 0.1)
             # The user's reason as written; who asked, in a field of its own.
-            assert (event["data"]["reason"], event["data"]["requested_by"],
-                    event["data"]["source"]) == ("Manual proposal", "anonymous", "manual")
+            assert (
+                event["data"]["reason"],
+                event["data"]["requested_by"],
+                event["data"]["source"],
+            ) == ("Manual proposal", "anonymous", "manual")
             assert created["requested_by"] == "anonymous"
 
-            result = await client.command("approve_proposal",
-                                          proposal_id=created["proposal_id"])
+            result = await client.command("approve_proposal", proposal_id=created["proposal_id"])
             assert result["type"] == "command_result"
             trade = result["data"]["result"]["trade"]
             approved = await client.next_of("proposal_approved")
@@ -91,8 +112,9 @@ async def test_full_lifecycle_over_websocket_and_rest(database_url):
             cost = 0.1 * trade["filled_price"] + trade["fee"]
             assert portfolio["available_cash"] == pytest.approx(100_000 - cost, abs=0.01)
 
-            status, sell = await post(server, "/api/proposals",
-                                      {"symbol": "BTC/USDT", "action": "sell", "size": 0.1})
+            status, sell = await post(
+                server, "/api/proposals", {"symbol": "BTC/USDT", "action": "sell", "size": 0.1}
+            )
             assert status == 201
             status, decided = await post(server, f"/api/proposals/{sell['proposal_id']}/approve")
             assert status == 200 and decided["proposal"]["status"] == "executed"
@@ -115,11 +137,13 @@ async def test_full_lifecycle_over_websocket_and_rest(database_url):
 async def test_state_survives_a_restart(database_url):
     context, server = await started(database_url)
     try:
-        _, bought = await post(server, "/api/proposals",
-                               {"symbol": "ETH/USDT", "action": "buy", "size": 2})
+        _, bought = await post(
+            server, "/api/proposals", {"symbol": "ETH/USDT", "action": "buy", "size": 2}
+        )
         await post(server, f"/api/proposals/{bought['proposal_id']}/approve")
-        _, waiting = await post(server, "/api/proposals",
-                                {"symbol": "SOL/USDT", "action": "buy", "size": 3})
+        _, waiting = await post(
+            server, "/api/proposals", {"symbol": "SOL/USDT", "action": "buy", "size": 3}
+        )
         await post(server, "/api/pause")
         _, before = await get(server, "/api/portfolio")
         _, trades_before = await get(server, "/api/trades")
@@ -144,8 +168,9 @@ async def test_concurrent_approvals_execute_exactly_once(database_url):
     first_context, first = await started(database_url)
     second_context, second = await started(database_url)
     try:
-        _, proposal = await post(first, "/api/proposals",
-                                 {"symbol": "BTC/USDT", "action": "buy", "size": 0.05})
+        _, proposal = await post(
+            first, "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 0.05}
+        )
         proposal_id = proposal["proposal_id"]
         clients = []
         async with first.client() as a, second.client() as b:
@@ -175,7 +200,8 @@ async def test_concurrent_approvals_execute_exactly_once(database_url):
         _, portfolio = await get(second, "/api/portfolio")
         trade = trades["items"][0]
         assert portfolio["available_cash"] == pytest.approx(
-            100_000 - 0.05 * trade["filled_price"] - trade["fee"], abs=0.01)
+            100_000 - 0.05 * trade["filled_price"] - trade["fee"], abs=0.01
+        )
     finally:
         await second_context.__aexit__(None, None, None)
         await first_context.__aexit__(None, None, None)
@@ -185,8 +211,9 @@ async def test_risk_rules_refuse_what_cannot_be_paid_or_sold(database_url):
     context, server = await started(database_url)
     try:
         async with server.subscribed(["alerts", "proposals"]) as client:
-            _, huge = await post(server, "/api/proposals",
-                                 {"symbol": "BTC/USDT", "action": "buy", "size": 100})
+            _, huge = await post(
+                server, "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 100}
+            )
             status, decided = await post(server, f"/api/proposals/{huge['proposal_id']}/approve")
             assert status == 200 and decided["trade"] is None
             assert decided["proposal"]["status"] == "rejected"
@@ -197,14 +224,16 @@ async def test_risk_rules_refuse_what_cannot_be_paid_or_sold(database_url):
             assert alert["data"]["code"] == "INSUFFICIENT_CASH"
             assert alert["data"]["proposal_id"] == huge["proposal_id"]
 
-            _, short = await post(server, "/api/proposals",
-                                  {"symbol": "ETH/USDT", "action": "sell", "size": 1})
+            _, short = await post(
+                server, "/api/proposals", {"symbol": "ETH/USDT", "action": "sell", "size": 1}
+            )
             _, decided = await post(server, f"/api/proposals/{short['proposal_id']}/approve")
             assert decided["proposal"]["status"] == "rejected"
             assert (await client.next_of("alert"))["data"]["code"] == "INSUFFICIENT_POSITION"
 
-            status, body = await post(server, "/api/proposals",
-                                      {"symbol": "ETH/USDT", "action": "sell"})
+            status, body = await post(
+                server, "/api/proposals", {"symbol": "ETH/USDT", "action": "sell"}
+            )
             assert (status, body["code"]) == (422, "NOTHING_TO_SELL")
         _, trades = await get(server, "/api/trades")
         assert trades["total"] == 0
@@ -216,17 +245,21 @@ async def test_pause_holds_executions_until_resume(database_url):
     context, server = await started(database_url)
     try:
         async with server.subscribed(["status", "proposals", "executions"]) as client:
-            _, proposal = await post(server, "/api/proposals",
-                                     {"symbol": "SOL/USDT", "action": "buy", "size": 1})
+            _, proposal = await post(
+                server, "/api/proposals", {"symbol": "SOL/USDT", "action": "buy", "size": 1}
+            )
             paused = await client.command("pause")
             assert paused["data"]["result"] == {"status": "paused", "changed": True}
             change = await client.next_of("status_change")
             assert change["data"]["status"] == "paused"
             assert (change["data"]["previous_status"], change["data"]["current_status"]) == (
-                "running", "paused")  # the original engine's fields too
+                "running",
+                "paused",
+            )  # the original engine's fields too
             # No new proposals while paused, manual ones included.
-            status, refused = await post(server, "/api/proposals",
-                                         {"symbol": "SOL/USDT", "action": "buy", "size": 1})
+            status, refused = await post(
+                server, "/api/proposals", {"symbol": "SOL/USDT", "action": "buy", "size": 1}
+            )
             assert (status, refused["code"]) == (409, "ENGINE_PAUSED")
             _, decided = await post(server, f"/api/proposals/{proposal['proposal_id']}/approve")
             assert decided["proposal"]["status"] == "approved" and decided["trade"] is None
@@ -245,12 +278,15 @@ async def test_reject_bulk_and_expiry(database_url):
     try:
         ids = []
         for _ in range(3):
-            _, body = await post(server, "/api/proposals",
-                                 {"symbol": "BTC/USDT", "action": "buy", "size": 0.01})
+            _, body = await post(
+                server, "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 0.01}
+            )
             ids.append(body["proposal_id"])
-        status, result = await post(server, "/api/proposals/reject",
-                                    {"proposal_ids": ids[:2] + ["prop_missing"],
-                                     "reason": "not today"})
+        status, result = await post(
+            server,
+            "/api/proposals/reject",
+            {"proposal_ids": ids[:2] + ["prop_missing"], "reason": "not today"},
+        )
         assert status == 200
         assert (result["succeeded"], result["failed"]) == (2, 1)
         assert result["results"][2]["error"]["code"] == "PROPOSAL_NOT_FOUND"
@@ -264,37 +300,76 @@ async def test_reject_bulk_and_expiry(database_url):
         assert [p.id for p in expired] == [ids[2]]
         status, body = await post(server, f"/api/proposals/{ids[2]}/approve")
         assert (status, body["code"], body["proposal_status"]) == (
-            409, "PROPOSAL_ALREADY_DECIDED", "expired")
+            409,
+            "PROPOSAL_ALREADY_DECIDED",
+            "expired",
+        )
     finally:
         await context.__aexit__(None, None, None)
 
 
-@pytest.mark.parametrize("method, path, body, status, code", [
-    ("post", "/api/proposals/prop_nope/approve", None, 404, "PROPOSAL_NOT_FOUND"),
-    ("get", "/api/proposals/prop_nope", None, 404, "PROPOSAL_NOT_FOUND"),
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "hold"}, 400,
-     "VALIDATION_ERROR"),
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": -1}, 400,
-     "VALIDATION_ERROR"),
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": True}, 400,
-     "VALIDATION_ERROR"),
-    ("post", "/api/proposals", {"symbol": "DOGE/EUR", "action": "buy", "size": 1}, 400,
-     "UNKNOWN_SYMBOL"),
-    ("post", "/api/proposals", {"symbol": "BTCUSDT", "action": "buy", "size": 1}, 400,
-     "INVALID_SYMBOL"),
-    ("post", "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 5e-324}, 400,
-     "INVALID_SIZE"),
-    ("get", "/api/proposals?limit=0", None, 400, "VALIDATION_ERROR"),
-    ("get", "/api/proposals?status=lost", None, 400, "VALIDATION_ERROR"),
-    ("post", "/api/proposals/approve", {"proposal_ids": []}, 400, "VALIDATION_ERROR"),
-    ("get", "/api/nowhere", None, 404, "NOT_FOUND"),
-    ("delete", "/api/portfolio", None, 405, "METHOD_NOT_ALLOWED"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, code",
+    [
+        ("post", "/api/proposals/prop_nope/approve", None, 404, "PROPOSAL_NOT_FOUND"),
+        ("get", "/api/proposals/prop_nope", None, 404, "PROPOSAL_NOT_FOUND"),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTC/USDT", "action": "hold"},
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTC/USDT", "action": "buy", "size": -1},
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTC/USDT", "action": "buy", "size": True},
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "DOGE/EUR", "action": "buy", "size": 1},
+            400,
+            "UNKNOWN_SYMBOL",
+        ),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTCUSDT", "action": "buy", "size": 1},
+            400,
+            "INVALID_SYMBOL",
+        ),
+        (
+            "post",
+            "/api/proposals",
+            {"symbol": "BTC/USDT", "action": "buy", "size": 5e-324},
+            400,
+            "INVALID_SIZE",
+        ),
+        ("get", "/api/proposals?limit=0", None, 400, "VALIDATION_ERROR"),
+        ("get", "/api/proposals?status=lost", None, 400, "VALIDATION_ERROR"),
+        ("post", "/api/proposals/approve", {"proposal_ids": []}, 400, "VALIDATION_ERROR"),
+        ("get", "/api/nowhere", None, 404, "NOT_FOUND"),
+        ("delete", "/api/portfolio", None, 405, "METHOD_NOT_ALLOWED"),
+    ],
+)
 async def test_rest_errors_are_json(server, method, path, body, status, code):
     await server.gateway.simulation.tick_market()
     client = server.app.test_client()
-    response = await getattr(client, method)(path, json=body) if body is not None else \
-        await getattr(client, method)(path)
+    response = (
+        await getattr(client, method)(path, json=body)
+        if body is not None
+        else await getattr(client, method)(path)
+    )
     assert response.status_code == status
     payload = await response.get_json()
     assert payload["code"] == code
@@ -303,12 +378,16 @@ async def test_rest_errors_are_json(server, method, path, body, status, code):
 
 async def test_approving_twice_is_a_conflict(server):
     await server.gateway.simulation.tick_market()
-    _, proposal = await post(server, "/api/proposals",
-                             {"symbol": "BTC/USDT", "action": "buy", "size": 0.01})
+    _, proposal = await post(
+        server, "/api/proposals", {"symbol": "BTC/USDT", "action": "buy", "size": 0.01}
+    )
     assert (await post(server, f"/api/proposals/{proposal['proposal_id']}/approve"))[0] == 200
     status, body = await post(server, f"/api/proposals/{proposal['proposal_id']}/approve")
     assert (status, body["code"], body["proposal_status"]) == (
-        409, "PROPOSAL_ALREADY_DECIDED", "executed")
+        409,
+        "PROPOSAL_ALREADY_DECIDED",
+        "executed",
+    )
 
 
 async def test_state_changes_need_the_trade_scope(gateway_factory):
@@ -318,26 +397,40 @@ async def test_state_changes_need_the_trade_scope(gateway_factory):
         body = {"symbol": "BTC/USDT", "action": "buy", "size": 0.01}
         assert (await post(server, "/api/proposals", body))[0] == 401
         assert (await post(server, "/api/proposals", body, **{"X-API-Key": "reader"}))[0] == 403
-        status, proposal = await post(server, "/api/proposals", body,
-                                      **{"X-API-Key": "trader"})
+        status, proposal = await post(server, "/api/proposals", body, **{"X-API-Key": "trader"})
         assert status == 201
-        for path in (f"/api/proposals/{proposal['proposal_id']}/approve",
-                     f"/api/proposals/{proposal['proposal_id']}/reject", "/api/pause",
-                     "/api/resume", "/api/proposals/approve"):
-            assert (await post(server, path, {"proposal_ids": ["x"]} if path.endswith(
-                "approve") and "prop_" not in path else None,
-                **{"X-API-Key": "reader"}))[0] == 403
+        for path in (
+            f"/api/proposals/{proposal['proposal_id']}/approve",
+            f"/api/proposals/{proposal['proposal_id']}/reject",
+            "/api/pause",
+            "/api/resume",
+            "/api/proposals/approve",
+        ):
+            assert (
+                await post(
+                    server,
+                    path,
+                    {"proposal_ids": ["x"]}
+                    if path.endswith("approve") and "prop_" not in path
+                    else None,
+                    **{"X-API-Key": "reader"},
+                )
+            )[0] == 403
         async with server.client("?api_key=reader") as reader:
             await reader.greeting()
-            for name, args in (("approve_proposal", {"proposal_id": proposal["proposal_id"]}),
-                               ("reject_proposal", {"proposal_id": proposal["proposal_id"]}),
-                               ("pause", {}), ("resume", {}), ("analyze",
-                                                                {"symbol": "BTC/USDT"})):
+            for name, args in (
+                ("approve_proposal", {"proposal_id": proposal["proposal_id"]}),
+                ("reject_proposal", {"proposal_id": proposal["proposal_id"]}),
+                ("pause", {}),
+                ("resume", {}),
+                ("analyze", {"symbol": "BTC/USDT"}),
+            ):
                 reply = await reader.command(name, **args)
                 assert reply["data"]["code"] == "FORBIDDEN_COMMAND", name
             assert (await reader.command("get_portfolio"))["type"] == "portfolio_update"
-        _, still = await get(server, f"/api/proposals/{proposal['proposal_id']}",
-                             **{"X-API-Key": "reader"})
+        _, still = await get(
+            server, f"/api/proposals/{proposal['proposal_id']}", **{"X-API-Key": "reader"}
+        )
         assert still["status"] == "pending"
 
 
@@ -349,13 +442,23 @@ async def test_websocket_read_commands_and_analyze(server):
         assert set(portfolio["data"]) == PORTFOLIO_FIELDS
         health = await client.command("get_health")
         assert health["type"] == "health_update"
-        assert set(health["data"]) == {"cpu_percent", "memory_percent", "disk_percent",
-                                       "process_count"}
+        assert set(health["data"]) == {
+            "cpu_percent",
+            "memory_percent",
+            "disk_percent",
+            "process_count",
+        }
         analysis = await client.command("analyze", symbol="eth/usdt")
         assert analysis["data"]["result"]["symbol"] == "ETH/USDT"
         event = await client.next_of("analysis_update")
-        assert set(event["data"]) == {"symbol", "decision", "confidence", "bull_score",
-                                      "bear_score", "reasoning"}
+        assert set(event["data"]) == {
+            "symbol",
+            "decision",
+            "confidence",
+            "bull_score",
+            "bear_score",
+            "reasoning",
+        }
         unknown = await client.command("analyze", symbol="XYZ/USDT")
         assert unknown["data"]["code"] == "INVALID_SYMBOL"
         wrong_type = await client.command("approve_proposal", proposal_id=7)
@@ -376,15 +479,27 @@ async def test_commands_are_rate_limited_per_connection(gateway_factory):
 
 
 async def test_periodic_topics_arrive_at_their_cadence():
-    intervals = dict(MARKET_INTERVAL=0.1, ANALYSIS_INTERVAL=0.2, PORTFOLIO_INTERVAL=0.3,
-                     STATUS_INTERVAL=0.4, HEALTH_INTERVAL=0.5)
+    intervals = dict(
+        MARKET_INTERVAL=0.1,
+        ANALYSIS_INTERVAL=0.2,
+        PORTFOLIO_INTERVAL=0.3,
+        STATUS_INTERVAL=0.4,
+        HEALTH_INTERVAL=0.5,
+    )
     async with running_gateway(SIMULATION=True, **intervals) as server:
         async with server.subscribed(["all"]) as client:
             seen: dict[str, list[int]] = {}
             async with asyncio.timeout(10):
-                while not all(len(seen.get(t, [])) >= 2 for t in (
-                        "market_update", "analysis_update", "portfolio_update",
-                        "system_status", "health_update")):
+                while not all(
+                    len(seen.get(t, [])) >= 2
+                    for t in (
+                        "market_update",
+                        "analysis_update",
+                        "portfolio_update",
+                        "system_status",
+                        "health_update",
+                    )
+                ):
                     event = await client.recv_event()
                     if "seq" in event:
                         seen.setdefault(event["type"], []).append(event["seq"])
@@ -395,9 +510,14 @@ async def test_periodic_topics_arrive_at_their_cadence():
 
 
 def run_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True,
-                          env={**os.environ, "DATABASE_URL": database_url}, timeout=60,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": database_url},
+        timeout=60,
+        check=False,
+    )
 
 
 async def test_api_keys_from_the_cli_are_hashed_scoped_and_revocable(tmp_path):

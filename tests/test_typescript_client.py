@@ -5,6 +5,7 @@ the node:test suite against real gateway processes) and reports npm's output whe
 Without node and npm the test is skipped with the reason; with SIGMAX_REQUIRE_SERVICES=1 (set
 by CI) it fails instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def missing(what: str) -> None:
 
 
 def node_version(node: str) -> tuple[int, ...]:
-    printed = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30,
-                             check=False).stdout
+    printed = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
     match = re.match(r"v(\d+)\.(\d+)", printed.strip())
     return (int(match[1]), int(match[2])) if match else (0, 0)
 
@@ -42,8 +44,14 @@ def install_packages(npm: str) -> None:
     installed = PACKAGE / "node_modules" / ".package-lock.json"  # written by every npm install
     if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
         return
-    done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PACKAGE,
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=PACKAGE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
 
 
@@ -56,10 +64,18 @@ def test_typescript_client() -> None:
         missing(f"the TypeScript client's tests need Node 20.10 or newer, not {node_version(node)}")
     install_packages(npm)
     env = {**os.environ, "SIGMAX_PYTHON": sys.executable, "SIGMAX_TEST_REDIS_URL": REDIS_URL}
-    done = subprocess.run([npm, "test"], cwd=PACKAGE, env=env, capture_output=True, text=True,
-                          timeout=840, check=False)
-    assert done.returncode == 0, (f"`npm test` in client/typescript failed:\n"
-                                  f"{done.stdout[-16000:]}\n{done.stderr[-4000:]}")
+    done = subprocess.run(
+        [npm, "test"],
+        cwd=PACKAGE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    assert done.returncode == 0, (
+        f"`npm test` in client/typescript failed:\n{done.stdout[-16000:]}\n{done.stderr[-4000:]}"
+    )
     # node:test's spec reporter marks a skipped test with "﹣ name # reason": say it here too.
     for line in done.stdout.splitlines():
         if line.lstrip().startswith("\ufe63"):

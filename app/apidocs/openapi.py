@@ -23,29 +23,37 @@ NOT_RATE_LIMITED = frozenset({"/api/events"})
 
 API_KEY_SCHEME = "ApiKey"
 API_KEY_SECURITY = {
-    "type": "apiKey", "in": "header", "name": "X-API-Key",
+    "type": "apiKey",
+    "in": "header",
+    "name": "X-API-Key",
     "description": "Needed once the gateway has API keys (API_KEYS, or keys created with "
-                   "`python -m app keys create`); with none it is open. An operation names the "
-                   "scope its key needs. `?api_key=` is accepted too."}
+    "`python -m app keys create`); with none it is open. An operation names the "
+    "scope its key needs. `?api_key=` is accepted too.",
+}
 
 ERROR_DESCRIPTIONS = {
     400: "Invalid input: the body or query string does not match the schema "
-         "(`VALIDATION_ERROR`, `BAD_REQUEST`), or a value is refused, for example "
-         "`INVALID_SYMBOL`, `UNKNOWN_SYMBOL`, `INVALID_EVENT`",
+    "(`VALIDATION_ERROR`, `BAD_REQUEST`), or a value is refused, for example "
+    "`INVALID_SYMBOL`, `UNKNOWN_SYMBOL`, `INVALID_EVENT`",
     401: "The gateway has API keys and the request has no valid one (`AUTHENTICATION_FAILED`)",
     403: "The API key lacks the scope this operation needs (`FORBIDDEN`)",
     404: "No such proposal (`PROPOSAL_NOT_FOUND`)",
     409: "The proposal is decided already (`PROPOSAL_ALREADY_DECIDED`, with its "
-         "`proposal_status`), trading is paused (`ENGINE_PAUSED`), or an `Idempotency-Key` was "
-         "used for another batch (`IDEMPOTENCY_KEY_REUSED`)",
+    "`proposal_status`), trading is paused (`ENGINE_PAUSED`), or an `Idempotency-Key` was "
+    "used for another batch (`IDEMPOTENCY_KEY_REUSED`)",
     422: "A trading rule refuses the request (`NOTHING_TO_SELL`)",
     429: "Too many requests from this client (`TOO_MANY_REQUESTS`); retry after `Retry-After` "
-         "seconds",
+    "seconds",
     503: "Not possible now, retry: the event stream is unavailable (`BUS_UNAVAILABLE`), or there "
-         "is no market price yet (`NO_PRICE`)",
+    "is no market price yet (`NO_PRICE`)",
 }
-RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "required": True,
-                               "schema": {"type": "integer", "minimum": 0}}}
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
 _ERROR_STATUSES = "_sigmax_error_statuses"
 REQUIRED_SCOPE_ATTRIBUTE = "_sigmax_required_scope"  # set by access.requires
 OPTIONAL_BODY_ATTRIBUTE = "_sigmax_optional_body"  # set by access.optional_body
@@ -84,10 +92,12 @@ class RestOpenAPIProvider(OpenAPIProvider):
             statuses = set(getattr(view, _ERROR_STATUSES, ()))
             if "requestBody" in operation:
                 operation["requestBody"]["required"] = not getattr(
-                    view, OPTIONAL_BODY_ATTRIBUTE, False)
+                    view, OPTIONAL_BODY_ATTRIBUTE, False
+                )
                 _list_traded_symbols(operation["requestBody"], config.SYMBOLS)
-            if "requestBody" in operation or any(p["in"] == "query"
-                                                 for p in operation["parameters"]):
+            if "requestBody" in operation or any(
+                p["in"] == "query" for p in operation["parameters"]
+            ):
                 statuses.add(400)
             if scope is not None:
                 statuses |= {401, 403}
@@ -95,9 +105,14 @@ class RestOpenAPIProvider(OpenAPIProvider):
                 operation["security"] = [{API_KEY_SCHEME: [scope]}, {}]
             if config.REST_RATE_LIMIT and rule.rule not in NOT_RATE_LIMITED:
                 statuses.add(429)
-            operation["responses"] = {**operation["responses"], **{
-                status: _error_response(status) for status in sorted(statuses)
-                if status not in operation["responses"]}}
+            operation["responses"] = {
+                **operation["responses"],
+                **{
+                    status: _error_response(status)
+                    for status in sorted(statuses)
+                    if status not in operation["responses"]
+                },
+            }
         components[ErrorResponse.__name__] = ErrorResponse.model_json_schema()
         return paths, components
 
@@ -124,8 +139,12 @@ def _describe(operation: dict[str, Any], docstring: str) -> None:
 def _error_response(status: int) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": ERROR_DESCRIPTIONS[status],
-        "content": {"application/json": {"schema": {
-            "$ref": f"#/components/schemas/{ErrorResponse.__name__}"}}}}
+        "content": {
+            "application/json": {
+                "schema": {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}
+            }
+        },
+    }
     if status == 429:
         response["headers"] = RETRY_AFTER
     return response

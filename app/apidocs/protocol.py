@@ -1,5 +1,6 @@
 """The WebSocket protocol's vocabulary as the documents describe it: prose keyed by the
 code's own names (which decide what is listed), and one JSON-schema registry for every model."""
+
 from __future__ import annotations
 
 import logging
@@ -34,13 +35,15 @@ ASSETS_PATH = "/docs/assets"
 # -- the protocol's prose: keyed by the code's vocabulary, which decides what is listed ----------
 
 CLIENT_MESSAGES: dict[str, tuple[str, type[BaseModel] | None]] = {
-    "subscribe": ("Add topics and symbols to the subscription; with `since`, first replay the "
-                  "missed events. Answered by `subscribed`.", SubscriptionData),
+    "subscribe": (
+        "Add topics and symbols to the subscription; with `since`, first replay the "
+        "missed events. Answered by `subscribed`.",
+        SubscriptionData,
+    ),
     "unsubscribe": ("Remove topics and symbols. Answered by `unsubscribed`.", SubscriptionData),
     "ping": ("Keep-alive. Answered by `pong`.", None),
     "pong": ("Answer to the server's `ping`. No reply.", None),
-    "command": ("Run a gateway command (see Commands). Answered by `command_result`.",
-                CommandData),
+    "command": ("Run a gateway command (see Commands). Answered by `command_result`.", CommandData),
     "get_status": ("Answered by a `system_status` message.", None),
     "get_subscriptions": ("Answered by `subscriptions`.", None),
 }
@@ -52,17 +55,22 @@ REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
     "subscriptions": ("Reply to get_subscriptions", SubscriptionsData),
     "command_result": ("Reply to command", CommandResultData),
     "pong": ("Reply to ping", None),
-    "ping": ("Server heartbeat every WS_HEARTBEAT_INTERVAL seconds; answer with `pong` (or any "
-             "message)", None),
+    "ping": (
+        "Server heartbeat every WS_HEARTBEAT_INTERVAL seconds; answer with `pong` (or any message)",
+        None,
+    ),
     "error": ("A message could not be processed, or the server is about to close", ErrorData),
-    "stream_reset": ("Redis lost the event stream and the worker moved to a new one, to every "
-                     "connection: resume with its `stream_id` from now on", StreamResetData),
+    "stream_reset": (
+        "Redis lost the event stream and the worker moved to a new one, to every "
+        "connection: resume with its `stream_id` from now on",
+        StreamResetData,
+    ),
 }
 
 ALSO_DIRECT = {  # stream event types also sent to one connection only, without `seq`
     "system_status": "it answers `get_status` and follows `connected`",
     "status_change": "the worker's own notices (shutting down, event stream degraded or "
-                     "reconnected)",
+    "reconnected)",
     "portfolio_update": "it answers the `get_portfolio` command",
     "health_update": "it answers the `get_health` command",
 }
@@ -73,9 +81,9 @@ ENVELOPE_NOTES: dict[str, str] = {
     "timestamp": "When the server made the message: UTC, ISO 8601 with milliseconds and `Z`.",
     "connection_id": "The recipient's connection id on direct replies; `null` on stream events.",
     "seq": "Stream events only: the event's place in the deployment-wide stream, one more for "
-           "each event published. Keep the last one to resume with `since`.",
+    "each event published. Keep the last one to resume with `since`.",
     "request_id": "Direct replies only: the `request_id` of the client message answered, when "
-                  "it had one (also on an `error` about that message).",
+    "it had one (also on an `error` about that message).",
 }
 
 CLIENT_ENVELOPE_NOTES: dict[str, str] = {
@@ -88,10 +96,10 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ("SubscriptionData", "topics"): "Topics; a `symbol:BASE/QUOTE` entry counts as a symbol.",
     ("SubscriptionData", "symbols"): "Trading pairs as BASE/QUOTE, case-insensitive.",
     ("SubscriptionData", "since"): "Subscribe only: the last `seq` the client received; the "
-                                   "events after it that match the new subscription are "
-                                   "replayed before live ones.",
+    "events after it that match the new subscription are "
+    "replayed before live ones.",
     ("CommandData", "command"): "The command's name; every other field of `data` is one of "
-                                "its arguments.",
+    "its arguments.",
     ("ConnectedData", "heartbeat_interval"): "Seconds between server `ping` messages.",
     ("ConnectedData", "last_seq"): "The newest `seq` when the connection opened.",
     ("ConnectedData", "available_topics"): "The topics a client can subscribe to.",
@@ -115,16 +123,16 @@ TOPIC_NOTES: dict[str, str] = {
 ERROR_NOTES: dict[str, str] = {
     ErrorCode.INVALID_TOPIC: "A subscribe or unsubscribe named a topic that does not exist.",
     ErrorCode.INVALID_SYMBOL: "A symbol is not BASE/QUOTE (for example BTC/USDT), or a command "
-                              "named a symbol the gateway does not trade.",
+    "named a symbol the gateway does not trade.",
     ErrorCode.MESSAGE_PROCESSING_ERROR: "The message is not a JSON object, has an unknown "
-                                        "`type`, invalid fields, an unknown command or invalid "
-                                        "command arguments.",
+    "`type`, invalid fields, an unknown command or invalid "
+    "command arguments.",
     ErrorCode.MAX_CONNECTIONS_EXCEEDED: "The worker already serves WS_MAX_CONNECTIONS "
-                                        "connections. Retry later.",
+    "connections. Retry later.",
     ErrorCode.AUTHENTICATION_FAILED: "The API key is missing or invalid.",
     ErrorCode.FORBIDDEN_COMMAND: "The API key lacks the scope the command needs.",
     ErrorCode.SLOW_CONSUMER: "The client did not read its events fast enough. Reconnect and "
-                             "resume with `since`.",
+    "resume with `since`.",
     ErrorCode.CONNECTION_TIMEOUT: "No message from the client for WS_CONNECTION_TIMEOUT seconds.",
     ErrorCode.INTERNAL_ERROR: "The gateway failed to process the message (logged as a bug).",
     ErrorCode.RATE_LIMITED: "Too many commands; `details` says when to retry.",
@@ -133,15 +141,23 @@ ERROR_NOTES: dict[str, str] = {
 # Close code -> (when, the error code of the `error` message sent just before, if any).
 # The close reason is that error code.
 CLOSE_NOTES: dict[int, tuple[str, tuple[str, ...]]] = {
-    CloseCode.GOING_AWAY: ("No message from the client for WS_CONNECTION_TIMEOUT seconds.",
-                           (ErrorCode.CONNECTION_TIMEOUT,)),
-    CloseCode.POLICY_VIOLATION: ("The API key is missing or invalid, or the client is a slow "
-                                 "consumer.",
-                                 (ErrorCode.AUTHENTICATION_FAILED, ErrorCode.SLOW_CONSUMER)),
-    CloseCode.MESSAGE_TOO_BIG: ("A client message larger than WS_MAX_MESSAGE_SIZE bytes (closed "
-                                "by the server at once, without an error message).", ()),
-    CloseCode.TRY_AGAIN_LATER: ("The connection limit is reached.",
-                                (ErrorCode.MAX_CONNECTIONS_EXCEEDED,)),
+    CloseCode.GOING_AWAY: (
+        "No message from the client for WS_CONNECTION_TIMEOUT seconds.",
+        (ErrorCode.CONNECTION_TIMEOUT,),
+    ),
+    CloseCode.POLICY_VIOLATION: (
+        "The API key is missing or invalid, or the client is a slow consumer.",
+        (ErrorCode.AUTHENTICATION_FAILED, ErrorCode.SLOW_CONSUMER),
+    ),
+    CloseCode.MESSAGE_TOO_BIG: (
+        "A client message larger than WS_MAX_MESSAGE_SIZE bytes (closed "
+        "by the server at once, without an error message).",
+        (),
+    ),
+    CloseCode.TRY_AGAIN_LATER: (
+        "The connection limit is reached.",
+        (ErrorCode.MAX_CONNECTIONS_EXCEEDED,),
+    ),
 }
 
 
@@ -174,8 +190,7 @@ class SchemaRegistry:
     def __init__(self) -> None:
         self.schemas: dict[str, dict[str, Any]] = {}
 
-    def ref(self, model: type[BaseModel], mode: JsonSchemaMode = "serialization"
-            ) -> dict[str, Any]:
+    def ref(self, model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
         """A `$ref` to `model`, whose schema is added to the components."""
         schema = model.model_json_schema(ref_template=SCHEMA_REF + "{model}", mode=mode)
         name = model.__name__
@@ -190,15 +205,14 @@ class SchemaRegistry:
             return {"type": "object"}
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             return self.ref(annotation, mode)
-        schema = TypeAdapter(annotation).json_schema(ref_template=SCHEMA_REF + "{model}",
-                                                     mode=mode)
+        schema = TypeAdapter(annotation).json_schema(ref_template=SCHEMA_REF + "{model}", mode=mode)
         self._hoist(schema)
         return schema
 
     def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
         ref = schema.get("$ref")
         if isinstance(ref, str) and ref.startswith(SCHEMA_REF):
-            return self.schemas[ref[len(SCHEMA_REF):]]
+            return self.schemas[ref[len(SCHEMA_REF) :]]
         return schema
 
     def _hoist(self, schema: dict[str, Any]) -> None:
@@ -209,5 +223,3 @@ class SchemaRegistry:
         known = self.schemas.setdefault(name, schema)
         if known != schema:
             raise ValueError(f"two different schemas are named {name!r}")
-
-

@@ -1,5 +1,6 @@
 """quart-schema's REST documentation UIs served from local assets (no CDN), under a strict
 Content-Security-Policy; their own pages use app/templates/docs_ui.html."""
+
 from __future__ import annotations
 
 import functools
@@ -22,28 +23,42 @@ from app.apidocs.websocket_page import _ENV
 
 # -- REST documentation UIs from local assets -------------------------------------------------
 
+
 @dataclass(frozen=True)
 class UIAssets:
     """Where a documentation UI's files are in an installed package."""
 
-    ui: str                     # quart-schema's endpoint of the UI
-    distribution: str           # the PyPI package shipping the files
-    files: dict[str, str]       # public name under ASSETS_PATH -> path inside the package
+    ui: str  # quart-schema's endpoint of the UI
+    distribution: str  # the PyPI package shipping the files
+    files: dict[str, str]  # public name under ASSETS_PATH -> path inside the package
     config_keys: dict[str, str]  # quart-schema config key -> public name
 
 
 UIS: tuple[UIAssets, ...] = (
-    UIAssets("swagger_ui", "swagger-ui-bundle-v2",
-             {"swagger-ui/swagger-ui-bundle.js": "swagger-ui-bundle.js",
-              "swagger-ui/swagger-ui.css": "swagger-ui.css"},
-             {"QUART_SCHEMA_SWAGGER_JS_URL": "swagger-ui/swagger-ui-bundle.js",
-              "QUART_SCHEMA_SWAGGER_CSS_URL": "swagger-ui/swagger-ui.css"}),
-    UIAssets("redoc_ui", "flask-openapi-redoc",
-             {"redoc/redoc.standalone.js": "templates/redoc/js/redoc.standalone.js"},
-             {"QUART_SCHEMA_REDOC_JS_URL": "redoc/redoc.standalone.js"}),
-    UIAssets("scalar_ui", "flask-openapi-scalar",
-             {"scalar/scalar.standalone.js": "templates/scalar/js/scalar.standalone.js"},
-             {"QUART_SCHEMA_SCALAR_JS_URL": "scalar/scalar.standalone.js"}),
+    UIAssets(
+        "swagger_ui",
+        "swagger-ui-bundle-v2",
+        {
+            "swagger-ui/swagger-ui-bundle.js": "swagger-ui-bundle.js",
+            "swagger-ui/swagger-ui.css": "swagger-ui.css",
+        },
+        {
+            "QUART_SCHEMA_SWAGGER_JS_URL": "swagger-ui/swagger-ui-bundle.js",
+            "QUART_SCHEMA_SWAGGER_CSS_URL": "swagger-ui/swagger-ui.css",
+        },
+    ),
+    UIAssets(
+        "redoc_ui",
+        "flask-openapi-redoc",
+        {"redoc/redoc.standalone.js": "templates/redoc/js/redoc.standalone.js"},
+        {"QUART_SCHEMA_REDOC_JS_URL": "redoc/redoc.standalone.js"},
+    ),
+    UIAssets(
+        "scalar_ui",
+        "flask-openapi-scalar",
+        {"scalar/scalar.standalone.js": "templates/scalar/js/scalar.standalone.js"},
+        {"QUART_SCHEMA_SCALAR_JS_URL": "scalar/scalar.standalone.js"},
+    ),
 )
 
 # Scalar's defaults fetch fonts from its CDN and send telemetry: neither, here.
@@ -103,8 +118,11 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
         if ui.ui not in app.view_functions:  # disabled in QuartSchema(...)
             continue
         if not all(public in assets for public in ui.files):
-            log.debug("%s is not installed: %s redirects to another documentation UI",
-                     ui.distribution, ui.ui)
+            log.debug(
+                "%s is not installed: %s redirects to another documentation UI",
+                ui.distribution,
+                ui.ui,
+            )
             continue
         version = _version(ui.distribution)
         for key, public in ui.config_keys.items():
@@ -115,8 +133,7 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
         return
     # quart-schema's pages load Redoc as a classic script, but Redoc 3 is an ES module, and
     # Redoc and Scalar send telemetry unless told not to: these two get pages of our own.
-    own_pages: dict[str, Callable[..., Any]] = {"redoc_ui": _redoc_page,
-                                                "scalar_ui": _scalar_page}
+    own_pages: dict[str, Callable[..., Any]] = {"redoc_ui": _redoc_page, "scalar_ui": _scalar_page}
     for ui in UIS:
         view = app.view_functions.get(ui.ui)
         if view is None:
@@ -130,13 +147,17 @@ def configure_docs(app: Quart, assets: dict[str, tuple[Path, str]] | None = None
 
 # What a documentation UI page may load: its own origin only. Inline scripts and styles are
 # what quart-schema's Swagger page and the UIs themselves use; blob: is for Redoc's workers.
-UI_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
-          "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
-          "connect-src 'self'; worker-src 'self' blob:; base-uri 'self'; form-action 'self'; "
-          "frame-ancestors 'self'")
+UI_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+    "connect-src 'self'; worker-src 'self' blob:; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'self'"
+)
 # The WebSocket page runs no script and loads nothing.
-PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
-            "form-action 'none'; frame-ancestors 'self'")
+PAGE_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'self'"
+)
 
 
 def _self_contained(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -185,19 +206,24 @@ async def _redoc_page() -> str:
     title, openapi_url = _schema_info()
     body = Markup(
         '<div id="redoc"></div>\n<script type="module">\n'
-        'import {{ init }} from {};\n'
-        'init({}, {}, document.getElementById("redoc"));\n</script>').format(
-        _js(current_app.config["QUART_SCHEMA_REDOC_JS_URL"]), _js(openapi_url),
-        _js(REDOC_OPTIONS))
+        "import {{ init }} from {};\n"
+        'init({}, {}, document.getElementById("redoc"));\n</script>'
+    ).format(
+        _js(current_app.config["QUART_SCHEMA_REDOC_JS_URL"]), _js(openapi_url), _js(REDOC_OPTIONS)
+    )
     return UI_PAGE.render(title=title, openapi_url=openapi_url, body=body)
 
 
 async def _scalar_page() -> str:
     title, openapi_url = _schema_info()
-    body = Markup('<script id="api-reference" data-url="{}" data-configuration="{}"></script>\n'
-                  '<script src="{}"></script>').format(
-        openapi_url, json.dumps(SCALAR_CONFIGURATION),
-        current_app.config["QUART_SCHEMA_SCALAR_JS_URL"])
+    body = Markup(
+        '<script id="api-reference" data-url="{}" data-configuration="{}"></script>\n'
+        '<script src="{}"></script>'
+    ).format(
+        openapi_url,
+        json.dumps(SCALAR_CONFIGURATION),
+        current_app.config["QUART_SCHEMA_SCALAR_JS_URL"],
+    )
     return UI_PAGE.render(title=title, openapi_url=openapi_url, body=body)
 
 
@@ -210,9 +236,9 @@ def _link_rest_docs(app: Quart) -> None:
         extension.info.description = (
             f"The REST API of the SIGMAX Gateway. The WebSocket API (`{WS_PATH}`) is described "
             f"at [{WEBSOCKET_PAGE_PATH}]({WEBSOCKET_PAGE_PATH}) and, as AsyncAPI 2.6, at "
-            f"[{ASYNCAPI_PATH}]({ASYNCAPI_PATH}).")
+            f"[{ASYNCAPI_PATH}]({ASYNCAPI_PATH})."
+        )
     if extension.external_docs is None:
         extension.external_docs = ExternalDocumentation(
-            url=WEBSOCKET_PAGE_PATH, description="The WebSocket protocol")
-
-
+            url=WEBSOCKET_PAGE_PATH, description="The WebSocket protocol"
+        )

@@ -49,18 +49,30 @@ def requires(scope: str) -> Callable[[View], View]:
             presented = request.headers.get("X-API-Key") or request.args.get("api_key")
             principal = await current_app.extensions["gateway"].api_keys.authenticate(presented)
             if principal is None:
-                log.info("refused %s %s from %s: %s", request.method, request.path,
-                         request.remote_addr, "wrong API key" if presented else "no API key")
+                log.info(
+                    "refused %s %s from %s: %s",
+                    request.method,
+                    request.path,
+                    request.remote_addr,
+                    "wrong API key" if presented else "no API key",
+                )
                 if presented:
-                    raise GatewayError("AUTHENTICATION_FAILED", "Invalid API key",
-                                   "The key sent is not valid; send a valid key in the "
-                                   "X-API-Key header")
-                raise GatewayError("AUTHENTICATION_FAILED", "Missing API key",
-                               "This gateway requires an API key: send it in the X-API-Key "
-                               "header")
+                    raise GatewayError(
+                        "AUTHENTICATION_FAILED",
+                        "Invalid API key",
+                        "The key sent is not valid; send a valid key in the X-API-Key header",
+                    )
+                raise GatewayError(
+                    "AUTHENTICATION_FAILED",
+                    "Missing API key",
+                    "This gateway requires an API key: send it in the X-API-Key header",
+                )
             if not principal.can(scope):
-                raise GatewayError("FORBIDDEN", "Not allowed",
-                               f"This endpoint needs an API key with the {scope!r} scope")
+                raise GatewayError(
+                    "FORBIDDEN",
+                    "Not allowed",
+                    f"This endpoint needs an API key with the {scope!r} scope",
+                )
             g.principal = principal.name
             return await view(*args, **kwargs)
 

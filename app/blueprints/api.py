@@ -1,6 +1,7 @@
 """REST API under `/api`: state, trading operations, event ingest, connection stats; Prometheus
 text at `/metrics`. Every error is JSON `{error, code, details}`, and the OpenAPI document lists
 each error an operation can answer with (RestOpenAPIProvider)."""
+
 from __future__ import annotations
 
 import logging
@@ -87,10 +88,15 @@ async def get_health() -> tuple[Health, int]:
     """Liveness and readiness of this worker: 503 while its event stream does not work."""
     gateway = _gateway()
     bus = gateway.bus
-    health = Health(status="ok", version=SERVER_VERSION,
-                    uptime_seconds=round(time.time() - gateway.started, 3),
-                    connections=len(gateway.manager.connections),
-                    bus_backend=bus.backend, last_seq=bus.head, leader=gateway.is_leader)
+    health = Health(
+        status="ok",
+        version=SERVER_VERSION,
+        uptime_seconds=round(time.time() - gateway.started, 3),
+        connections=len(gateway.manager.connections),
+        bus_backend=bus.backend,
+        last_seq=bus.head,
+        leader=gateway.is_leader,
+    )
     if isinstance(bus, RedisBus):
         health.redis_connected = bus.connected
         health.stream_lag = bus.lag
@@ -124,11 +130,17 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
     """Publish a batch of events from an external engine. All or nothing: a batch with one bad
     event is refused whole, naming it. With an `Idempotency-Key`, a retry of the same batch
     (within the history's age, on any worker) answers the first result and publishes nothing."""
-    events = [ingest_event(position, item.type, item.topic, item.symbol, item.data)
-              for position, item in enumerate(data.events)]
+    events = [
+        ingest_event(position, item.type, item.topic, item.symbol, item.data)
+        for position, item in enumerate(data.events)
+    ]
     published = await _gateway().bus.publish(events, headers.idempotency_key)
-    return IngestResult(accepted=published.accepted, first_seq=published.first_seq,
-                        last_seq=published.last_seq, repeated=published.repeated), 202
+    return IngestResult(
+        accepted=published.accepted,
+        first_seq=published.first_seq,
+        last_seq=published.last_seq,
+        repeated=published.repeated,
+    ), 202
 
 
 @api_bp.get("/metrics")
@@ -152,6 +164,7 @@ async def get_metrics() -> Response:
 
 
 # -- trading state ------------------------------------------------------------------------------
+
 
 @api_bp.get("/api/status")
 @tag(["system"])
@@ -189,10 +202,14 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
     """Proposals, newest first, filtered by status and symbol, paged."""
     symbol = _symbol(query_args.symbol) if query_args.symbol is not None else None
     items, total = await _gateway().engine.proposals(
-        status=query_args.status, symbol=symbol, limit=query_args.limit,
-        offset=query_args.offset)
-    return ProposalPage(items=[ProposalOut(**p.as_dict()) for p in items], total=total,
-                        limit=query_args.limit, offset=query_args.offset)
+        status=query_args.status, symbol=symbol, limit=query_args.limit, offset=query_args.offset
+    )
+    return ProposalPage(
+        items=[ProposalOut(**p.as_dict()) for p in items],
+        total=total,
+        limit=query_args.limit,
+        offset=query_args.offset,
+    )
 
 
 @api_bp.get("/api/proposals/<proposal_id:proposal_id>")
@@ -212,13 +229,17 @@ async def get_proposal(proposal_id: str) -> ProposalOut:
 @validate_response(TradePage)
 async def get_trades(query_args: PageQuery) -> TradePage:
     """Executed trades, newest first, paged."""
-    trades, total = await _gateway().engine.trades(limit=query_args.limit,
-                                                   offset=query_args.offset)
-    return TradePage(items=[TradeOut(**t.as_event()) for t in trades], total=total,
-                     limit=query_args.limit, offset=query_args.offset)
+    trades, total = await _gateway().engine.trades(limit=query_args.limit, offset=query_args.offset)
+    return TradePage(
+        items=[TradeOut(**t.as_event()) for t in trades],
+        total=total,
+        limit=query_args.limit,
+        offset=query_args.offset,
+    )
 
 
 # -- trading operations -------------------------------------------------------------------------
+
 
 @api_bp.post("/api/proposals")
 @tag(["proposals"])
@@ -230,8 +251,8 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
     """Create a manual proposal; without `size` the risk rule sizes it. Refused (409
     `ENGINE_PAUSED`) while trading is paused."""
     proposal = await _gateway().engine.propose(
-        _symbol(data.symbol), data.action, data.size, data.reason,
-        requested_by=g.principal)
+        _symbol(data.symbol), data.action, data.size, data.reason, requested_by=g.principal
+    )
     return ProposalOut(**proposal.as_dict()), 201
 
 
@@ -243,8 +264,11 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
 async def approve_proposal(proposal_id: str) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
-    return DecisionResult(**await commands.approve_proposal(
-        _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)))
+    return DecisionResult(
+        **await commands.approve_proposal(
+            _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)
+        )
+    )
 
 
 @api_bp.post("/api/proposals/<proposal_id:proposal_id>/reject")
@@ -256,9 +280,13 @@ async def approve_proposal(proposal_id: str) -> DecisionResult:
 async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
     """Reject a pending (or approved, not yet executed) proposal; the body, with a reason, is
     optional."""
-    return DecisionResult(**await commands.reject_proposal(
-        _gateway(), g.principal,
-        commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason)))
+    return DecisionResult(
+        **await commands.reject_proposal(
+            _gateway(),
+            g.principal,
+            commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason),
+        )
+    )
 
 
 @api_bp.post("/api/proposals/approve")
@@ -268,8 +296,12 @@ async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
 @validate_response(BulkResult)
 async def approve_proposals(data: BulkDecision) -> BulkResult:
     """Approve many proposals in one call; each succeeds or fails on its own."""
-    return await _bulk(data.proposal_ids, lambda proposal_id: commands.approve_proposal(
-        _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)))
+    return await _bulk(
+        data.proposal_ids,
+        lambda proposal_id: commands.approve_proposal(
+            _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)
+        ),
+    )
 
 
 @api_bp.post("/api/proposals/reject")
@@ -279,9 +311,14 @@ async def approve_proposals(data: BulkDecision) -> BulkResult:
 @validate_response(BulkResult)
 async def reject_proposals(data: BulkDecision) -> BulkResult:
     """Reject many proposals in one call; each succeeds or fails on its own."""
-    return await _bulk(data.proposal_ids, lambda proposal_id: commands.reject_proposal(
-        _gateway(), g.principal,
-        commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason)))
+    return await _bulk(
+        data.proposal_ids,
+        lambda proposal_id: commands.reject_proposal(
+            _gateway(),
+            g.principal,
+            commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason),
+        ),
+    )
 
 
 @api_bp.post("/api/pause")
@@ -307,22 +344,32 @@ async def post_resume() -> EngineState:
 def _symbol(raw: str) -> str:
     symbol = normalize_symbol(raw)
     if symbol is None:
-        raise GatewayError("INVALID_SYMBOL", "Invalid symbol format",
-                       f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
+        raise GatewayError(
+            "INVALID_SYMBOL",
+            "Invalid symbol format",
+            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)",
+        )
     return symbol
 
 
-async def _bulk(proposal_ids: list[str],
-                decide: Callable[[str], Awaitable[dict[str, Any]]]) -> BulkResult:
+async def _bulk(
+    proposal_ids: list[str], decide: Callable[[str], Awaitable[dict[str, Any]]]
+) -> BulkResult:
     results = []
     for proposal_id in dict.fromkeys(proposal_ids):  # once each, in the order given
         try:
             outcome = await decide(proposal_id)
-            results.append(BulkItem(proposal_id=proposal_id, ok=True,
-                                    status=outcome["proposal"]["status"]))
+            results.append(
+                BulkItem(proposal_id=proposal_id, ok=True, status=outcome["proposal"]["status"])
+            )
         except GatewayError as error:
-            results.append(BulkItem(proposal_id=proposal_id, ok=False,
-                                    status=error.fields.get("proposal_status"),
-                                    error=ErrorResponse(**error.body())))
+            results.append(
+                BulkItem(
+                    proposal_id=proposal_id,
+                    ok=False,
+                    status=error.fields.get("proposal_status"),
+                    error=ErrorResponse(**error.body()),
+                )
+            )
     succeeded = sum(1 for r in results if r.ok)
     return BulkResult(results=results, succeeded=succeeded, failed=len(results) - succeeded)

@@ -6,6 +6,7 @@ bundle (`/static/sigmax.js`, the app's static folder): everything comes from thi
 the page works without internet access, and its Content-Security-Policy lets it load nothing
 from anywhere else and run no inline script.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,9 +28,11 @@ ASSETS = {
 
 # Scripts, styles and images from this origin only (no inline script or style), and network
 # access to this origin only: REST, and the WebSocket (CSP3 'self' covers ws:// to the same host).
-DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                 "connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                 "frame-ancestors 'none'")
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 @dashboard_bp.get("/dashboard")

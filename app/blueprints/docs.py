@@ -2,6 +2,7 @@
 and as a readable page (`/docs/websocket`), and the files of the REST documentation UIs (served
 from local assets, no CDN). What they say is built in app/apidocs from the code's own
 vocabulary, so it cannot drift from what the gateway does."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +28,7 @@ docs_bp = Blueprint("docs", __name__)
 
 # -- routes --------------------------------------------------------------------------------------
 
+
 @docs_bp.get(ASYNCAPI_PATH)
 @hide  # a document, like /openapi.json; the REST document links it
 async def get_asyncapi() -> dict[str, Any]:
@@ -47,8 +49,11 @@ async def websocket_page() -> Response:
     """The WebSocket protocol as a page to read."""
     config = current_app.config.get("SIGMAX")
     scheme = "wss" if request.scheme in ("https", "wss") else "ws"
-    context = websocket_page_context(config if isinstance(config, Config) else Config(),
-                                     f"{scheme}://{request.host}{WS_PATH}", commands_listing())
+    context = websocket_page_context(
+        config if isinstance(config, Config) else Config(),
+        f"{scheme}://{request.host}{WS_PATH}",
+        commands_listing(),
+    )
     response = Response(render_websocket_page(context), content_type="text/html; charset=utf-8")
     response.headers["Content-Security-Policy"] = PAGE_CSP
     return response
@@ -63,9 +68,7 @@ async def docs_asset(filename: str) -> Response:
     if found is None:
         abort(404)
     directory, name = found
-    response = await send_from_directory(directory, name,
-                                         mimetype=MIMETYPES.get(Path(name).suffix))
+    response = await send_from_directory(directory, name, mimetype=MIMETYPES.get(Path(name).suffix))
     response.cache_control.public = True
     response.cache_control.max_age = ASSET_MAX_AGE
     return response
-

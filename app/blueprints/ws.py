@@ -4,6 +4,7 @@ Each connection runs two tasks: the handler task writes (the connection's writer
 queue), a reader task parses and answers client messages. A bad message gets an `error` event
 and the connection stays open.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,15 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 ws_bp = Blueprint("ws", __name__)
 
-MESSAGE_TYPES = ("subscribe", "unsubscribe", "ping", "pong", "command", "get_status",
-                 "get_subscriptions")
+MESSAGE_TYPES = (
+    "subscribe",
+    "unsubscribe",
+    "ping",
+    "pong",
+    "command",
+    "get_status",
+    "get_subscriptions",
+)
 
 
 @ws_bp.websocket("/api/ws")
@@ -59,39 +67,63 @@ async def gateway_socket() -> Response | None:
 
     # The query string is parsed only when there is one: most clients send none, and the
     # parsed form would stay with the connection.
-    presented = ((websocket.query_string and websocket.args.get("api_key"))
-                 or websocket.headers.get("X-API-Key"))
+    presented = (websocket.query_string and websocket.args.get("api_key")) or websocket.headers.get(
+        "X-API-Key"
+    )
     principal = await gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.counters["auth_failures"] += 1
-        log.info("refused a WebSocket from %s: %s", websocket.remote_addr,
-                 "wrong API key" if presented else "no API key")
-        await _refuse(CloseCode.POLICY_VIOLATION, ErrorCode.AUTHENTICATION_FAILED,
-                      "Invalid API key" if presented else "Missing API key",
-                      "Pass a valid key as ?api_key= or in the X-API-Key header" if presented
-                      else "This gateway requires an API key (?api_key= or X-API-Key)")
+        log.info(
+            "refused a WebSocket from %s: %s",
+            websocket.remote_addr,
+            "wrong API key" if presented else "no API key",
+        )
+        await _refuse(
+            CloseCode.POLICY_VIOLATION,
+            ErrorCode.AUTHENTICATION_FAILED,
+            "Invalid API key" if presented else "Missing API key",
+            "Pass a valid key as ?api_key= or in the X-API-Key header"
+            if presented
+            else "This gateway requires an API key (?api_key= or X-API-Key)",
+        )
         return None
     try:
-        connection_id = await gateway.manager.connect(websocket, {
-            "principal": principal.name, "scopes": principal.scopes,
-            "remote": websocket.remote_addr or ""})
+        connection_id = await gateway.manager.connect(
+            websocket,
+            {
+                "principal": principal.name,
+                "scopes": principal.scopes,
+                "remote": websocket.remote_addr or "",
+            },
+        )
     except ConnectionLimitExceeded as limit:
-        log.info("refused a WebSocket of %s from %s: %s", principal.name,
-                 websocket.remote_addr, limit)
-        await _refuse(CloseCode.TRY_AGAIN_LATER, ErrorCode.MAX_CONNECTIONS_EXCEEDED,
-                      "Connection limit reached", f"{limit}; retry later")
+        log.info(
+            "refused a WebSocket of %s from %s: %s", principal.name, websocket.remote_addr, limit
+        )
+        await _refuse(
+            CloseCode.TRY_AGAIN_LATER,
+            ErrorCode.MAX_CONNECTIONS_EXCEEDED,
+            "Connection limit reached",
+            f"{limit}; retry later",
+        )
         return None
     conn = gateway.manager.connections[connection_id]
-    conn.send_direct(envelope("connected", {
-        "message": "Connected to SIGMAX",
-        "connection_id": conn.id,
-        "server_version": SERVER_VERSION,
-        "available_topics": list(TOPICS),
-        "heartbeat_interval": gateway.config.WS_HEARTBEAT_INTERVAL,
-        "worker": WORKER,
-        "last_seq": gateway.bus.head,
-        "stream_id": gateway.bus.stream_id,
-    }, conn.id))
+    conn.send_direct(
+        envelope(
+            "connected",
+            {
+                "message": "Connected to SIGMAX",
+                "connection_id": conn.id,
+                "server_version": SERVER_VERSION,
+                "available_topics": list(TOPICS),
+                "heartbeat_interval": gateway.config.WS_HEARTBEAT_INTERVAL,
+                "worker": WORKER,
+                "last_seq": gateway.bus.head,
+                "stream_id": gateway.bus.stream_id,
+            },
+            conn.id,
+        )
+    )
     conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))
     conn.attach()
     try:
@@ -131,32 +163,45 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
         message = _load(payload, ClientMessage)
         handler = HANDLERS.get(message.type)
         if handler is None:
-            raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown message type",
-                                f"Message type {quoted(message.type)} is not one of "
-                                f"{', '.join(MESSAGE_TYPES)}")
+            raise GatewayError(
+                ErrorCode.MESSAGE_PROCESSING_ERROR,
+                "Unknown message type",
+                f"Message type {quoted(message.type)} is not one of {', '.join(MESSAGE_TYPES)}",
+            )
         await handler(gateway, conn, message)
     except GatewayError as error:
         conn.send_direct(error_event(error, conn.id, request_id))
     except Exception:
         # A bug, not the client's fault: logged, answered, and the connection stays usable.
         log.exception("message of connection %s failed", conn.id)
-        conn.send_direct(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal error",
-                                        "The gateway failed to process this message; it has "
-                                        "been logged", conn.id, request_id))
+        conn.send_direct(
+            error_envelope(
+                ErrorCode.INTERNAL_ERROR,
+                "Internal error",
+                "The gateway failed to process this message; it has been logged",
+                conn.id,
+                request_id,
+            )
+        )
 
 
 def _parse(raw: str | bytes | None) -> dict[str, Any]:
     if not raw:  # Quart gives None for an empty binary frame
-        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message",
-                            "Send one JSON object per message")
+        raise GatewayError(
+            ErrorCode.MESSAGE_PROCESSING_ERROR, "Empty message", "Send one JSON object per message"
+        )
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON",
-                            f"{error}: {_excerpt(raw)}") from None
+        raise GatewayError(
+            ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid JSON", f"{error}: {_excerpt(raw)}"
+        ) from None
     if not isinstance(payload, dict):
-        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Message must be a JSON object",
-                            f"Got {type(payload).__name__}: {_excerpt(raw)}")
+        raise GatewayError(
+            ErrorCode.MESSAGE_PROCESSING_ERROR,
+            "Message must be a JSON object",
+            f"Got {type(payload).__name__}: {_excerpt(raw)}",
+        )
     return payload
 
 
@@ -170,8 +215,11 @@ def _load(data: dict[str, Any], model: type[Any]) -> Any:
     try:
         return model_load(data, model, SchemaValidationError)
     except SchemaValidationError as error:
-        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid message",
-                            describe_validation_error(error.validation_error)) from None
+        raise GatewayError(
+            ErrorCode.MESSAGE_PROCESSING_ERROR,
+            "Invalid message",
+            describe_validation_error(error.validation_error),
+        ) from None
 
 
 def _subscription(message: ClientMessage) -> tuple[list[str], list[str], SubscriptionData]:
@@ -185,13 +233,15 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], Subscri
     for raw_topic in data.topics:
         topic = raw_topic.strip().lower()
         if topic.startswith(SYMBOL_PREFIX):
-            symbols[_symbol(raw_topic.strip()[len(SYMBOL_PREFIX):])] = None
+            symbols[_symbol(raw_topic.strip()[len(SYMBOL_PREFIX) :])] = None
         elif topic in TOPICS:
             topics[topic] = None
         else:
-            raise GatewayError(ErrorCode.INVALID_TOPIC, "Invalid subscription topic",
-                                f"Topic {quoted(raw_topic)} does not exist; available: "
-                                f"{', '.join(TOPICS)}")
+            raise GatewayError(
+                ErrorCode.INVALID_TOPIC,
+                "Invalid subscription topic",
+                f"Topic {quoted(raw_topic)} does not exist; available: {', '.join(TOPICS)}",
+            )
     for raw_symbol in data.symbols:
         symbols[_symbol(raw_symbol)] = None
     return list(topics), list(symbols), data
@@ -200,8 +250,11 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], Subscri
 def _symbol(raw: str) -> str:
     symbol = normalize_symbol(raw)
     if symbol is None:
-        raise GatewayError(ErrorCode.INVALID_SYMBOL, "Invalid symbol format",
-                            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)")
+        raise GatewayError(
+            ErrorCode.INVALID_SYMBOL,
+            "Invalid symbol format",
+            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)",
+        )
     return symbol
 
 
@@ -217,9 +270,11 @@ async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage)
     total = len(conn.keys.union(keys))
     if total > limit:
         gateway.manager.refuse("subscriptions")
-        raise GatewayError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, "Too many subscriptions",
-                          f"A connection may hold {limit} topics and symbols; this subscribe "
-                          f"would make {total}")
+        raise GatewayError(
+            ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+            "Too many subscriptions",
+            f"A connection may hold {limit} topics and symbols; this subscribe would make {total}",
+        )
     reply: dict[str, Any] = {
         "topics": topics,
         "symbols": symbols,
@@ -239,11 +294,18 @@ async def _unsubscribe(gateway: Gateway, conn: Connection, message: ClientMessag
     topics, symbols, _ = _subscription(message)
     for key in _keys(topics, symbols):
         await gateway.manager.unsubscribe(conn.id, key)
-    conn.send_direct(envelope("unsubscribed", {
-        "topics": topics,
-        "symbols": symbols,
-        "message": f"Unsubscribed from {len(topics)} topics and {len(symbols)} symbols",
-    }, conn.id, message.request_id))
+    conn.send_direct(
+        envelope(
+            "unsubscribed",
+            {
+                "topics": topics,
+                "symbols": symbols,
+                "message": f"Unsubscribed from {len(topics)} topics and {len(symbols)} symbols",
+            },
+            conn.id,
+            message.request_id,
+        )
+    )
 
 
 async def _ping(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
@@ -255,54 +317,79 @@ async def _pong(gateway: Gateway, conn: Connection, message: ClientMessage) -> N
 
 
 async def _get_status(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
-    conn.send_direct(envelope("system_status", gateway.system_status(), conn.id,
-                              message.request_id))
+    conn.send_direct(
+        envelope("system_status", gateway.system_status(), conn.id, message.request_id)
+    )
 
 
 async def _get_subscriptions(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
     topics = sorted(k for k in conn.keys if not k.startswith(SYMBOL_PREFIX))
-    conn.send_direct(envelope("subscriptions", {
-        "topics": topics,
-        "symbols": sorted(conn.symbols),
-        "count": len(conn.keys),
-    }, conn.id, message.request_id))
+    conn.send_direct(
+        envelope(
+            "subscriptions",
+            {
+                "topics": topics,
+                "symbols": sorted(conn.symbols),
+                "count": len(conn.keys),
+            },
+            conn.id,
+            message.request_id,
+        )
+    )
 
 
 async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
     data: CommandData = _load(message.data or {}, CommandData)
     command = COMMANDS.get(data.command)
     if command is None:
-        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Unknown command",
-                           f"Command {quoted(data.command)} is not one of "
-                           f"{', '.join(sorted(COMMANDS))}")
+        raise GatewayError(
+            ErrorCode.MESSAGE_PROCESSING_ERROR,
+            "Unknown command",
+            f"Command {quoted(data.command)} is not one of {', '.join(sorted(COMMANDS))}",
+        )
     bucket = conn.command_bucket
     if bucket is None:
         config = gateway.config
-        bucket = conn.command_bucket = TokenBucket(config.WS_COMMAND_RATE,
-                                                   config.WS_COMMAND_BURST)
+        bucket = conn.command_bucket = TokenBucket(config.WS_COMMAND_RATE, config.WS_COMMAND_BURST)
     wait = bucket.take()
     if wait:
         gateway.manager.refuse("command_rate")
-        raise GatewayError(ErrorCode.RATE_LIMITED, "Too many commands",
-                           f"At most {bucket.rate:g} commands per second (bursts of "
-                           f"{bucket.burst:g}); retry in {wait:.2f} s")
+        raise GatewayError(
+            ErrorCode.RATE_LIMITED,
+            "Too many commands",
+            f"At most {bucket.rate:g} commands per second (bursts of "
+            f"{bucket.burst:g}); retry in {wait:.2f} s",
+        )
     if command.scope not in conn.scopes:
-        raise GatewayError(ErrorCode.FORBIDDEN_COMMAND, "Command not allowed",
-                           f"Command {quoted(data.command)} needs an API key with the "
-                           f"{command.scope!r} scope")
+        raise GatewayError(
+            ErrorCode.FORBIDDEN_COMMAND,
+            "Command not allowed",
+            f"Command {quoted(data.command)} needs an API key with the {command.scope!r} scope",
+        )
     try:
         args = model_load(data.model_extra or {}, command.arguments, SchemaValidationError)
     except SchemaValidationError as error:
-        raise GatewayError(ErrorCode.MESSAGE_PROCESSING_ERROR, "Invalid command arguments",
-                           f"Command {quoted(data.command)}: "
-                           f"{describe_validation_error(error.validation_error)}") from None
+        raise GatewayError(
+            ErrorCode.MESSAGE_PROCESSING_ERROR,
+            "Invalid command arguments",
+            f"Command {quoted(data.command)}: {describe_validation_error(error.validation_error)}",
+        ) from None
     result = await command.run(gateway, conn.principal, args)
     if command.reply != "command_result":
         conn.send_direct(envelope(command.reply, result, conn.id, message.request_id))
         return
-    conn.send_direct(envelope("command_result", {
-        "command": data.command, "success": True, "result": result,
-    }, conn.id, message.request_id))
+    conn.send_direct(
+        envelope(
+            "command_result",
+            {
+                "command": data.command,
+                "success": True,
+                "result": result,
+            },
+            conn.id,
+            message.request_id,
+        )
+    )
 
 
 Handler = Callable[[Gateway, Connection, ClientMessage], Awaitable[None]]

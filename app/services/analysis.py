@@ -6,6 +6,7 @@ RSI is read as trend strength (above 50 is bullish), not as a mean-reversion sig
 indicators agree on a steady trend; readings past 70 or under 30 are still named overbought or
 oversold in the reasoning.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,12 +57,18 @@ class Analysis:
 
     def as_dict(self) -> dict[str, Any]:
         """The `analysis_update` payload."""
-        return {"symbol": self.symbol, "decision": self.decision,
-                "confidence": round(self.confidence, 4), "bull_score": round(self.bull_score, 4),
-                "bear_score": round(self.bear_score, 4), "reasoning": self.reasoning}
+        return {
+            "symbol": self.symbol,
+            "decision": self.decision,
+            "confidence": round(self.confidence, 4),
+            "bull_score": round(self.bull_score, 4),
+            "bear_score": round(self.bear_score, 4),
+            "reasoning": self.reasoning,
+        }
 
 
 # -- indicators: pure functions over prices, oldest first -------------------------------------
+
 
 def momentum(prices: Sequence[float], period: int) -> float | None:
     """Rate of change over the last `period` steps as a fraction (0.012 is +1.2%); None when
@@ -101,13 +108,15 @@ def rsi(prices: Sequence[float], period: int = 14) -> float | None:
     return 100.0 - 100.0 / (1.0 + average_gain / average_loss)
 
 
-def sma_cross(prices: Sequence[float], short_period: int = SHORT_SMA_PERIOD,
-              long_period: int = LONG_SMA_PERIOD) -> float | None:
+def sma_cross(
+    prices: Sequence[float],
+    short_period: int = SHORT_SMA_PERIOD,
+    long_period: int = LONG_SMA_PERIOD,
+) -> float | None:
     """Gap between the short and the long SMA as a fraction of the long one: positive when the
     short SMA is above. None when there are too few prices."""
     if short_period >= long_period:
-        raise ValueError(f"short_period ({short_period}) must be below long_period "
-                         f"({long_period})")
+        raise ValueError(f"short_period ({short_period}) must be below long_period ({long_period})")
     short = sma(prices, short_period)
     long = sma(prices, long_period)
     if short is None or long is None or long == 0:
@@ -121,6 +130,7 @@ def _check_period(period: int) -> None:
 
 
 # -- the agent ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Signal:
@@ -137,13 +147,22 @@ def analyze(symbol: str, prices: Sequence[float]) -> Analysis:
     change = momentum(prices, MOMENTUM_PERIOD)
     strength = rsi(prices, RSI_PERIOD)
     if len(prices) < MIN_PRICES or gap is None or change is None or strength is None:
-        return Analysis(symbol, "hold", 0.0, 0.0, 0.0,
-                        f"Not enough data yet: {len(prices)} of {MIN_PRICES} prices needed.")
+        return Analysis(
+            symbol,
+            "hold",
+            0.0,
+            0.0,
+            0.0,
+            f"Not enough data yet: {len(prices)} of {MIN_PRICES} prices needed.",
+        )
 
     signals = [
         _Signal(SMA_WEIGHT, _clamp(gap / SMA_GAP_FULL_SIGNAL), _describe_gap(gap)),
-        _Signal(MOMENTUM_WEIGHT, _clamp(change / MOMENTUM_FULL_SIGNAL),
-                f"momentum {change * 100:+.2f}% over {MOMENTUM_PERIOD} ticks"),
+        _Signal(
+            MOMENTUM_WEIGHT,
+            _clamp(change / MOMENTUM_FULL_SIGNAL),
+            f"momentum {change * 100:+.2f}% over {MOMENTUM_PERIOD} ticks",
+        ),
         _Signal(RSI_WEIGHT, _clamp((strength - 50.0) / RSI_FULL_SIGNAL), _describe_rsi(strength)),
     ]
     bull = _clamp(math.fsum(s.weight * max(s.strength, 0.0) for s in signals), 0.0)
@@ -158,12 +177,19 @@ def analyze(symbol: str, prices: Sequence[float]) -> Analysis:
         decision = "buy"
     elif margin <= -DECISION_MARGIN:
         decision = "sell"
-    return Analysis(symbol, decision, confidence, bull, bear,
-                    _reasoning(decision, direction, bull, bear, signals))
+    return Analysis(
+        symbol,
+        decision,
+        confidence,
+        bull,
+        bear,
+        _reasoning(decision, direction, bull, bear, signals),
+    )
 
 
-def _reasoning(decision: Decision, direction: int, bull: float, bear: float,
-               signals: list[_Signal]) -> str:
+def _reasoning(
+    decision: Decision, direction: int, bull: float, bear: float, signals: list[_Signal]
+) -> str:
     everything = "; ".join(s.description for s in signals)
     if decision == "hold":
         return f"Hold: no clear edge (bull {bull:.2f}, bear {bear:.2f}); {everything}."

@@ -6,6 +6,7 @@ scopes and can be revoked. With no key anywhere the gateway is open and every cl
 scope. Keys are compared in constant time and never logged: a principal is named by its position
 or its id.
 """
+
 from __future__ import annotations
 
 import hashlib

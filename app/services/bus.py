@@ -3,6 +3,7 @@
 One small interface with an in-memory backend (one process, the default). A Redis backend
 implements the same interface to link every worker and host.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,11 @@ class Published:
 
     @property
     def accepted(self) -> int:
-        return 0 if self.first_seq is None or self.last_seq is None else (
-            self.last_seq - self.first_seq + 1)
+        return (
+            0
+            if self.first_seq is None or self.last_seq is None
+            else (self.last_seq - self.first_seq + 1)
+        )
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,12 @@ class StreamReset:
 
 class IdempotencyConflict(GatewayError):
     def __init__(self, key: str) -> None:
-        super().__init__("IDEMPOTENCY_KEY_REUSED", "Idempotency key reused",
-                         f"Idempotency-Key {key[:80]!r} was used for a different batch of "
-                         "events; a retry must send the same batch")
+        super().__init__(
+            "IDEMPOTENCY_KEY_REUSED",
+            "Idempotency key reused",
+            f"Idempotency-Key {key[:80]!r} was used for a different batch of "
+            "events; a retry must send the same batch",
+        )
 
 
 def batch_fingerprint(events: list[Event]) -> str:
@@ -80,8 +87,7 @@ class EventBus(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def publish(self, events: list[Event],
-                      idempotency_key: str | None = None) -> Published:
+    async def publish(self, events: list[Event], idempotency_key: str | None = None) -> Published:
         """Stamp each event with the next seq and deliver it to every process. With an
         `idempotency_key` used before (within the history's age), publish nothing and answer
         that publish's result; IdempotencyConflict if that was another batch."""
@@ -124,8 +130,7 @@ class MemoryBus:
     async def stop(self) -> None:
         pass
 
-    async def publish(self, events: list[Event],
-                      idempotency_key: str | None = None) -> Published:
+    async def publish(self, events: list[Event], idempotency_key: str | None = None) -> Published:
         now = time.time()
         self._expire(now)
         fingerprint = ""
@@ -142,8 +147,10 @@ class MemoryBus:
         published = Published(events[0].seq, events[-1].seq) if events else Published(None, None)
         if idempotency_key is not None:
             self._published[idempotency_key] = (
-                Published(published.first_seq, published.last_seq, repeated=True), fingerprint,
-                now + self._history_max_age)
+                Published(published.first_seq, published.last_seq, repeated=True),
+                fingerprint,
+                now + self._history_max_age,
+            )
             if len(self._published) > self._published_max:
                 self._published.popitem(last=False)
         self._history.extend(events)
@@ -167,8 +174,7 @@ class MemoryBus:
             published.popitem(last=False)
 
 
-def history_between(history: deque[Event], since: int,
-                    until: int) -> tuple[list[Event], bool]:
+def history_between(history: deque[Event], since: int, until: int) -> tuple[list[Event], bool]:
     """The events of a gap-free `history` with since < seq <= until; see `EventBus.history`."""
     if since == until:
         return [], True

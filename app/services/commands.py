@@ -5,6 +5,7 @@ views. Each command has a name, the API-key scope it needs, the pydantic model o
 To add a command: an async function `(gateway, principal, arguments) -> result` and a line in
 COMMANDS.
 """
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -52,15 +53,17 @@ async def get_health(gateway: Gateway, principal: str, _: NoArguments) -> dict[s
     return health_snapshot()
 
 
-async def approve_proposal(gateway: Gateway, principal: str,
-                           args: ProposalRef) -> dict[str, Any]:
+async def approve_proposal(gateway: Gateway, principal: str, args: ProposalRef) -> dict[str, Any]:
     proposal, trade = await gateway.engine.approve(args.proposal_id, principal)
-    return {"proposal": proposal.as_dict(),
-            "trade": trade.as_event() if trade is not None else None}
+    return {
+        "proposal": proposal.as_dict(),
+        "trade": trade.as_event() if trade is not None else None,
+    }
 
 
-async def reject_proposal(gateway: Gateway, principal: str,
-                          args: ProposalDecision) -> dict[str, Any]:
+async def reject_proposal(
+    gateway: Gateway, principal: str, args: ProposalDecision
+) -> dict[str, Any]:
     proposal = await gateway.engine.reject(args.proposal_id, principal, args.reason)
     return {"proposal": proposal.as_dict()}
 
@@ -76,9 +79,11 @@ async def resume(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, 
 async def analyze(gateway: Gateway, principal: str, args: SymbolRef) -> dict[str, Any]:
     symbol = normalize_symbol(args.symbol)
     if symbol not in gateway.market.symbols:
-        raise GatewayError(ErrorCode.INVALID_SYMBOL, "Unknown symbol",
-                           f"{quoted(args.symbol)} is not one of "
-                           f"{', '.join(gateway.market.symbols)}")
+        raise GatewayError(
+            ErrorCode.INVALID_SYMBOL,
+            "Unknown symbol",
+            f"{quoted(args.symbol)} is not one of {', '.join(gateway.market.symbols)}",
+        )
     return (await gateway.simulation.analyze(symbol)).as_dict()
 
 
@@ -93,13 +98,16 @@ class Command:
     reply: str = "command_result"
 
 
-COMMANDS: dict[str, Command] = {command.name: command for command in (
-    Command("get_status", "read", NoArguments, get_status, reply="system_status"),
-    Command("get_portfolio", "read", NoArguments, get_portfolio, reply="portfolio_update"),
-    Command("get_health", "read", NoArguments, get_health, reply="health_update"),
-    Command("approve_proposal", "trade", ProposalRef, approve_proposal),
-    Command("reject_proposal", "trade", ProposalDecision, reject_proposal),
-    Command("pause", "trade", NoArguments, pause),
-    Command("resume", "trade", NoArguments, resume),
-    Command("analyze", "trade", SymbolRef, analyze),
-)}
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command("get_status", "read", NoArguments, get_status, reply="system_status"),
+        Command("get_portfolio", "read", NoArguments, get_portfolio, reply="portfolio_update"),
+        Command("get_health", "read", NoArguments, get_health, reply="health_update"),
+        Command("approve_proposal", "trade", ProposalRef, approve_proposal),
+        Command("reject_proposal", "trade", ProposalDecision, reject_proposal),
+        Command("pause", "trade", NoArguments, pause),
+        Command("resume", "trade", NoArguments, resume),
+        Command("analyze", "trade", SymbolRef, analyze),
+    )
+}

@@ -5,6 +5,7 @@ Every connection has a bounded queue drained by its own writer, so a slow or dea
 delays the others; when a queue is full, snapshots are conflated (newest per type and symbol) and
 if that is not enough the connection is closed with SLOW_CONSUMER (the client resumes by `seq`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,14 @@ HEARTBEAT_KEY: ConflationKey = ("ping", None)
 Delivery = tuple[Event, str, bytes]
 # The abuse limits whose refusals are counted: connections per worker and per API key,
 # subscriptions per connection, commands per second, message size, REST requests per second.
-LIMITS = ("connections", "connections_per_key", "subscriptions", "command_rate",
-          "message_size", "rest_rate")
+LIMITS = (
+    "connections",
+    "connections_per_key",
+    "subscriptions",
+    "command_rate",
+    "message_size",
+    "rest_rate",
+)
 
 
 class ConnectionLimitExceeded(Exception):
@@ -59,17 +66,48 @@ class Connection:
     connection.
     """
 
-    __slots__ = ("id", "principal", "scopes", "remote", "connected_at", "last_seen",
-                 "last_ping", "joined_seq", "keys", "symbols", "sent", "conflated",
-                 "queue_high_water", "close_code", "close_reason", "on_slow_consumer",
-                 "command_bucket", "_out", "_pending", "_queue_size", "_close_timeout",
-                 "_writer", "_wakeup", "_handler", "_abort_timer", "_held", "_replay_backlog",
-                 "_has_through")
+    __slots__ = (
+        "id",
+        "principal",
+        "scopes",
+        "remote",
+        "connected_at",
+        "last_seen",
+        "last_ping",
+        "joined_seq",
+        "keys",
+        "symbols",
+        "sent",
+        "conflated",
+        "queue_high_water",
+        "close_code",
+        "close_reason",
+        "on_slow_consumer",
+        "command_bucket",
+        "_out",
+        "_pending",
+        "_queue_size",
+        "_close_timeout",
+        "_writer",
+        "_wakeup",
+        "_handler",
+        "_abort_timer",
+        "_held",
+        "_replay_backlog",
+        "_has_through",
+    )
 
-    def __init__(self, writer: Writer, *, queue_size: int, close_timeout: float,
-                 principal: str = "anonymous",
-                 scopes: frozenset[str] = frozenset(), remote: str = "",
-                 joined_seq: int = 0) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        *,
+        queue_size: int,
+        close_timeout: float,
+        principal: str = "anonymous",
+        scopes: frozenset[str] = frozenset(),
+        remote: str = "",
+        joined_seq: int = 0,
+    ) -> None:
         self.id = str(uuid.uuid4())
         self.principal = principal
         self.scopes = scopes
@@ -126,8 +164,11 @@ class Connection:
 
     def frame_for(self, event: Event) -> str:
         """The frame of `event` this connection gets: the full one, or its symbols' view."""
-        if (event.type in PER_SYMBOL_LIST_TYPES and "all" not in self.keys
-                and event.topic not in self.keys):
+        if (
+            event.type in PER_SYMBOL_LIST_TYPES
+            and "all" not in self.keys
+            and event.topic not in self.keys
+        ):
             return event.view_for(self.symbols)
         return event.frame
 
@@ -151,8 +192,9 @@ class Connection:
         if self._writer is not None:
             await asyncio.shield(self._writer)
 
-    def close(self, code: int, reason: str, *, notice: str | None = None,
-              discard_pending: bool = False) -> None:
+    def close(
+        self, code: int, reason: str, *, notice: str | None = None, discard_pending: bool = False
+    ) -> None:
         """Send what is pending (or drop it), an optional notice, then the close frame."""
         if self.closing:
             return
@@ -168,7 +210,8 @@ class Connection:
         # dropped whatever the client does.
         if self._handler is not None:
             self._abort_timer = asyncio.get_running_loop().call_later(
-                self._close_timeout, self._abort)
+                self._close_timeout, self._abort
+            )
 
     def _abort(self) -> None:
         self._out.abort()
@@ -195,9 +238,14 @@ class Connection:
 
     def deliver_batch(self, batch: list[Delivery]) -> None:
         """Several stream events at once: one write when the client keeps up."""
-        if (self._held is None and not self._pending and not self.closing
-                and batch[0][0].seq > self._has_through and self._out.fast
-                and self._out.write_all_now([delivery[2] for delivery in batch])):
+        if (
+            self._held is None
+            and not self._pending
+            and not self.closing
+            and batch[0][0].seq > self._has_through
+            and self._out.fast
+            and self._out.write_all_now([delivery[2] for delivery in batch])
+        ):
             self.sent += len(batch)
             return
         for delivery in batch:
@@ -229,18 +277,27 @@ class Connection:
             return
         pending = self._pending
         # Nothing of ours is waiting, so writing now keeps the order.
-        if not pending and self._out.fast and self._out.write_now(
-                text_frame(frame.encode()) if wire is None else wire):
+        if (
+            not pending
+            and self._out.fast
+            and self._out.write_now(text_frame(frame.encode()) if wire is None else wire)
+        ):
             self.sent += 1
             return
-        if (len(pending) >= self._queue_size + self._replay_backlog
-                and not self._make_room(key)):
+        if len(pending) >= self._queue_size + self._replay_backlog and not self._make_room(key):
             self.on_slow_consumer(self)
-            self.close(CloseCode.POLICY_VIOLATION, "SLOW_CONSUMER", discard_pending=True,
-                       notice=error_envelope(
-                           ErrorCode.SLOW_CONSUMER, "Connection too slow",
-                           f"More than {self._queue_size} events waited for this connection; "
-                           "reconnect and subscribe with `since` to resume", self.id))
+            self.close(
+                CloseCode.POLICY_VIOLATION,
+                "SLOW_CONSUMER",
+                discard_pending=True,
+                notice=error_envelope(
+                    ErrorCode.SLOW_CONSUMER,
+                    "Connection too slow",
+                    f"More than {self._queue_size} events waited for this connection; "
+                    "reconnect and subscribe with `since` to resume",
+                    self.id,
+                ),
+            )
             return
         pending.append((frame, key))
         depth = len(pending)
@@ -365,15 +422,24 @@ class SubscriptionIndex:
 
 
 def _symbols_of(keys: Iterable[str]) -> frozenset[str]:
-    return frozenset(k[len(SYMBOL_PREFIX):] for k in keys if k.startswith(SYMBOL_PREFIX))
+    return frozenset(k[len(SYMBOL_PREFIX) :] for k in keys if k.startswith(SYMBOL_PREFIX))
 
 
 class ConnectionManager:
     """The spec's ConnectionManager: registry, subscriptions, direct sends and broadcasts."""
 
-    def __init__(self, bus: EventBus, *, max_connections: int, queue_size: int,
-                 heartbeat_interval: float, connection_timeout: float,
-                 close_timeout: float, fast_path: bool = True, max_per_key: int = 0) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        max_connections: int,
+        queue_size: int,
+        heartbeat_interval: float,
+        connection_timeout: float,
+        close_timeout: float,
+        fast_path: bool = True,
+        max_per_key: int = 0,
+    ) -> None:
         self.bus = bus
         self.max_connections = max_connections
         self.queue_size = queue_size
@@ -410,22 +476,31 @@ class ConnectionManager:
         if len(self.connections) >= self.max_connections:
             self.refuse("connections")
             raise ConnectionLimitExceeded(
-                f"The gateway serves at most {self.max_connections} connections")
+                f"The gateway serves at most {self.max_connections} connections"
+            )
         principal = metadata.get("principal", "anonymous")
-        if (principal != "anonymous" and self.max_per_key
-                and sum(c.principal == principal for c in self.connections.values())
-                >= self.max_per_key):
+        if (
+            principal != "anonymous"
+            and self.max_per_key
+            and sum(c.principal == principal for c in self.connections.values()) >= self.max_per_key
+        ):
             self.refuse("connections_per_key")
             raise ConnectionLimitExceeded(
-                f"An API key may hold at most {self.max_per_key} connections")
+                f"An API key may hold at most {self.max_per_key} connections"
+            )
         writer = open_writer(cast(dict[str, Any], websocket.scope), self.fast_path)
         shutting_down = getattr(writer, "shutting_down", None)
         if shutting_down is not None and self.shutdown_watch is None:
             self.shutdown_watch = asyncio.create_task(self._close_all_on(shutting_down()))
-        conn = Connection(writer, queue_size=self.queue_size, close_timeout=self.close_timeout,
-                          principal=principal,
-                          scopes=frozenset(metadata.get("scopes", ())),
-                          remote=metadata.get("remote", ""), joined_seq=self.bus.head)
+        conn = Connection(
+            writer,
+            queue_size=self.queue_size,
+            close_timeout=self.close_timeout,
+            principal=principal,
+            scopes=frozenset(metadata.get("scopes", ())),
+            remote=metadata.get("remote", ""),
+            joined_seq=self.bus.head,
+        )
         conn.on_slow_consumer = self._count_slow_consumer
         self.connections[conn.id] = conn
         self.counters["connections_total"] += 1
@@ -455,10 +530,18 @@ class ConnectionManager:
         """Tell every client that this worker is going away, and close it with 1001."""
         log.info("shutting down: closing %d connections with 1001", len(self.connections))
         for conn in list(self.connections.values()):
-            conn.close(CloseCode.GOING_AWAY, "SERVER_SHUTDOWN", notice=envelope(
-                "status_change", {"status": "shutting_down",
-                                  "reason": "the server is shutting down; reconnect and "
-                                            "resume with `since`"}, conn.id))
+            conn.close(
+                CloseCode.GOING_AWAY,
+                "SERVER_SHUTDOWN",
+                notice=envelope(
+                    "status_change",
+                    {
+                        "status": "shutting_down",
+                        "reason": "the server is shutting down; reconnect and resume with `since`",
+                    },
+                    conn.id,
+                ),
+            )
 
     async def disconnect(self, connection_id: str) -> None:
         conn = self.connections.get(connection_id)
@@ -479,9 +562,14 @@ class ConnectionManager:
     async def unsubscribe(self, connection_id: str, topic: str) -> None:
         self.index.remove(self.connections[connection_id], [topic])
 
-    async def subscribe_with_resume(self, conn: Connection, keys: list[str], since: int | None,
-                                    acknowledge: Callable[[int, bool], None],
-                                    stream_id: str | None = None) -> None:
+    async def subscribe_with_resume(
+        self,
+        conn: Connection,
+        keys: list[str],
+        since: int | None,
+        acknowledge: Callable[[int, bool], None],
+        stream_id: str | None = None,
+    ) -> None:
         """Add `keys`; with `since`, replay the missed events that match the subscription and
         that this connection did not get live, then continue live. A `since` of another
         stream (`stream_id`) cannot be resumed: nothing is replayed, and recovered is false.
@@ -523,19 +611,22 @@ class ConnectionManager:
         conn = self.connections.get(connection_id)
         if conn is None or conn.closing:
             return False
-        conn.send_direct(envelope(message["type"], message.get("data"), conn.id,
-                                  message.get("request_id")))
+        conn.send_direct(
+            envelope(message["type"], message.get("data"), conn.id, message.get("request_id"))
+        )
         return True
 
     async def broadcast(self, message: dict[str, Any], topic: str | None = None) -> None:
         """Publish one event to the subscribers of `topic` (default: its type's topic)."""
-        await self.bus.publish([Event(message["type"], message.get("data"), topic=topic,
-                                      symbol=message.get("symbol"))])
+        await self.bus.publish(
+            [Event(message["type"], message.get("data"), topic=topic, symbol=message.get("symbol"))]
+        )
 
     async def broadcast_to_symbols(self, symbols: list[str], message: dict[str, Any]) -> None:
         """Publish one event per symbol to `symbol:X` subscribers (and its type's topic)."""
-        await self.bus.publish([Event(message["type"], message.get("data"), symbol=symbol)
-                                for symbol in symbols])
+        await self.bus.publish(
+            [Event(message["type"], message.get("data"), symbol=symbol) for symbol in symbols]
+        )
 
     def notify_all(self, type_: str, data: dict[str, Any]) -> None:
         """A notice to every connection of this worker, outside the stream (no seq): for what
@@ -546,15 +637,20 @@ class ConnectionManager:
     def stream_reset(self, reset: StreamReset) -> None:
         """Redis lost the stream and this worker moved to a new one: every client learns its
         id (to resume from it) and, unless nothing was missed, to reload its state."""
-        self.notify_all("stream_reset", {
-            "stream_id": reset.stream_id,
-            "last_seq": reset.last_seq,
-            "recovered": reset.recovered,
-            "reason": "the event stream was re-established after Redis lost its data; "
-                      + ("no event was missed" if reset.recovered else
-                         f"events up to seq {reset.last_seq} may be missing: reload state "
-                         "over REST"),
-        })
+        self.notify_all(
+            "stream_reset",
+            {
+                "stream_id": reset.stream_id,
+                "last_seq": reset.last_seq,
+                "recovered": reset.recovered,
+                "reason": "the event stream was re-established after Redis lost its data; "
+                + (
+                    "no event was missed"
+                    if reset.recovered
+                    else f"events up to seq {reset.last_seq} may be missing: reload state over REST"
+                ),
+            },
+        )
 
     def fan_out(self, events: list[Event]) -> None:
         """Hand each event to every subscribed connection, once each, in seq order.
@@ -593,8 +689,11 @@ class ConnectionManager:
                 view = views.get(conn.symbols)
                 if view is None:
                     text = conn.frame_for(event)
-                    view = views[conn.symbols] = delivery if text is event.frame else (
-                        event, text, text_frame(text.encode()))
+                    view = views[conn.symbols] = (
+                        delivery
+                        if text is event.frame
+                        else (event, text, text_frame(text.encode()))
+                    )
                 yield conn, view
 
     # -- heartbeat --------------------------------------------------------------------------
@@ -606,10 +705,16 @@ class ConnectionManager:
                 continue
             if now - conn.last_seen > self.connection_timeout:
                 self.counters["timeouts"] += 1
-                conn.close(CloseCode.GOING_AWAY, "CONNECTION_TIMEOUT", notice=error_envelope(
-                    ErrorCode.CONNECTION_TIMEOUT, "Connection timed out",
-                    f"No message from the client for {self.connection_timeout:g} seconds",
-                    conn.id))
+                conn.close(
+                    CloseCode.GOING_AWAY,
+                    "CONNECTION_TIMEOUT",
+                    notice=error_envelope(
+                        ErrorCode.CONNECTION_TIMEOUT,
+                        "Connection timed out",
+                        f"No message from the client for {self.connection_timeout:g} seconds",
+                        conn.id,
+                    ),
+                )
             elif now - conn.last_ping >= self.heartbeat_interval:
                 conn.last_ping = now
                 conn.send_ping()
@@ -631,8 +736,9 @@ class ConnectionManager:
             "fast_path_connections": sum(1 for c in conns if c.fast_path),
             "max_connections": self.max_connections,
             **self.counters,
-            "connections_rejected": (self.refusals["connections"]
-                                     + self.refusals["connections_per_key"]),
+            "connections_rejected": (
+                self.refusals["connections"] + self.refusals["connections_per_key"]
+            ),
             "messages_sent": self._closed_sent + sum(c.sent for c in conns),
             "frames_conflated": self._closed_conflated + sum(c.conflated for c in conns),
             "queue_depth_total": sum(depths),
@@ -661,5 +767,3 @@ class ConnectionManager:
             "queue_high_water": conn.queue_high_water,
             "fast_path": conn.fast_path,
         }
-
-

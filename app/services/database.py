@@ -4,6 +4,7 @@ Migrations are their own step (`python -m app migrate`), run before any worker s
 workers migrating one SQLite file at once would lock each other out. A worker refuses to start on a
 database that is not at the latest migration.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -44,18 +45,22 @@ def _check_migrated(db: QuartDB):  # type: ignore[no-untyped-def]
         if version != expected:
             raise DatabaseNotMigrated(
                 f"the database is at migration {version}, the code needs {expected}: "
-                "run `python -m app migrate` (make run does) before starting the workers")
+                "run `python -m app migrate` (make run does) before starting the workers"
+            )
 
     return check_migrated
 
 
 @asynccontextmanager
-async def standalone_connection(url: str, *,
-                                run_migrations: bool = False) -> AsyncIterator[Any]:
+async def standalone_connection(url: str, *, run_migrations: bool = False) -> AsyncIterator[Any]:
     """A connection outside the served app (CLI, migration step, tests)."""
     app = Quart(__name__)
-    db = QuartDB(app, url=url, migrations_folder=str(MIGRATIONS) if run_migrations else None,
-                 auto_request_connection=False)
+    db = QuartDB(
+        app,
+        url=url,
+        migrations_folder=str(MIGRATIONS) if run_migrations else None,
+        auto_request_connection=False,
+    )
     await app.startup()
     try:
         async with db.connection() as connection:

@@ -3,6 +3,7 @@
 An `Event` is what the bus carries: published once, stamped with a deployment-wide `seq`, and
 serialized once for every connection that receives it.
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,17 @@ import orjson
 
 SERVER_VERSION = "2.0.0"
 
-TOPICS = ("all", "proposals", "executions", "analysis", "status", "market", "portfolio",
-          "health", "alerts")
+TOPICS = (
+    "all",
+    "proposals",
+    "executions",
+    "analysis",
+    "status",
+    "market",
+    "portfolio",
+    "health",
+    "alerts",
+)
 PUBLISHABLE_TOPICS = frozenset(TOPICS) - {"all"}
 
 # Each stream event type and the topic that carries it (the spec's Events table).
@@ -36,8 +46,9 @@ EVENT_TOPICS: dict[str, str] = {
 }
 
 # Snapshots: a newer one replaces an older one still waiting for a slow connection.
-CONFLATABLE_TYPES = frozenset({"market_update", "portfolio_update", "system_status",
-                               "health_update"})
+CONFLATABLE_TYPES = frozenset(
+    {"market_update", "portfolio_update", "system_status", "health_update"}
+)
 
 # Events whose data is a list of per-symbol entries: a connection subscribed only through
 # `symbol:X` receives the entries of its symbols only.
@@ -86,17 +97,23 @@ def dumps(value: Any) -> str:
 
 def envelope(type_: str, data: Any, connection_id: str | None, request_id: Any = None) -> str:
     """A direct message to one connection, serialized."""
-    message: dict[str, Any] = {"type": type_, "data": data, "timestamp": utc_timestamp(),
-                               "connection_id": connection_id}
+    message: dict[str, Any] = {
+        "type": type_,
+        "data": data,
+        "timestamp": utc_timestamp(),
+        "connection_id": connection_id,
+    }
     if request_id is not None:
         message["request_id"] = request_id
     return dumps(message)
 
 
-def error_envelope(code: str, error: str, details: str, connection_id: str | None,
-                   request_id: Any = None) -> str:
-    return envelope("error", {"error": error, "code": code, "details": details},
-                    connection_id, request_id)
+def error_envelope(
+    code: str, error: str, details: str, connection_id: str | None, request_id: Any = None
+) -> str:
+    return envelope(
+        "error", {"error": error, "code": code, "details": details}, connection_id, request_id
+    )
 
 
 class Event:
@@ -106,12 +123,31 @@ class Event:
     symbols of its entries.
     """
 
-    __slots__ = ("type", "topic", "symbol", "symbols", "data", "data_json", "timestamp",
-                 "created", "seq", "frame", "wire", "conflation_key")
+    __slots__ = (
+        "type",
+        "topic",
+        "symbol",
+        "symbols",
+        "data",
+        "data_json",
+        "timestamp",
+        "created",
+        "seq",
+        "frame",
+        "wire",
+        "conflation_key",
+    )
 
-    def __init__(self, type_: str, data: Any, *, topic: str | None = None,
-                 symbol: str | None = None, data_json: str | None = None,
-                 created: float | None = None) -> None:
+    def __init__(
+        self,
+        type_: str,
+        data: Any,
+        *,
+        topic: str | None = None,
+        symbol: str | None = None,
+        data_json: str | None = None,
+        created: float | None = None,
+    ) -> None:
         self.type = type_
         self.topic = topic or EVENT_TOPICS[type_]
         self.symbol = symbol
@@ -136,8 +172,10 @@ class Event:
         self.wire = b""
 
     def render(self, data_json: str) -> str:
-        return (f'{{"type":"{self.type}","data":{data_json},"timestamp":"{self.timestamp}",'
-                f'"connection_id":null,"seq":{self.seq}}}')
+        return (
+            f'{{"type":"{self.type}","data":{data_json},"timestamp":"{self.timestamp}",'
+            f'"connection_id":null,"seq":{self.seq}}}'
+        )
 
     def view_for(self, symbols: frozenset[str]) -> str:
         """The frame restricted to the entries of `symbols` (per-symbol lists only)."""
@@ -151,16 +189,23 @@ class Event:
     def encode(self) -> tuple[bytes, bytes]:
         """The event for another process (the Redis stream): its routing fields, and its data
         as already serialized. `decode` reverses it."""
-        meta = orjson.dumps({"type": self.type, "topic": self.topic, "symbol": self.symbol,
-                             "created": self.created})
+        meta = orjson.dumps(
+            {"type": self.type, "topic": self.topic, "symbol": self.symbol, "created": self.created}
+        )
         return meta, self.data_json.encode()
 
     @classmethod
     def decode(cls, meta: bytes, data_json: bytes) -> Event:
         fields = orjson.loads(meta)
         text = data_json.decode()
-        return cls(fields["type"], orjson.loads(text), topic=fields["topic"],
-                   symbol=fields["symbol"], created=fields["created"], data_json=text)
+        return cls(
+            fields["type"],
+            orjson.loads(text),
+            topic=fields["topic"],
+            symbol=fields["symbol"],
+            created=fields["created"],
+            data_json=text,
+        )
 
 
 def _routing_symbols(type_: str, data: Any, symbol: str | None) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """The gateway: the bus, the connection manager, API keys, the trading engine, the producers and
 the WebSocket commands, started and stopped with the app. One per app, in
 `app.extensions["gateway"]`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,14 +47,18 @@ class Gateway:
         if bus is not None:
             self.bus = bus
         elif config.REDIS_URL:
-            redis_bus = RedisBus(config.REDIS_URL, prefix=config.REDIS_PREFIX,
-                                 history_size=config.EVENT_HISTORY_SIZE,
-                                 history_max_age=config.EVENT_HISTORY_MAX_AGE,
-                                 deaf_after=config.REDIS_DEAF_AFTER)
+            redis_bus = RedisBus(
+                config.REDIS_URL,
+                prefix=config.REDIS_PREFIX,
+                history_size=config.EVENT_HISTORY_SIZE,
+                history_max_age=config.EVENT_HISTORY_MAX_AGE,
+                deaf_after=config.REDIS_DEAF_AFTER,
+            )
             redis_bus.on_link_change = self._on_link_change
             self.bus = redis_bus
-            self.lease = LeaderLease(config.REDIS_URL, f"{config.REDIS_PREFIX}:leader",
-                                     config.LEADER_TTL)
+            self.lease = LeaderLease(
+                config.REDIS_URL, f"{config.REDIS_PREFIX}:leader", config.LEADER_TTL
+            )
         else:
             self.bus = MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
         self.manager = ConnectionManager(
@@ -73,18 +78,36 @@ class Gateway:
         if None in symbols or not symbols:
             raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
         self.market = SimulatedMarket([s for s in symbols if s])
-        self.engine = TradingEngine(db, self.market, self.bus.publish, RiskRules(
-            fee_rate=config.FEE_RATE, slippage=config.SLIPPAGE,
-            risk_per_trade=config.RISK_PER_TRADE, max_position_share=config.MAX_POSITION_SHARE,
-            max_drawdown=config.MAX_DRAWDOWN, proposal_ttl=config.PROPOSAL_TTL,
-            confidence_threshold=config.PROPOSAL_CONFIDENCE, auto_approve=config.AUTO_APPROVE,
-            initial_cash=config.INITIAL_CASH))
+        self.engine = TradingEngine(
+            db,
+            self.market,
+            self.bus.publish,
+            RiskRules(
+                fee_rate=config.FEE_RATE,
+                slippage=config.SLIPPAGE,
+                risk_per_trade=config.RISK_PER_TRADE,
+                max_position_share=config.MAX_POSITION_SHARE,
+                max_drawdown=config.MAX_DRAWDOWN,
+                proposal_ttl=config.PROPOSAL_TTL,
+                confidence_threshold=config.PROPOSAL_CONFIDENCE,
+                auto_approve=config.AUTO_APPROVE,
+                initial_cash=config.INITIAL_CASH,
+            ),
+        )
         self.simulation = Simulation(
-            market=self.market, engine=self.engine, db=db, publish=self.bus.publish,
-            system_status=self.system_status, intervals={
-                "market": config.MARKET_INTERVAL, "analysis": config.ANALYSIS_INTERVAL,
-                "portfolio": config.PORTFOLIO_INTERVAL, "status": config.STATUS_INTERVAL,
-                "health": config.HEALTH_INTERVAL})
+            market=self.market,
+            engine=self.engine,
+            db=db,
+            publish=self.bus.publish,
+            system_status=self.system_status,
+            intervals={
+                "market": config.MARKET_INTERVAL,
+                "analysis": config.ANALYSIS_INTERVAL,
+                "portfolio": config.PORTFOLIO_INTERVAL,
+                "status": config.STATUS_INTERVAL,
+                "health": config.HEALTH_INTERVAL,
+            },
+        )
         # One way: producers publish to the bus; its listeners are the fan-out and the
         # followers' price feed.
         self.bus.add_listener(self.manager.fan_out)
@@ -102,13 +125,16 @@ class Gateway:
         await self.engine.load()
         await self.simulation.restore()
         self.garbage.configure()
-        self._tasks = [asyncio.create_task(self.manager.run_heartbeat()),
-                       asyncio.create_task(self.loop_lag.run()),
-                       asyncio.create_task(self.garbage.run())]
+        self._tasks = [
+            asyncio.create_task(self.manager.run_heartbeat()),
+            asyncio.create_task(self.loop_lag.run()),
+            asyncio.create_task(self.garbage.run()),
+        ]
         if self.config.SIMULATION:
             if self.lease is not None:
-                self._tasks.append(asyncio.create_task(
-                    self.lease.run(self._start_producers, self._stop_producers)))
+                self._tasks.append(
+                    asyncio.create_task(self.lease.run(self._start_producers, self._stop_producers))
+                )
             else:
                 await self._start_producers()
         if multiprocessing.parent_process() is not None:  # a worker of Hypercorn's master
@@ -120,8 +146,7 @@ class Gateway:
         operator may send it. Without this the worker would die at once and cut its clients off
         (1006); instead they are told and closed with 1001, then the process ends (unless the
         master's graceful shutdown, also under way in the master's case, ends it first)."""
-        log.warning("SIGTERM: closing %d connections, then stopping",
-                    len(self.manager.connections))
+        log.warning("SIGTERM: closing %d connections, then stopping", len(self.manager.connections))
         self.manager.close_all_for_shutdown()
         loop = asyncio.get_running_loop()
         loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends it at once
@@ -137,8 +162,9 @@ class Gateway:
         await self.simulation.restore()
         await self.engine.load()
         self._stopping = asyncio.Event()
-        self._producers = [asyncio.create_task(loop())
-                           for loop in self.simulation.loops(self._stopping)]
+        self._producers = [
+            asyncio.create_task(loop()) for loop in self.simulation.loops(self._stopping)
+        ]
 
     async def _stop_producers(self) -> None:
         """Let each producer finish its tick (bounded), then cancel what is left."""
@@ -153,14 +179,24 @@ class Gateway:
         if not self.is_leader:
             for event in events:
                 if event.type == "market_update" and isinstance(event.data, list):
-                    self.market.restore({entry["symbol"]: entry["price"] for entry in event.data
-                                         if isinstance(entry, dict) and "price" in entry})
+                    self.market.restore(
+                        {
+                            entry["symbol"]: entry["price"]
+                            for entry in event.data
+                            if isinstance(entry, dict) and "price" in entry
+                        }
+                    )
 
     def _on_link_change(self, connected: bool, reason: str) -> None:
-        self.manager.notify_all("status_change", {
-            "status": "running" if connected else "degraded",
-            "reason": "event stream reconnected" if connected
-            else f"event stream unavailable: {reason}; reconnecting"})
+        self.manager.notify_all(
+            "status_change",
+            {
+                "status": "running" if connected else "degraded",
+                "reason": "event stream reconnected"
+                if connected
+                else f"event stream unavailable: {reason}; reconnecting",
+            },
+        )
 
     async def stop(self) -> None:
         self.running = False
@@ -173,8 +209,12 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         """The connection manager's stats with this worker's memory and event-loop lag."""
-        return {**self.manager.get_stats(), **self.loop_lag.stats(), **self.garbage.stats(),
-                "rss_bytes": process_rss()}
+        return {
+            **self.manager.get_stats(),
+            **self.loop_lag.stats(),
+            **self.garbage.stats(),
+            "rss_bytes": process_rss(),
+        }
 
     def system_status(self) -> dict[str, Any]:
         return {
@@ -188,8 +228,10 @@ class Gateway:
             "bus_backend": self.bus.backend,
             "leader": self.is_leader,
             "available_topics": list(TOPICS),
-            "counters": {**self.engine.counters,
-                         "events_published": self.manager.counters["events_published"]},
+            "counters": {
+                **self.engine.counters,
+                "events_published": self.manager.counters["events_published"],
+            },
         }
 
 

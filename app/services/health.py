@@ -1,4 +1,5 @@
 """Host and process health: `health_update` data, memory and event-loop lag (psutil)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,10 @@ class LoopLagMonitor:
             self.max = max(self.max, self.last)
 
     def stats(self) -> dict[str, float]:
-        return {"event_loop_lag_ms": round(self.last * 1000, 3),
-                "event_loop_lag_max_ms": round(self.max * 1000, 3)}
+        return {
+            "event_loop_lag_ms": round(self.last * 1000, 3),
+            "event_loop_lag_max_ms": round(self.max * 1000, 3),
+        }
 
 
 class GarbageCollector:
@@ -80,6 +83,8 @@ class GarbageCollector:
             self.collections += 1
 
     def stats(self) -> dict[str, float]:
-        return {"gc_full_collections": self.collections,
-                "gc_pause_ms": round(self.last_pause * 1000, 3),
-                "gc_pause_max_ms": round(self.max_pause * 1000, 3)}
+        return {
+            "gc_full_collections": self.collections,
+            "gc_pause_ms": round(self.last_pause * 1000, 3),
+            "gc_pause_max_ms": round(self.max_pause * 1000, 3),
+        }

@@ -22,23 +22,26 @@ from app.services.events import (
 _DATA_ADAPTERS = {type_: TypeAdapter(model) for type_, model in EVENT_DATA_MODELS.items()}
 
 
-def ingest_event(position: int, type_: str, topic: str | None, symbol: str | None,
-                 data: Any) -> Event:
+def ingest_event(
+    position: int, type_: str, topic: str | None, symbol: str | None, data: Any
+) -> Event:
     """The event at `position` of an ingest batch, checked for what routing and safety need
     (see the README: the original SIGMAX engine's events pass as they are); GatewayError
     INVALID_EVENT naming it otherwise."""
+
     def invalid(details: str) -> GatewayError:
         return GatewayError("INVALID_EVENT", f"Invalid event at events[{position}]", details)
 
     if type_ not in EVENT_TOPICS:
-        raise invalid(f"Unknown type {quoted(type_)}; known: "
-                      f"{', '.join(sorted(EVENT_TOPICS))}")
+        raise invalid(f"Unknown type {quoted(type_)}; known: {', '.join(sorted(EVENT_TOPICS))}")
     if topic is not None and topic not in PUBLISHABLE_TOPICS:
-        raise invalid(f"Unknown topic {quoted(topic)}; known: "
-                      f"{', '.join(sorted(PUBLISHABLE_TOPICS))}")
+        raise invalid(
+            f"Unknown topic {quoted(topic)}; known: {', '.join(sorted(PUBLISHABLE_TOPICS))}"
+        )
     if topic is not None and topic != EVENT_TOPICS[type_]:
-        raise invalid(f"Type {quoted(type_)} belongs to topic {EVENT_TOPICS[type_]!r}, "
-                      f"not {quoted(topic)}")
+        raise invalid(
+            f"Type {quoted(type_)} belongs to topic {EVENT_TOPICS[type_]!r}, not {quoted(topic)}"
+        )
     if symbol is not None:
         normalized = normalize_symbol(symbol)
         if normalized is None:
@@ -50,8 +53,10 @@ def ingest_event(position: int, type_: str, topic: str | None, symbol: str | Non
         for entry in data:
             entry_symbol = entry.get("symbol") if isinstance(entry, dict) else None
             if not isinstance(entry_symbol, str) or normalize_symbol(entry_symbol) != entry_symbol:
-                raise invalid(f"{type_} entries must be objects with an upper-case BASE/QUOTE "
-                              f"symbol; got {excerpt(repr(entry), 80)}")
+                raise invalid(
+                    f"{type_} entries must be objects with an upper-case BASE/QUOTE "
+                    f"symbol; got {excerpt(repr(entry), 80)}"
+                )
     elif not isinstance(data, dict):
         raise invalid(f"{type_} data must be an object")
     try:

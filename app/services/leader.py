@@ -3,6 +3,7 @@
 The leader renews the lease well before it expires; if it dies, the lease runs out and another
 worker takes it within `ttl` seconds. Only the holder can renew or release it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,9 @@ class LeaderLease:
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
 
-    async def run(self, on_elected: Callable[[], Awaitable[None]],
-                  on_deposed: Callable[[], Awaitable[None]]) -> None:
+    async def run(
+        self, on_elected: Callable[[], Awaitable[None]], on_deposed: Callable[[], Awaitable[None]]
+    ) -> None:
         """Hold the lease while alive; call back when it is won or lost."""
         try:
             while True:
@@ -68,10 +70,10 @@ class LeaderLease:
     async def _try_hold(self) -> bool:
         try:
             if self.is_leader:
-                return bool(await self._renew(keys=[self._key],
-                                              args=[self.holder_id, self._ttl_ms]))
-            return bool(await self._redis.set(self._key, self.holder_id, nx=True,
-                                              px=self._ttl_ms))
+                return bool(
+                    await self._renew(keys=[self._key], args=[self.holder_id, self._ttl_ms])
+                )
+            return bool(await self._redis.set(self._key, self.holder_id, nx=True, px=self._ttl_ms))
         except RedisError:
             # Without Redis nobody can prove leadership; stepping down avoids two leaders.
             return False

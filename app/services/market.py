@@ -5,6 +5,7 @@ Prices move only when `tick` is called and the caller supplies the clock, so a s
 replays exactly. The last price of each symbol can be saved (`snapshot_prices`) and put back
 after a restart (`restore`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,8 +50,12 @@ class Ticker:
 
     def as_dict(self) -> dict[str, Any]:
         """The `market_update` entry."""
-        return {"symbol": self.symbol, "price": round_price(self.price),
-                "volume_24h": round(self.volume_24h, 2), "change_24h": round(self.change_24h, 2)}
+        return {
+            "symbol": self.symbol,
+            "price": round_price(self.price),
+            "volume_24h": round(self.volume_24h, 2),
+            "change_24h": round(self.change_24h, 2),
+        }
 
 
 class MarketPoint(NamedTuple):
@@ -86,9 +91,16 @@ class _Track:
 class SimulatedMarket:
     """A seeded random-walk feed over a fixed list of symbols."""
 
-    def __init__(self, symbols: Sequence[str], *, seed: int | None = None,
-                 start_prices: Mapping[str, float] | None = None, volatility: float = 0.002,
-                 window_seconds: float = 86400.0, history_limit: int = HISTORY_LIMIT) -> None:
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        *,
+        seed: int | None = None,
+        start_prices: Mapping[str, float] | None = None,
+        volatility: float = 0.002,
+        window_seconds: float = 86400.0,
+        history_limit: int = HISTORY_LIMIT,
+    ) -> None:
         if not math.isfinite(volatility) or volatility < 0:
             raise ValueError(f"volatility must be a finite number >= 0, got {volatility}")
         if not math.isfinite(window_seconds) or window_seconds <= 0:
@@ -100,8 +112,9 @@ class SimulatedMarket:
         for symbol in dict.fromkeys(symbols):
             start = known.get(symbol, DEFAULT_START_PRICE)
             if not _valid_price(start):
-                raise ValueError(f"start price of {symbol} must be a finite number > 0, "
-                                 f"got {start}")
+                raise ValueError(
+                    f"start price of {symbol} must be a finite number > 0, got {start}"
+                )
             self._tracks[symbol] = _Track(float(start))
         self._rng = random.Random(seed)
         self._volatility = volatility
@@ -123,8 +136,9 @@ class SimulatedMarket:
             volume = track.price * self._rng.lognormvariate(0.0, 0.5)
             # A clock that steps back must not unsort the history the window trimming relies on.
             at = max(now, track.history[-1].at) if track.history else now
-            track.record(MarketPoint(at, track.price, volume), self._history_limit,
-                         self._window_seconds)
+            track.record(
+                MarketPoint(at, track.price, volume), self._history_limit, self._window_seconds
+            )
         return self.latest()
 
     def latest(self) -> list[Ticker]:
@@ -143,8 +157,7 @@ class SimulatedMarket:
             return []
         if count is None:
             return [point.price for point in track.history]
-        recent = [point.price for point in itertools.islice(reversed(track.history),
-                                                             max(count, 0))]
+        recent = [point.price for point in itertools.islice(reversed(track.history), max(count, 0))]
         recent.reverse()
         return recent
 
@@ -176,5 +189,9 @@ class SimulatedMarket:
 
 
 def _valid_price(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )

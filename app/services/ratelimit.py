@@ -1,4 +1,5 @@
 """Token buckets: a sustained rate with a burst, for per-connection and per-client limits."""
+
 from __future__ import annotations
 
 import time

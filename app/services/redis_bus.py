@@ -16,6 +16,7 @@ worker raises the counter above every seq it saw or gave (each does so at least 
 so no seq is ever used twice. Each worker then moves its clients to the new stream and tells them
 its id and whether they missed anything (`StreamReset`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -110,17 +111,29 @@ class BusUnavailable(GatewayError):
     """Publishing failed: Redis cannot be reached, or its stream is being re-established."""
 
     def __init__(self, details: str, retry_after: float = 1.0) -> None:
-        super().__init__("BUS_UNAVAILABLE", "Event stream unavailable", details,
-                         retry_after=retry_after)
+        super().__init__(
+            "BUS_UNAVAILABLE", "Event stream unavailable", details, retry_after=retry_after
+        )
 
 
 class RedisBus:
     backend = "redis"
 
-    def __init__(self, url: str, *, prefix: str, history_size: int, history_max_age: float,
-                 deaf_after: float = 10.0) -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5,
-                                        socket_connect_timeout=5, health_check_interval=10)
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        history_size: int,
+        history_max_age: float,
+        deaf_after: float = 10.0,
+    ) -> None:
+        self._redis = aioredis.from_url(
+            url,
+            socket_timeout=READ_BLOCK_MS / 1000 + 5,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+        )
         self._prefix = prefix
         self._stream = f"{prefix}:events"
         self._counter = f"{prefix}:seq"
@@ -164,8 +177,10 @@ class RedisBus:
 
     @property
     def deaf(self) -> bool:
-        return (self._behind_since is not None
-                and time.monotonic() - self._behind_since > self._deaf_after)
+        return (
+            self._behind_since is not None
+            and time.monotonic() - self._behind_since > self._deaf_after
+        )
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -186,8 +201,7 @@ class RedisBus:
                 await task
         await self._redis.aclose()
 
-    async def publish(self, events: list[Event],
-                      idempotency_key: str | None = None) -> Published:
+    async def publish(self, events: list[Event], idempotency_key: str | None = None) -> Published:
         if not events:
             return Published(None, None)
         keys = [self._stream, self._counter, self._stream_key, self._settling_key]
@@ -197,8 +211,13 @@ class RedisBus:
         parts = [part for event in events for part in event.encode()]
         for attempt in range(2):
             args: list[str | int | bytes] = [
-                self.stream_id, self._floor(), self._history_size, fingerprint,
-                int(self._history_max_age * 1000), *parts]
+                self.stream_id,
+                self._floor(),
+                self._history_size,
+                fingerprint,
+                int(self._history_max_age * 1000),
+                *parts,
+            ]
             try:
                 outcome, value = await self._publish(keys=keys, args=args)
             except RedisError as error:
@@ -211,14 +230,18 @@ class RedisBus:
                     raise IdempotencyConflict(idempotency_key or "")
                 return Published(int(first), int(last), repeated=True)
             if outcome == b"settling":
-                raise BusUnavailable("the event stream is being re-established after Redis "
-                                     "lost its data", retry_after=max(int(value), 0) / 1000)
+                raise BusUnavailable(
+                    "the event stream is being re-established after Redis lost its data",
+                    retry_after=max(int(value), 0) / 1000,
+                )
             # moved: Redis lost the stream, or another worker replaced it before we knew
             with contextlib.suppress(RedisError, OSError):
                 await self._sync()
             if self._next_stream is not None or attempt:
-                raise BusUnavailable("the event stream is being re-established after Redis "
-                                     "lost its data", retry_after=SETTLE_SECONDS)
+                raise BusUnavailable(
+                    "the event stream is being re-established after Redis lost its data",
+                    retry_after=SETTLE_SECONDS,
+                )
         last = int(value)
         self._last_given = max(self._last_given, last)
         for offset, event in enumerate(events):
@@ -255,7 +278,8 @@ class RedisBus:
         known = bool(self.stream_id) or self._floor() > 0
         stream_id, counter, settling_ms, created, first_seq = await self._sync_script(
             keys=[self._counter, self._stream_key, self._settling_key, self._stream],
-            args=[self._floor(), uuid.uuid4().hex, int(SETTLE_SECONDS * 1000) if known else 0])
+            args=[self._floor(), uuid.uuid4().hex, int(SETTLE_SECONDS * 1000) if known else 0],
+        )
         stream_id, counter = stream_id.decode(), int(counter)
         self.stream_head = counter
         if stream_id == self.stream_id:
@@ -266,18 +290,25 @@ class RedisBus:
         if stream_id != self._next_stream:
             self._next_stream = stream_id
             self._saw_settling = settling_ms > 0 or bool(created)
-            log.warning("Redis lost the event stream %s (new stream %s): publishing waits "
-                        "%.0f ms for every worker to raise the counter", self.stream_id,
-                        stream_id, max(settling_ms, 0))
+            log.warning(
+                "Redis lost the event stream %s (new stream %s): publishing waits "
+                "%.0f ms for every worker to raise the counter",
+                self.stream_id,
+                stream_id,
+                max(settling_ms, 0),
+            )
         if settling_ms > 0:
             return
         # Where the new stream starts: before its first event (events may have been published
         # in it since it settled), else where its counter is.
         base = int(first_seq) - 1 if first_seq else counter
         recovered = self._saw_settling and base == self._head
-        log.warning("moved to the event stream %s after seq %d (%s)", stream_id, base,
-                    "nothing missed" if recovered else
-                    f"events after seq {self._head} were lost")
+        log.warning(
+            "moved to the event stream %s after seq %d (%s)",
+            stream_id,
+            base,
+            "nothing missed" if recovered else f"events after seq {self._head} were lost",
+        )
         self.stream_id, self._next_stream = stream_id, None
         self._head = max(self._head, base)
         if self.on_stream_reset is not None:
@@ -309,8 +340,9 @@ class RedisBus:
 
     async def _read_once(self) -> None:
         head = self._head
-        reply = await self._redis.xread({self._stream: f"{head}-0"}, count=READ_COUNT,
-                                        block=READ_BLOCK_MS)
+        reply = await self._redis.xread(
+            {self._stream: f"{head}-0"}, count=READ_COUNT, block=READ_BLOCK_MS
+        )
         if not reply:
             return
         entries = reply[0][1]

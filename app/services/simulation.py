@@ -1,6 +1,7 @@
 """The producers: the periodic topics at the spec's cadence, and the analysis that feeds the
 trading engine. Each runs as its own loop that logs a failure and carries on.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,16 @@ Publish = Callable[[list[Event]], Awaitable[object]]
 
 
 class Simulation:
-    def __init__(self, *, market: SimulatedMarket, engine: TradingEngine, db: Any,
-                 publish: Publish, system_status: Callable[[], dict[str, Any]],
-                 intervals: dict[str, float]) -> None:
+    def __init__(
+        self,
+        *,
+        market: SimulatedMarket,
+        engine: TradingEngine,
+        db: Any,
+        publish: Publish,
+        system_status: Callable[[], dict[str, Any]],
+        intervals: dict[str, float],
+    ) -> None:
         self.market = market
         self.engine = engine
         self._db = db
@@ -62,8 +70,9 @@ class Simulation:
         """Run the analysis of one symbol now, publish it, and let the engine act on it."""
         analysis = analyze(symbol, self.market.prices(symbol))
         await self._publish([Event("analysis_update", analysis.as_dict(), symbol=symbol)])
-        await self.engine.consider(symbol, analysis.decision, analysis.confidence,
-                                   analysis.reasoning)
+        await self.engine.consider(
+            symbol, analysis.decision, analysis.confidence, analysis.reasoning
+        )
         return analysis
 
     async def analyze_all(self) -> None:
@@ -81,8 +90,9 @@ class Simulation:
         await self._publish([Event("health_update", health_snapshot())])
 
 
-def _periodic(interval: float, work: Callable[[], Awaitable[None]], name: str,
-              stopping: asyncio.Event) -> Callable[[], Coroutine[Any, Any, None]]:
+def _periodic(
+    interval: float, work: Callable[[], Awaitable[None]], name: str, stopping: asyncio.Event
+) -> Callable[[], Coroutine[Any, Any, None]]:
     async def loop() -> None:
         failing = False
         while not stopping.is_set():
@@ -99,7 +109,8 @@ def _periodic(interval: float, work: Callable[[], Awaitable[None]], name: str,
             # Sleep until the next tick, or stop at once: never in the middle of a tick, so a
             # database write is not cut off.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(),
-                                       max(0.0, interval - (time.monotonic() - started)))
+                await asyncio.wait_for(
+                    stopping.wait(), max(0.0, interval - (time.monotonic() - started))
+                )
 
     return loop

@@ -3,6 +3,7 @@
 Free functions taking the connection first; plain SQL with `:name` parameters that both
 backends accept. Times are epoch seconds; rows become the dataclasses below.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -34,25 +35,42 @@ class Proposal:
     def created_event(self) -> dict[str, Any]:
         """`proposal_created` data: the spec's fields, and what a strategy needs to act on it
         without pairing it with the analysis behind it."""
-        return {"proposal_id": self.id, "symbol": self.symbol, "action": self.action,
-                "size": self.size, "reason": self.reason,
-                "created_at": utc_timestamp(self.created_at),
-                "confidence": self.confidence, "source": self.source,
-                "expires_at": utc_timestamp(self.expires_at),
-                "requested_by": self.requested_by}
+        return {
+            "proposal_id": self.id,
+            "symbol": self.symbol,
+            "action": self.action,
+            "size": self.size,
+            "reason": self.reason,
+            "created_at": utc_timestamp(self.created_at),
+            "confidence": self.confidence,
+            "source": self.source,
+            "expires_at": utc_timestamp(self.expires_at),
+            "requested_by": self.requested_by,
+        }
 
     def approved_event(self) -> dict[str, Any]:
         """`proposal_approved` data."""
-        return {"proposal_id": self.id, "symbol": self.symbol, "action": self.action,
-                "size": self.size, "approved_by": self.decided_by,
-                "approved_at": utc_timestamp(self.decided_at or self.created_at)}
+        return {
+            "proposal_id": self.id,
+            "symbol": self.symbol,
+            "action": self.action,
+            "size": self.size,
+            "approved_by": self.decided_by,
+            "approved_at": utc_timestamp(self.decided_at or self.created_at),
+        }
 
     def closed_event(self) -> dict[str, Any]:
         """`proposal_rejected` / `proposal_expired` data: who or what closed it, and why."""
-        return {"proposal_id": self.id, "symbol": self.symbol, "action": self.action,
-                "size": self.size, "status": self.status, "reason": self.status_reason,
-                "decided_by": self.decided_by,
-                "decided_at": utc_timestamp(self.decided_at or self.created_at)}
+        return {
+            "proposal_id": self.id,
+            "symbol": self.symbol,
+            "action": self.action,
+            "size": self.size,
+            "status": self.status,
+            "reason": self.status_reason,
+            "decided_by": self.decided_by,
+            "decided_at": utc_timestamp(self.decided_at or self.created_at),
+        }
 
     def as_dict(self) -> dict[str, Any]:
         row = asdict(self)
@@ -76,10 +94,17 @@ class Trade:
 
     def as_event(self) -> dict[str, Any]:
         """`trade_executed` data, as the spec shows it."""
-        return {"proposal_id": self.proposal_id, "symbol": self.symbol, "action": self.action,
-                "size": self.size, "filled_price": self.filled_price,
-                "order_id": self.order_id, "status": self.status, "fee": self.fee,
-                "timestamp": utc_timestamp(self.executed_at)}
+        return {
+            "proposal_id": self.proposal_id,
+            "symbol": self.symbol,
+            "action": self.action,
+            "size": self.size,
+            "filled_price": self.filled_price,
+            "order_id": self.order_id,
+            "status": self.status,
+            "fee": self.fee,
+            "timestamp": utc_timestamp(self.executed_at),
+        }
 
 
 @dataclass(frozen=True)
@@ -96,8 +121,10 @@ def new_id(prefix: str) -> str:
 
 # -- proposals ---------------------------------------------------------------------------------
 
-PROPOSAL_COLUMNS = ("id, symbol, action, size, reason, confidence, source, status, created_at, "
-                    "expires_at, decided_by, decided_at, status_reason, requested_by")
+PROPOSAL_COLUMNS = (
+    "id, symbol, action, size, reason, confidence, source, status, created_at, "
+    "expires_at, decided_by, decided_at, status_reason, requested_by"
+)
 
 
 async def insert_proposal(connection: Connection, proposal: Proposal) -> None:
@@ -111,13 +138,19 @@ async def insert_proposal(connection: Connection, proposal: Proposal) -> None:
 
 async def select_proposal(connection: Connection, proposal_id: str) -> Proposal | None:
     row = await connection.fetch_first(
-        f"SELECT {PROPOSAL_COLUMNS} FROM proposals WHERE id = :id", {"id": proposal_id})
+        f"SELECT {PROPOSAL_COLUMNS} FROM proposals WHERE id = :id", {"id": proposal_id}
+    )
     return Proposal(**dict(row)) if row is not None else None
 
 
-async def select_proposals(connection: Connection, *, status: str | None = None,
-                           symbol: str | None = None, limit: int = 50,
-                           offset: int = 0) -> list[Proposal]:
+async def select_proposals(
+    connection: Connection,
+    *,
+    status: str | None = None,
+    symbol: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Proposal]:
     rows = await connection.fetch_all(
         f"SELECT {PROPOSAL_COLUMNS} FROM proposals "
         "WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) "
@@ -128,27 +161,41 @@ async def select_proposals(connection: Connection, *, status: str | None = None,
     return [Proposal(**dict(row)) for row in rows]
 
 
-async def count_proposals(connection: Connection, *, status: str | None = None,
-                          symbol: str | None = None) -> int:
-    return int(await connection.fetch_val(
-        "SELECT COUNT(*) FROM proposals "
-        "WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) "
-        "AND (CAST(:symbol AS TEXT) IS NULL OR symbol = :symbol)",
-        {"status": status, "symbol": symbol},
-    ))
+async def count_proposals(
+    connection: Connection, *, status: str | None = None, symbol: str | None = None
+) -> int:
+    return int(
+        await connection.fetch_val(
+            "SELECT COUNT(*) FROM proposals "
+            "WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) "
+            "AND (CAST(:symbol AS TEXT) IS NULL OR symbol = :symbol)",
+            {"status": status, "symbol": symbol},
+        )
+    )
 
 
 async def count_open_proposals(connection: Connection, symbol: str) -> int:
     """Proposals of `symbol` still waiting: pending, or approved and not yet executed."""
-    return int(await connection.fetch_val(
-        "SELECT COUNT(*) FROM proposals WHERE symbol = :symbol "
-        "AND (status = 'pending' OR status = 'approved')", {"symbol": symbol}))
+    return int(
+        await connection.fetch_val(
+            "SELECT COUNT(*) FROM proposals WHERE symbol = :symbol "
+            "AND (status = 'pending' OR status = 'approved')",
+            {"symbol": symbol},
+        )
+    )
 
 
-async def transition_proposal(connection: Connection, proposal_id: str, *, from_status: str,
-                              to_status: str, by: str | None, at: float,
-                              reason: str | None = None,
-                              or_from: str | None = None) -> Proposal | None:
+async def transition_proposal(
+    connection: Connection,
+    proposal_id: str,
+    *,
+    from_status: str,
+    to_status: str,
+    by: str | None,
+    at: float,
+    reason: str | None = None,
+    or_from: str | None = None,
+) -> Proposal | None:
     """Move a proposal from `from_status` (or `or_from`) to `to_status`, atomically: of many
     concurrent callers exactly one gets the proposal back, the others None."""
     row = await connection.fetch_first(
@@ -157,26 +204,35 @@ async def transition_proposal(connection: Connection, proposal_id: str, *, from_
         "status_reason = :reason "
         "WHERE id = :id AND (status = :from_status OR status = :or_from) "
         f"RETURNING {PROPOSAL_COLUMNS}",
-        {"id": proposal_id, "to_status": to_status, "by": by, "at": at, "reason": reason,
-         "from_status": from_status, "or_from": or_from or from_status},
+        {
+            "id": proposal_id,
+            "to_status": to_status,
+            "by": by,
+            "at": at,
+            "reason": reason,
+            "from_status": from_status,
+            "or_from": or_from or from_status,
+        },
     )
     return Proposal(**dict(row)) if row is not None else None
 
 
 async def select_stale_proposals(connection: Connection, now: float) -> list[str]:
     rows = await connection.fetch_all(
-        "SELECT id FROM proposals WHERE status = 'pending' AND expires_at <= :now",
-        {"now": now})
+        "SELECT id FROM proposals WHERE status = 'pending' AND expires_at <= :now", {"now": now}
+    )
     return [row["id"] for row in rows]
 
 
 async def select_approved_proposals(connection: Connection) -> list[str]:
     rows = await connection.fetch_all(
-        "SELECT id FROM proposals WHERE status = 'approved' ORDER BY decided_at, id")
+        "SELECT id FROM proposals WHERE status = 'approved' ORDER BY decided_at, id"
+    )
     return [row["id"] for row in rows]
 
 
 # -- trades, positions, cash -------------------------------------------------------------------
+
 
 async def insert_trade(connection: Connection, trade: Trade) -> None:
     await connection.execute(
@@ -187,12 +243,13 @@ async def insert_trade(connection: Connection, trade: Trade) -> None:
     )
 
 
-async def select_trades(connection: Connection, *, limit: int = 50,
-                        offset: int = 0) -> list[Trade]:
+async def select_trades(connection: Connection, *, limit: int = 50, offset: int = 0) -> list[Trade]:
     rows = await connection.fetch_all(
         "SELECT order_id, proposal_id, symbol, action, size, filled_price, fee, status, "
         "executed_at FROM trades ORDER BY executed_at DESC, order_id LIMIT :limit "
-        "OFFSET :offset", {"limit": limit, "offset": offset})
+        "OFFSET :offset",
+        {"limit": limit, "offset": offset},
+    )
     return [Trade(**dict(row)) for row in rows]
 
 
@@ -202,14 +259,16 @@ async def count_trades(connection: Connection) -> int:
 
 async def select_positions(connection: Connection) -> list[Position]:
     rows = await connection.fetch_all(
-        "SELECT symbol, size, entry_price, realized_pnl FROM positions ORDER BY symbol")
+        "SELECT symbol, size, entry_price, realized_pnl FROM positions ORDER BY symbol"
+    )
     return [Position(**dict(row)) for row in rows]
 
 
 async def select_position(connection: Connection, symbol: str) -> Position | None:
     row = await connection.fetch_first(
         "SELECT symbol, size, entry_price, realized_pnl FROM positions WHERE symbol = :symbol",
-        {"symbol": symbol})
+        {"symbol": symbol},
+    )
     return Position(**dict(row)) if row is not None else None
 
 
@@ -223,13 +282,13 @@ async def save_position(connection: Connection, position: Position, at: float) -
     )
 
 
-async def record_cash(connection: Connection, kind: str, amount: float, reference: str | None,
-                      at: float) -> None:
+async def record_cash(
+    connection: Connection, kind: str, amount: float, reference: str | None, at: float
+) -> None:
     await connection.execute(
         "INSERT INTO ledger (id, at, kind, amount, reference) "
         "VALUES (:id, :at, :kind, :amount, :reference)",
-        {"id": new_id("cash"), "at": at, "kind": kind, "amount": amount,
-         "reference": reference},
+        {"id": new_id("cash"), "at": at, "kind": kind, "amount": amount, "reference": reference},
     )
 
 
@@ -238,8 +297,11 @@ async def cash_balance(connection: Connection) -> float:
 
 
 async def deposits(connection: Connection) -> float:
-    return float(await connection.fetch_val(
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'deposit'"))
+    return float(
+        await connection.fetch_val(
+            "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'deposit'"
+        )
+    )
 
 
 async def ensure_initial_deposit(connection: Connection, amount: float, at: float) -> None:
@@ -252,6 +314,7 @@ async def ensure_initial_deposit(connection: Connection, amount: float, at: floa
 
 
 # -- market prices and engine state ------------------------------------------------------------
+
 
 async def save_prices(connection: Connection, prices: dict[str, float], at: float) -> None:
     for symbol, price in prices.items():
@@ -269,20 +332,25 @@ async def select_prices(connection: Connection) -> dict[str, float]:
 
 async def get_state(connection: Connection, name: str) -> str | None:
     value = await connection.fetch_val(
-        "SELECT value FROM engine_state WHERE name = :name", {"name": name})
+        "SELECT value FROM engine_state WHERE name = :name", {"name": name}
+    )
     return str(value) if value is not None else None
 
 
 async def set_state(connection: Connection, name: str, value: str) -> None:
     await connection.execute(
         "INSERT INTO engine_state (name, value) VALUES (:name, :value) "
-        "ON CONFLICT (name) DO UPDATE SET value = :value", {"name": name, "value": value})
+        "ON CONFLICT (name) DO UPDATE SET value = :value",
+        {"name": name, "value": value},
+    )
 
 
 # -- API keys ----------------------------------------------------------------------------------
 
-async def insert_api_key(connection: Connection, key_id: str, key_hash: str, scopes: str,
-                         label: str, at: float) -> None:
+
+async def insert_api_key(
+    connection: Connection, key_id: str, key_hash: str, scopes: str, label: str, at: float
+) -> None:
     await connection.execute(
         "INSERT INTO api_keys (id, key_hash, scopes, label, created_at) "
         "VALUES (:id, :key_hash, :scopes, :label, :at)",
@@ -292,8 +360,9 @@ async def insert_api_key(connection: Connection, key_id: str, key_hash: str, sco
 
 async def revoke_api_key(connection: Connection, key_id: str, at: float) -> bool:
     row = await connection.fetch_first(
-        "UPDATE api_keys SET revoked_at = :at WHERE id = :id AND revoked_at IS NULL "
-        "RETURNING id", {"id": key_id, "at": at})
+        "UPDATE api_keys SET revoked_at = :at WHERE id = :id AND revoked_at IS NULL RETURNING id",
+        {"id": key_id, "at": at},
+    )
     return row is not None
 
 
@@ -301,16 +370,17 @@ async def select_api_key(connection: Connection, key_hash: str) -> tuple[str, st
     """(id, scopes) of an active key with this hash."""
     row = await connection.fetch_first(
         "SELECT id, scopes FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL",
-        {"key_hash": key_hash})
+        {"key_hash": key_hash},
+    )
     return (row["id"], row["scopes"]) if row is not None else None
 
 
 async def count_active_api_keys(connection: Connection) -> int:
-    return int(await connection.fetch_val(
-        "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"))
+    return int(await connection.fetch_val("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"))
 
 
 async def select_api_keys(connection: Connection) -> list[dict[str, Any]]:
     rows = await connection.fetch_all(
-        "SELECT id, scopes, label, created_at, revoked_at FROM api_keys ORDER BY created_at")
+        "SELECT id, scopes, label, created_at, revoked_at FROM api_keys ORDER BY created_at"
+    )
     return [dict(row) for row in rows]

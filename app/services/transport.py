@@ -16,6 +16,7 @@ Reaching the transport reads Hypercorn internals (asyncio worker, HTTP/1.1 WebSo
 else (HTTP/2, the trio worker, another server, another Hypercorn version) is detected per
 connection, and that connection uses the ASGI `send` instead.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,6 +50,7 @@ def _hypercorn_classes() -> tuple[type, type, type] | None:
 _CLASSES = _hypercorn_classes()
 try:
     from wsproto.connection import ConnectionState
+
     # The state of a WebSocket that may still be written to: `websocket.state is
     # OPEN` (compared inline on the hot path).
     OPEN: Any = ConnectionState.OPEN
@@ -137,8 +139,13 @@ class SocketWriter(AsgiWriter):
     fast = True
     persistent = False
 
-    def __init__(self, send: ASGISend, writer: asyncio.StreamWriter, websocket: Any,
-                 shutting_down: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(
+        self,
+        send: ASGISend,
+        writer: asyncio.StreamWriter,
+        websocket: Any,
+        shutting_down: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         super().__init__(send)
         self._transport = writer.transport
         self._drain = writer.drain

@@ -8,6 +8,7 @@ async for event in client.listen():
     print(event.seq, event.type, event.data)
 ```
 """
+
 from sigmax_client.client import (
     DEFAULT_URL,
     EventCallback,

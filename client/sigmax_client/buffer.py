@@ -1,4 +1,5 @@
 """`EventBuffer`: the bounded FIFO between the connection's reader and one consumer."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,13 @@ class EventBuffer:
     the bound (the consumer is waiting for a reply that is behind it on the connection), and
     `drop_oldest()` makes room by dropping the oldest event (nobody will ever consume it)."""
 
-    def __init__(self, maxsize: int, *, may_exceed: Callable[[], bool] = _never,
-                 drop_oldest: Callable[[], bool] = _never) -> None:
+    def __init__(
+        self,
+        maxsize: int,
+        *,
+        may_exceed: Callable[[], bool] = _never,
+        drop_oldest: Callable[[], bool] = _never,
+    ) -> None:
         if maxsize < 1:
             raise ValueError("maxsize must be at least 1")
         self.maxsize = maxsize

@@ -1,5 +1,6 @@
 """`sigmax-client tail`: print the gateway's events live, one line each, reconnecting and
 resuming like any client of this package. Status and errors go to stderr, events to stdout."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,26 +24,52 @@ LINE_LIMIT = 240
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sigmax-client", description="Command-line client of the SIGMAX WebSocket API.")
+        prog="sigmax-client", description="Command-line client of the SIGMAX WebSocket API."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     tail = commands.add_parser(
-        "tail", help="print events live, one line each",
+        "tail",
+        help="print events live, one line each",
         description="Print the gateway's events live, one line each (reconnects and resumes "
-                    "after the last event seen). Ctrl-C stops.")
-    tail.add_argument("--url", default=os.environ.get("SIGMAX_URL", DEFAULT_URL),
-                      help="the gateway's WebSocket URL (default: $SIGMAX_URL or %(default)s)")
-    tail.add_argument("--topics", nargs="+", action="extend", default=[], metavar="TOPIC",
-                      help="topics, space or comma separated (proposals, executions, analysis, "
-                           "status, market, portfolio, health, alerts, all); default: all "
-                           "unless --symbols is given")
-    tail.add_argument("--symbols", nargs="+", action="extend", default=[], metavar="SYMBOL",
-                      help="symbols such as BTC/USDT, space or comma separated")
-    tail.add_argument("--api-key", default=os.environ.get("SIGMAX_API_KEY"),
-                      help="API key (default: $SIGMAX_API_KEY)")
-    tail.add_argument("--since", type=_non_negative, metavar="SEQ",
-                      help="first replay the events after this seq that the gateway still has")
-    tail.add_argument("--json", action="store_true",
-                      help="one JSON object per line: type, seq, timestamp, data")
+        "after the last event seen). Ctrl-C stops.",
+    )
+    tail.add_argument(
+        "--url",
+        default=os.environ.get("SIGMAX_URL", DEFAULT_URL),
+        help="the gateway's WebSocket URL (default: $SIGMAX_URL or %(default)s)",
+    )
+    tail.add_argument(
+        "--topics",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="TOPIC",
+        help="topics, space or comma separated (proposals, executions, analysis, "
+        "status, market, portfolio, health, alerts, all); default: all "
+        "unless --symbols is given",
+    )
+    tail.add_argument(
+        "--symbols",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SYMBOL",
+        help="symbols such as BTC/USDT, space or comma separated",
+    )
+    tail.add_argument(
+        "--api-key",
+        default=os.environ.get("SIGMAX_API_KEY"),
+        help="API key (default: $SIGMAX_API_KEY)",
+    )
+    tail.add_argument(
+        "--since",
+        type=_non_negative,
+        metavar="SEQ",
+        help="first replay the events after this seq that the gateway still has",
+    )
+    tail.add_argument(
+        "--json", action="store_true", help="one JSON object per line: type, seq, timestamp, data"
+    )
     tail.add_argument("--count", type=_positive, metavar="N", help="stop after N events")
     tail.add_argument("--quiet", action="store_true", help="no status lines on stderr")
     return parser
@@ -51,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="sigmax-client: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="sigmax-client: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return asyncio.run(tail(args))
     except KeyboardInterrupt:
@@ -78,10 +108,13 @@ async def tail(args: argparse.Namespace) -> int:
         return 1
     try:
         confirmed = await client.subscribe(topics, symbols, since=args.since)
-        log.info("subscribed to %s%s", ", ".join(confirmed.get("topics", []) +
-                                                 confirmed.get("symbols", [])) or "nothing",
-                 "" if args.since is None else
-                 f" from seq {args.since} ({confirmed.get('replayed', 0)} replayed)")
+        log.info(
+            "subscribed to %s%s",
+            ", ".join(confirmed.get("topics", []) + confirmed.get("symbols", [])) or "nothing",
+            ""
+            if args.since is None
+            else f" from seq {args.since} ({confirmed.get('replayed', 0)} replayed)",
+        )
         printed = 0
         async for event in client.listen():
             print(json.dumps(event.as_dict()) if args.json else format_event(event), flush=True)
@@ -112,7 +145,7 @@ def format_event(event: WSEvent) -> str:
     """One readable line: timestamp, seq, type, then the data in brief."""
     seq = f"#{event.seq}" if event.seq is not None else "-"
     line = f"{event.timestamp}  {seq:>8}  {event.type:<17}  {summarize(event.data)}"
-    return line if len(line) <= LINE_LIMIT else line[:LINE_LIMIT - 1] + "…"
+    return line if len(line) <= LINE_LIMIT else line[: LINE_LIMIT - 1] + "…"
 
 
 def summarize(data: Any) -> str:

@@ -6,6 +6,7 @@ callbacks), a heartbeat task pings and declares the connection dead when nothing
 connection is lost the supervisor reconnects with exponential backoff and jitter and subscribes
 again with `since` = the last seq seen, so the application gets every event once, in order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,20 +42,23 @@ DEFAULT_URL = "ws://localhost:8000/api/ws"
 EventCallback = Callable[[WSEvent], Awaitable[None] | None]
 
 # Replies to requests: consumed by the client, never handed to the application.
-REPLY_TYPES = frozenset({"connected", "subscribed", "unsubscribed", "subscriptions",
-                         "command_result", "pong"})
+REPLY_TYPES = frozenset(
+    {"connected", "subscribed", "unsubscribed", "subscriptions", "command_result", "pong"}
+)
 # Event types that are also direct replies (to get_status and the commands that ask for them).
 DIRECT_REPLY_TYPES = frozenset({"error", "system_status", "portfolio_update", "health_update"})
 # Error codes that make a subscribe or unsubscribe a ValueError (the request itself is wrong).
-SUBSCRIPTION_ERROR_CODES = frozenset({"INVALID_TOPIC", "INVALID_SYMBOL", "TOO_MANY_SUBSCRIPTIONS",
-                                      "MESSAGE_PROCESSING_ERROR"})
+SUBSCRIPTION_ERROR_CODES = frozenset(
+    {"INVALID_TOPIC", "INVALID_SYMBOL", "TOO_MANY_SUBSCRIPTIONS", "MESSAGE_PROCESSING_ERROR"}
+)
 # A connection that stayed up this long starts the next reconnect from the shortest delay.
 STABLE_AFTER = 10.0
 CLOSE_TIMEOUT = 2.0
 
 
-def backoff_delay(attempt: int, base: float, cap: float,
-                  rand: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
     """Seconds to wait before reconnect `attempt` (0 first): exponential up to `cap`, with
     "equal jitter" (between half and all of it) so that clients cut off together do not all
     come back at the same instant."""
@@ -81,16 +85,27 @@ class SigmaxWebSocketClient:
     may wait for `listen()` and for the callbacks before the client stops reading.
     """
 
-    def __init__(self, auto_reconnect: bool = True, max_reconnect_delay: float = 60.0,
-                 ping_interval: float = 30.0, ping_timeout: float = 10.0, *,
-                 reconnect_delay: float = 0.5, request_timeout: float = 10.0,
-                 connect_timeout: float = 10.0, queue_size: int = 1000,
-                 max_message_size: int | None = 16 * 1024 * 1024) -> None:
-        for name, value in (("max_reconnect_delay", max_reconnect_delay),
-                            ("ping_interval", ping_interval), ("ping_timeout", ping_timeout),
-                            ("reconnect_delay", reconnect_delay),
-                            ("request_timeout", request_timeout),
-                            ("connect_timeout", connect_timeout)):
+    def __init__(
+        self,
+        auto_reconnect: bool = True,
+        max_reconnect_delay: float = 60.0,
+        ping_interval: float = 30.0,
+        ping_timeout: float = 10.0,
+        *,
+        reconnect_delay: float = 0.5,
+        request_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        queue_size: int = 1000,
+        max_message_size: int | None = 16 * 1024 * 1024,
+    ) -> None:
+        for name, value in (
+            ("max_reconnect_delay", max_reconnect_delay),
+            ("ping_interval", ping_interval),
+            ("ping_timeout", ping_timeout),
+            ("reconnect_delay", reconnect_delay),
+            ("request_timeout", request_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, not {value!r}")
         if queue_size < 1:
@@ -158,11 +173,13 @@ class SigmaxWebSocketClient:
         ws = await self._open()
         self._ws = ws
         self._ready.set()
-        self._events = EventBuffer(self.queue_size, may_exceed=self._caller_waits,
-                                   drop_oldest=self._nobody_listens)
+        self._events = EventBuffer(
+            self.queue_size, may_exceed=self._caller_waits, drop_oldest=self._nobody_listens
+        )
         self._callback_events = EventBuffer(self.queue_size, may_exceed=self._caller_waits)
-        self._dispatcher = asyncio.create_task(self._dispatch(self._callback_events),
-                                               name="sigmax-client-callbacks")
+        self._dispatcher = asyncio.create_task(
+            self._dispatch(self._callback_events), name="sigmax-client-callbacks"
+        )
         self._supervisor = asyncio.create_task(self._supervise(ws), name="sigmax-client")
 
     async def disconnect(self) -> None:
@@ -170,9 +187,13 @@ class SigmaxWebSocketClient:
         self._closing = True
         await self._stop()
 
-    async def subscribe(self, topics: str | Iterable[str] | None = None,
-                        symbols: str | Iterable[str] | None = None, *,
-                        since: int | None = None) -> dict[str, Any]:
+    async def subscribe(
+        self,
+        topics: str | Iterable[str] | None = None,
+        symbols: str | Iterable[str] | None = None,
+        *,
+        since: int | None = None,
+    ) -> dict[str, Any]:
         """Subscribe to `topics` (`proposals`, `market`, ... or `all`) and `symbols`
         (`BTC/USDT`); returns the gateway's `subscribed` data. Kept across reconnects.
 
@@ -196,8 +217,9 @@ class SigmaxWebSocketClient:
             self._position_stream = None if since is not None else self._server_stream
         return confirmed
 
-    async def unsubscribe(self, topics: str | Iterable[str] | None = None,
-                          symbols: str | Iterable[str] | None = None) -> dict[str, Any]:
+    async def unsubscribe(
+        self, topics: str | Iterable[str] | None = None, symbols: str | Iterable[str] | None = None
+    ) -> dict[str, Any]:
         """Stop receiving `topics` and `symbols`; returns the `unsubscribed` data."""
         data = {"topics": _names(topics), "symbols": _names(symbols)}
         reply = await self._request("unsubscribe", data, retry=True)
@@ -277,8 +299,12 @@ class SigmaxWebSocketClient:
     async def __aenter__(self) -> SigmaxWebSocketClient:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         await self.disconnect()
 
     # -- requests -----------------------------------------------------------------------------
@@ -295,8 +321,14 @@ class SigmaxWebSocketClient:
             if buffer is not None:
                 buffer.wake()
 
-    async def _request(self, message_type: str, data: dict[str, Any] | None = None, *,
-                       retry: bool, resume_since: int | None = None) -> dict[str, Any]:
+    async def _request(
+        self,
+        message_type: str,
+        data: dict[str, Any] | None = None,
+        *,
+        retry: bool,
+        resume_since: int | None = None,
+    ) -> dict[str, Any]:
         """Send a request once connected and return its reply; `retry`: send it again when the
         connection is lost before the reply (for requests that may safely run twice)."""
         loop = asyncio.get_running_loop()
@@ -309,8 +341,9 @@ class SigmaxWebSocketClient:
             while True:
                 ws = await self._connection(deadline)
                 try:
-                    return await self._exchange(ws, message_type, data, deadline=deadline,
-                                                resume_since=resume_since)
+                    return await self._exchange(
+                        ws, message_type, data, deadline=deadline, resume_since=resume_since
+                    )
                 except SigmaxConnectionError:
                     if not (retry and self.auto_reconnect) or self._closing:
                         raise
@@ -342,9 +375,15 @@ class SigmaxWebSocketClient:
                     f"not connected to {self.url} (reconnecting after: {self._lost_reason})"
                 ) from None
 
-    async def _exchange(self, ws: ClientConnection, message_type: str,
-                        data: dict[str, Any] | None, *, deadline: float,
-                        resume_since: int | None = None) -> dict[str, Any]:
+    async def _exchange(
+        self,
+        ws: ClientConnection,
+        message_type: str,
+        data: dict[str, Any] | None,
+        *,
+        deadline: float,
+        resume_since: int | None = None,
+    ) -> dict[str, Any]:
         """Send one request on `ws` and return the reply that echoes its request_id, by
         `deadline` (the loop's clock)."""
         request_id = str(next(self._request_ids))
@@ -362,10 +401,12 @@ class SigmaxWebSocketClient:
         except ConnectionClosed as error:
             self._forget(ws)  # so that a retry waits for the next connection
             raise SigmaxConnectionError(
-                f"connection lost before the reply to {message_type}: {error}") from error
+                f"connection lost before the reply to {message_type}: {error}"
+            ) from error
         except TimeoutError:
             raise RequestTimeoutError(
-                f"no reply to {message_type} within {self.request_timeout:g} s") from None
+                f"no reply to {message_type} within {self.request_timeout:g} s"
+            ) from None
         finally:
             self._pending.pop(request_id, None)
             self._resume_since.pop(request_id, None)
@@ -380,16 +421,20 @@ class SigmaxWebSocketClient:
         url = self.url or DEFAULT_URL
         headers = {"X-API-Key": self._api_key} if self._api_key else None
         try:
-            ws = await open_websocket(url, additional_headers=headers,
-                                      open_timeout=self.connect_timeout,
-                                      ping_interval=None,  # the JSON heartbeat replaces it
-                                      close_timeout=CLOSE_TIMEOUT,
-                                      max_size=self.max_message_size)
+            ws = await open_websocket(
+                url,
+                additional_headers=headers,
+                open_timeout=self.connect_timeout,
+                ping_interval=None,  # the JSON heartbeat replaces it
+                close_timeout=CLOSE_TIMEOUT,
+                max_size=self.max_message_size,
+            )
         except InvalidURI as error:
             raise SigmaxConnectionError(f"invalid gateway URL {url!r}: {error}") from error
         except (OSError, TimeoutError, WebSocketException) as error:
             raise SigmaxConnectionError(
-                f"cannot connect to {url}: {error or type(error).__name__}") from error
+                f"cannot connect to {url}: {error or type(error).__name__}"
+            ) from error
         try:
             data = await self._greeting(ws, url)
         except BaseException:
@@ -414,7 +459,8 @@ class SigmaxWebSocketClient:
             raise SigmaxConnectionError(f"{url} closed the connection at once: {error}") from error
         except TimeoutError:
             raise SigmaxConnectionError(
-                f"{url} sent no greeting within {self.connect_timeout:g} s") from None
+                f"{url} sent no greeting within {self.connect_timeout:g} s"
+            ) from None
         kind = greeting.get("type") if greeting else None
         data = (greeting or {}).get("data")
         data = data if isinstance(data, dict) else {}
@@ -422,13 +468,18 @@ class SigmaxWebSocketClient:
             return data
         if kind == "error":
             code = data.get("code")
-            error_class = (AuthenticationError if code == "AUTHENTICATION_FAILED"
-                           else SigmaxConnectionError)
-            raise error_class(f"{url} refused the connection: {data.get('error')} "
-                              f"[{code}]: {data.get('details')}",
-                              code=code, details=data.get("details"))
-        raise SigmaxConnectionError(f"{url} is not a SIGMAX gateway: its first message was "
-                                    f"{str(greeting)[:80]!r}")
+            error_class = (
+                AuthenticationError if code == "AUTHENTICATION_FAILED" else SigmaxConnectionError
+            )
+            raise error_class(
+                f"{url} refused the connection: {data.get('error')} "
+                f"[{code}]: {data.get('details')}",
+                code=code,
+                details=data.get("details"),
+            )
+        raise SigmaxConnectionError(
+            f"{url} is not a SIGMAX gateway: its first message was {str(greeting)[:80]!r}"
+        )
 
     async def _supervise(self, ws: ClientConnection) -> None:
         """Serve the connection; when it is lost, reconnect with backoff and resume, until
@@ -454,7 +505,8 @@ class SigmaxWebSocketClient:
                     return
                 if not self.auto_reconnect:
                     raise SigmaxConnectionError(
-                        f"connection to {self.url} lost: {self._lost_reason}")
+                        f"connection to {self.url} lost: {self._lost_reason}"
+                    )
                 if time.monotonic() - up_since >= STABLE_AFTER:
                     attempt = 0
                 ws, attempt = await self._reconnect(attempt)
@@ -476,9 +528,12 @@ class SigmaxWebSocketClient:
         """A new connection, after a backoff delay before each try."""
         for tries in itertools.count():
             delay = backoff_delay(attempt, self.reconnect_delay, self.max_reconnect_delay)
-            log.warning("%s (%s); reconnecting in %.1f s",
-                        f"connection to {self.url} lost" if tries == 0 else "reconnect failed",
-                        self._lost_reason, delay)
+            log.warning(
+                "%s (%s); reconnecting in %.1f s",
+                f"connection to {self.url} lost" if tries == 0 else "reconnect failed",
+                self._lost_reason,
+                delay,
+            )
             await asyncio.sleep(delay)
             attempt += 1
             try:
@@ -503,11 +558,14 @@ class SigmaxWebSocketClient:
             if self._position_stream is not None:
                 data["stream_id"] = self._position_stream
         deadline = asyncio.get_running_loop().time() + self.request_timeout
-        reply = await self._exchange(ws, "subscribe", data, deadline=deadline,
-                                     resume_since=since)
+        reply = await self._exchange(ws, "subscribe", data, deadline=deadline, resume_since=since)
         confirmed = reply.get("data") or {}
-        log.info("resubscribed to %s from seq %s: %s events replayed",
-                 ", ".join(self._topics + self._symbols), since, confirmed.get("replayed", 0))
+        log.info(
+            "resubscribed to %s from seq %s: %s events replayed",
+            ", ".join(self._topics + self._symbols),
+            since,
+            confirmed.get("replayed", 0),
+        )
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Read `ws` until it closes, with the heartbeat beside it."""
@@ -568,8 +626,10 @@ class SigmaxWebSocketClient:
             self._ready.clear()
 
     def _reader_held(self) -> bool:
-        return any(buffer is not None and buffer.putter_waiting
-                   for buffer in (self._events, self._callback_events))
+        return any(
+            buffer is not None and buffer.putter_waiting
+            for buffer in (self._events, self._callback_events)
+        )
 
     async def _handle(self, ws: ClientConnection, raw: str | bytes) -> None:
         """One message from the gateway: a reply, a heartbeat, or an event."""
@@ -624,16 +684,18 @@ class SigmaxWebSocketClient:
         data = data if isinstance(data, dict) else {}
         if data.get("recovered") is not False:
             return
-        log.warning("the gateway's history does not reach back to seq %s: resync required",
-                    since)
+        log.warning("the gateway's history does not reach back to seq %s: resync required", since)
         # The gateway may have restarted its sequence: what follows is new whatever its seq.
         self._last_seq = None
         self._resume_from = self._server_head
         self._position_stream = self._server_stream
         await self._require_resync(
             f"events after seq {since} are no longer available; reload state over REST",
-            since, data.get("replayed", 0), data.get("topics", list(self._topics)),
-            data.get("symbols", list(self._symbols)))
+            since,
+            data.get("replayed", 0),
+            data.get("topics", list(self._topics)),
+            data.get("symbols", list(self._symbols)),
+        )
 
     async def _stream_reset(self, data: Any) -> None:
         """Redis lost the gateway's stream and the worker moved to a new one: resume in that
@@ -647,20 +709,37 @@ class SigmaxWebSocketClient:
             return
         since = self._last_seq if self._last_seq is not None else self._resume_from
         last_seq = data.get("last_seq")
-        log.warning("the gateway's event stream was reset: events after seq %s may be "
-                    "missing, resync required", since)
+        log.warning(
+            "the gateway's event stream was reset: events after seq %s may be "
+            "missing, resync required",
+            since,
+        )
         self._last_seq = None
         self._resume_from = last_seq if isinstance(last_seq, int) else None
         await self._require_resync(
-            str(data.get("reason") or f"events after seq {since} may be missing"), since, 0,
-            list(self._topics), list(self._symbols))
+            str(data.get("reason") or f"events after seq {since} may be missing"),
+            since,
+            0,
+            list(self._topics),
+            list(self._symbols),
+        )
 
-    async def _require_resync(self, reason: str, since: int | None, replayed: Any,
-                              topics: Any, symbols: Any) -> None:
-        await self._deliver(WSEvent(RESYNC_REQUIRED, {
-            "reason": reason, "since": since, "replayed": replayed, "topics": topics,
-            "symbols": symbols,
-        }, utc_now()))
+    async def _require_resync(
+        self, reason: str, since: int | None, replayed: Any, topics: Any, symbols: Any
+    ) -> None:
+        await self._deliver(
+            WSEvent(
+                RESYNC_REQUIRED,
+                {
+                    "reason": reason,
+                    "since": since,
+                    "replayed": replayed,
+                    "topics": topics,
+                    "symbols": symbols,
+                },
+                utc_now(),
+            )
+        )
 
     async def _deliver(self, event: WSEvent) -> None:
         if self._callbacks and self._callback_events is not None:
@@ -677,8 +756,7 @@ class SigmaxWebSocketClient:
                     if inspect.isawaitable(result):
                         await result
                 except Exception:
-                    log.exception("event callback %r failed on a %s event", callback,
-                                  event.type)
+                    log.exception("event callback %r failed on a %s event", callback, event.type)
 
     async def _stop(self) -> None:
         """Close the connection and end every task of the client."""
@@ -692,8 +770,11 @@ class SigmaxWebSocketClient:
             except Exception:  # closing a broken connection: it is gone either way
                 ws.transport.abort()
         current = asyncio.current_task()
-        tasks = [task for task in (self._supervisor, self._dispatcher)
-                 if task is not None and task is not current and not task.done()]
+        tasks = [
+            task
+            for task in (self._supervisor, self._dispatcher)
+            if task is not None and task is not current and not task.done()
+        ]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -746,11 +827,15 @@ def _error_reply(message_type: str, reply: dict[str, Any]) -> SigmaxError:
     return RequestError(f"{message_type}: {text}", code=code, details=details)
 
 
-async def connect_sigmax(url: str = DEFAULT_URL,
-                         topics: str | Iterable[str] | None = None,
-                         symbols: str | Iterable[str] | None = None, *,
-                         api_key: str | None = None, since: int | None = None,
-                         **options: Any) -> SigmaxWebSocketClient:
+async def connect_sigmax(
+    url: str = DEFAULT_URL,
+    topics: str | Iterable[str] | None = None,
+    symbols: str | Iterable[str] | None = None,
+    *,
+    api_key: str | None = None,
+    since: int | None = None,
+    **options: Any,
+) -> SigmaxWebSocketClient:
     """Connect and subscribe in one call; `options` are SigmaxWebSocketClient's
     (auto_reconnect, ping_interval, ...). Raises as `connect` and `subscribe` do."""
     client = SigmaxWebSocketClient(**options)

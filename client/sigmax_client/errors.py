@@ -1,6 +1,7 @@
 """The errors this package raises, shaped as the spec's Client Error Handling expects:
 `RuntimeError` for connection problems and failed requests, `ValueError` for a subscription the
 gateway rejects."""
+
 from __future__ import annotations
 
 
@@ -8,8 +9,9 @@ class SigmaxError(Exception):
     """Base of every error of this package. `code` and `details` are the gateway's when the
     error is its `error` reply (`INVALID_TOPIC`, `RATE_LIMITED`, ...), else None."""
 
-    def __init__(self, message: str, *, code: str | None = None,
-                 details: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, details: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.details = details

@@ -1,4 +1,5 @@
 """`WSEvent`: one event from the gateway, as `listen()` yields it and callbacks receive it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,7 @@ class WSEvent:
             return None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "data": self.data, "timestamp": self.timestamp,
-                "seq": self.seq}
+        return {"type": self.type, "data": self.data, "timestamp": self.timestamp, "seq": self.seq}
 
 
 def utc_now() -> str:

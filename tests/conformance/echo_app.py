@@ -4,6 +4,7 @@ tests/test_conformance.py) then test the same stack that serves `/api/ws`.
 
     .venv/bin/python tests/conformance/echo_app.py --port 9001    # ws://127.0.0.1:9001/echo
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,16 @@ def create_echo_app() -> Quart:
     return app
 
 
-def echo_hypercorn_config(sock: socket.socket, config: Config | None = None,
-                          **overrides: Any) -> HypercornConfig:
+def echo_hypercorn_config(
+    sock: socket.socket, config: Config | None = None, **overrides: Any
+) -> HypercornConfig:
     """The product's Hypercorn settings, bound to the listening socket `sock`."""
-    settings = {**(config or Config()).hypercorn_settings(), "bind": [f"fd://{sock.detach()}"],
-                "graceful_timeout": 1.0, **overrides}
+    settings = {
+        **(config or Config()).hypercorn_settings(),
+        "bind": [f"fd://{sock.detach()}"],
+        "graceful_timeout": 1.0,
+        **overrides,
+    }
     return HypercornConfig.from_mapping(settings)
 
 
@@ -62,8 +68,9 @@ async def running_echo(config: Config | None = None, port: int = 0) -> AsyncIter
     sock = listening_socket(port)
     port = sock.getsockname()[1]
     stop = asyncio.Event()
-    server = asyncio.create_task(serve(create_echo_app(), echo_hypercorn_config(sock, config),
-                                       shutdown_trigger=stop.wait))
+    server = asyncio.create_task(
+        serve(create_echo_app(), echo_hypercorn_config(sock, config), shutdown_trigger=stop.wait)
+    )
     await asyncio.sleep(0)  # the listening socket already accepts: no need to poll
     try:
         yield port
