@@ -11,10 +11,7 @@ from typing import Any, TypeVar
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import Rule
 
-from app.models import (
-    TRADED_SYMBOL,
-    ErrorResponse,
-)
+from app.models import TRADED_SYMBOL, ErrorResponse
 
 View = TypeVar("View", bound=Callable[..., Any])
 

@@ -19,10 +19,7 @@ from app.models import (
     SubscriptionData,
     SubscriptionsData,
 )
-from app.services.events import (
-    CloseCode,
-    ErrorCode,
-)
+from app.services.events import CloseCode, ErrorCode
 
 log = logging.getLogger(__name__)
 

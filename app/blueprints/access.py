@@ -8,10 +8,7 @@ from functools import wraps
 from typing import Any, cast
 
 from quart import current_app, g, request
-from quart_schema import (
-    RequestSchemaValidationError,
-    document_request,
-)
+from quart_schema import RequestSchemaValidationError, document_request
 from quart_schema.conversion import model_load
 
 from app.apidocs.openapi import OPTIONAL_BODY_ATTRIBUTE, REQUIRED_SCOPE_ATTRIBUTE, View

@@ -51,10 +51,7 @@ from app.models import (
     TradePage,
 )
 from app.services import commands
-from app.services.events import (
-    SERVER_VERSION,
-    normalize_symbol,
-)
+from app.services.events import SERVER_VERSION, normalize_symbol
 from app.services.gateway import Gateway
 from app.services.ingest import ingest_event
 from app.services.redis_bus import RedisBus

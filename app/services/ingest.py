@@ -8,9 +8,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from app.errors import GatewayError, describe_validation_error, excerpt, quoted
-from app.models import (
-    EVENT_DATA_MODELS,
-)
+from app.models import EVENT_DATA_MODELS
 from app.services.events import (
     EVENT_TOPICS,
     PER_SYMBOL_LIST_TYPES,
