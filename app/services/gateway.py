@@ -1,6 +1,6 @@
-"""The gateway: the bus, the connection manager, API keys, the trading engine, the producers and
-the WebSocket commands, started and stopped with the app. One per app, in
-`app.extensions["gateway"]`."""
+"""The gateway composes the services (the bus, the connection manager, API keys, the market,
+the trading engine, the producers), starts and stops them with the app. One per app, in
+`app.extensions["gateway"]`. The commands clients run are in app/services/commands.py."""
 
 from __future__ import annotations
 
