@@ -5,7 +5,6 @@ each error an operation can answer with (RestOpenAPIProvider)."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,10 +50,9 @@ from app.models import (
     TradePage,
 )
 from app.services import commands
-from app.services.events import SERVER_VERSION, normalize_symbol
+from app.services.events import normalize_symbol
 from app.services.gateway import Gateway
 from app.services.ingest import ingest_event
-from app.services.redis_bus import RedisBus
 
 log = logging.getLogger(__name__)
 api_bp = Blueprint("api", __name__)
@@ -83,25 +81,7 @@ def _register_converters(state: Any) -> None:
 @validate_response(Health, 503)
 async def get_health() -> tuple[Health, int]:
     """Liveness and readiness of this worker: 503 while its event stream does not work."""
-    gateway = _gateway()
-    bus = gateway.bus
-    health = Health(
-        status="ok",
-        version=SERVER_VERSION,
-        uptime_seconds=round(time.time() - gateway.started, 3),
-        connections=len(gateway.manager.connections),
-        bus_backend=bus.backend,
-        last_seq=bus.head,
-        leader=gateway.is_leader,
-    )
-    if isinstance(bus, RedisBus):
-        health.redis_connected = bus.connected
-        health.stream_lag = bus.lag
-        health.receiving = not bus.deaf
-        if not bus.connected:
-            health.status, health.reason = "degraded", f"Redis unavailable: {bus.last_error}"
-        elif bus.deaf:
-            health.status, health.reason = "degraded", "not receiving the event stream"
+    health = Health(**_gateway().health())
     return health, 200 if health.status == "ok" else 503
 
 

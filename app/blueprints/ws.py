@@ -72,7 +72,7 @@ async def gateway_socket() -> Response | None:
     )
     principal = await gateway.api_keys.authenticate(presented)
     if principal is None:
-        gateway.manager.counters["auth_failures"] += 1
+        gateway.manager.refuse_authentication()
         log.info(
             "refused a WebSocket from %s: %s",
             websocket.remote_addr,

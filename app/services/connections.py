@@ -506,6 +506,10 @@ class ConnectionManager:
         self.counters["connections_total"] += 1
         return conn.id
 
+    def refuse_authentication(self) -> None:
+        """Count a connection refused for its API key."""
+        self.counters["auth_failures"] += 1
+
     def refuse(self, limit: str) -> None:
         """Count a request refused by `limit` (one of LIMITS)."""
         self.refusals[limit] += 1

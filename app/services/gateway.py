@@ -216,6 +216,27 @@ class Gateway:
             "rss_bytes": process_rss(),
         }
 
+    def health(self) -> dict[str, Any]:
+        """This worker's liveness and readiness: degraded while its event stream does not work
+        (Redis unreachable, or the worker not receiving the stream)."""
+        bus = self.bus
+        health: dict[str, Any] = {
+            "status": "ok",
+            "version": SERVER_VERSION,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "connections": len(self.manager.connections),
+            "bus_backend": bus.backend,
+            "last_seq": bus.head,
+            "leader": self.is_leader,
+        }
+        if isinstance(bus, RedisBus):
+            health.update(redis_connected=bus.connected, stream_lag=bus.lag, receiving=not bus.deaf)
+            if not bus.connected:
+                health.update(status="degraded", reason=f"Redis unavailable: {bus.last_error}")
+            elif bus.deaf:
+                health.update(status="degraded", reason="not receiving the event stream")
+        return health
+
     def system_status(self) -> dict[str, Any]:
         return {
             "status": "paused" if self.engine.paused else "running",
