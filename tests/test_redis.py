@@ -419,3 +419,21 @@ async def test_a_client_ahead_of_a_lagging_worker_gets_nothing_twice(redis_prefi
                 "subscribe", {"topics": ["alerts"], "since": result["last_seq"] + 100}
             )
             assert reply["data"]["recovered"] is False
+
+
+async def test_a_resume_ahead_of_the_worker_keeps_the_other_subscriptions_live(
+    redis_prefix, sqlite_url
+):
+    """`since` speaks for the keys of its subscribe only: live events of the topics the
+    connection already had are still delivered."""
+    async with workers(2, redis_prefix, sqlite_url) as (a, b):
+        async with b.subscribed(["status"]) as client:
+            async with reader_paused(b):
+                await a.publish("status_change", {"status": "running", "n": 1})
+                result = await publish_alerts(a, 0, 3)
+                reply = await client.request(
+                    "subscribe", {"topics": ["alerts"], "since": result["last_seq"]}
+                )
+                assert reply["data"]["recovered"] is True
+            status = await client.next_of("status_change", timeout=10)
+            assert status["data"]["n"] == 1

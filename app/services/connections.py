@@ -259,7 +259,7 @@ class Connection:
         """Send the replayed events, then the live ones held meanwhile that came after them
         and after `has_through` (the client has every event up to that seq)."""
         held, self._held = self._held or [], None
-        last = has_through
+        last = max(has_through, self._has_through)
         if not self.closing:
             for event in replayed:
                 self._pending.append((self.frame_for(event), event.conflation_key))
@@ -280,7 +280,7 @@ class Connection:
         if (
             not pending
             and self._out.fast
-            and self._out.write_now(text_frame(frame.encode()) if wire is None else wire)
+            and self._out.write_now(wire or text_frame(frame.encode()))
         ):
             self.sent += 1
             return
@@ -606,7 +606,10 @@ class ConnectionManager:
 
         replay = [e for e in history if missed(e)]
         acknowledge(len(replay), recovered)
-        conn.release(replay, has_through=since if recovered else 0)
+        # The client has everything up to `since` of these keys only: on a connection that
+        # already had subscriptions, live events of those must still come (a duplicate of the
+        # new keys is the lesser harm; clients drop a seq they have seen).
+        conn.release(replay, has_through=since if recovered and not before else 0)
         self.counters["replayed"] += len(replay)
 
     # -- sending ----------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class RedisBus:
         self._next_stream: str | None = None
         self._saw_settling = False
         self._retry_now = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
         self.on_link_change: Callable[[bool, str], None] | None = None
         self.on_stream_reset: Callable[[StreamReset], None] | None = None
 
@@ -274,7 +275,13 @@ class RedisBus:
 
     async def _sync(self) -> None:
         """Raise the counter to our floor, and follow the stream: adopt the deployment's stream
-        at start, or move to the one that replaced ours once it has settled."""
+        at start, or move to the one that replaced ours once it has settled. One at a time (the
+        watcher, the reader and the publish path all call it): a reply never applies after a
+        newer one."""
+        async with self._sync_lock:
+            await self._sync_once()
+
+    async def _sync_once(self) -> None:
         known = bool(self.stream_id) or self._floor() > 0
         stream_id, counter, settling_ms, created, first_seq = await self._sync_script(
             keys=[self._counter, self._stream_key, self._settling_key, self._stream],
