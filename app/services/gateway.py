@@ -146,7 +146,7 @@ class Gateway:
         operator may send it. Without this the worker would die at once and cut its clients off
         (1006); instead they are told and closed with 1001, then the process ends (unless the
         master's graceful shutdown, also under way in the master's case, ends it first)."""
-        log.warning("SIGTERM: closing %d connections, then stopping", len(self.manager.connections))
+        log.info("SIGTERM: closing %d connections, then stopping", len(self.manager.connections))
         self.manager.close_all_for_shutdown()
         loop = asyncio.get_running_loop()
         loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends it at once
