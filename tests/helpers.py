@@ -339,3 +339,20 @@ async def reader_paused(server):
         yield
     finally:
         bus._tasks[0] = asyncio.create_task(bus._consume())
+
+
+def install_npm_packages(npm: str, folder: Path) -> None:
+    """`npm ci` in `folder` when its node_modules is missing or older than package-lock.json."""
+    lock = folder / "package-lock.json"
+    installed = folder / "node_modules" / ".package-lock.json"  # written by every npm install
+    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"

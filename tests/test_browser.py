@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REDIS_URL, REPOSITORY, REQUIRE_SERVICES
+from tests.helpers import REDIS_URL, REPOSITORY, REQUIRE_SERVICES, install_npm_packages
 
 E2E = REPOSITORY / "tests" / "e2e"
 CHROMIUM = os.environ.get("SIGMAX_CHROMIUM", "/usr/bin/chromium")
@@ -40,23 +40,6 @@ def redis_error() -> str | None:
     return None
 
 
-def install_packages(npm: str) -> None:
-    """`npm ci` when node_modules is missing or older than package-lock.json."""
-    lock = E2E / "package-lock.json"
-    installed = E2E / "node_modules" / ".package-lock.json"  # written by every npm install
-    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
-        return
-    done = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund"],
-        cwd=E2E,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
-
-
 @pytest.mark.timeout(600)
 def test_dashboard_in_headless_chromium() -> None:
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -67,7 +50,7 @@ def test_dashboard_in_headless_chromium() -> None:
     error = redis_error()
     if error is not None:
         missing(f"Redis is not reachable at {REDIS_URL} ({error})")
-    install_packages(npm)
+    install_npm_packages(npm, E2E)
     env = {
         **os.environ,
         "SIGMAX_PYTHON": sys.executable,

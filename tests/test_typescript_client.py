@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 
-from tests.helpers import REDIS_URL, REPOSITORY, REQUIRE_SERVICES
+from tests.helpers import REDIS_URL, REPOSITORY, REQUIRE_SERVICES, install_npm_packages
 
 PACKAGE = REPOSITORY / "client" / "typescript"
 # The global WebSocket behind --experimental-websocket appeared in Node 20.10.
@@ -38,23 +38,6 @@ def node_version(node: str) -> tuple[int, ...]:
     return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
-def install_packages(npm: str) -> None:
-    """`npm ci` when node_modules is missing or older than package-lock.json."""
-    lock = PACKAGE / "package-lock.json"
-    installed = PACKAGE / "node_modules" / ".package-lock.json"  # written by every npm install
-    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
-        return
-    done = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund"],
-        cwd=PACKAGE,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
-
-
 @pytest.mark.timeout(900)
 def test_typescript_client() -> None:
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -62,7 +45,7 @@ def test_typescript_client() -> None:
         missing("node and npm are needed for the TypeScript client's tests (Node 20.10 or newer)")
     if node_version(node) < NODE_MINIMUM:
         missing(f"the TypeScript client's tests need Node 20.10 or newer, not {node_version(node)}")
-    install_packages(npm)
+    install_npm_packages(npm, PACKAGE)
     env = {**os.environ, "SIGMAX_PYTHON": sys.executable, "SIGMAX_TEST_REDIS_URL": REDIS_URL}
     done = subprocess.run(
         [npm, "test"],
