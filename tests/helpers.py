@@ -137,6 +137,14 @@ def free_socket(port: int = 0) -> socket.socket:
     return sock
 
 
+def free_port() -> int:
+    """A loopback port where nothing listens (free when asked)."""
+    sock = free_socket()
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
 @asynccontextmanager
 async def running_gateway(
     *, port: int | None = None, **settings: Any
@@ -315,9 +323,7 @@ class OwnRedis:
 async def own_redis():
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     redis = OwnRedis(port)
     await redis.start()
     try:

@@ -26,7 +26,13 @@ from websockets.asyncio.server import serve as serve_websocket
 
 from app.services.database import migrate
 from app.services.events import Event
-from tests.helpers import RunningGateway, free_socket, own_redis, reader_paused, running_gateway
+from tests.helpers import (
+    RunningGateway,
+    free_port,
+    own_redis,
+    reader_paused,
+    running_gateway,
+)
 
 # The package under test is this repository's client/, installed or not.
 CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
@@ -164,14 +170,6 @@ async def clients() -> AsyncIterator[Callable[..., SigmaxWebSocketClient]]:
     yield make
     for client in made:
         await client.disconnect()
-
-
-def closed_port() -> int:
-    """A loopback port where nothing listens."""
-    sock = free_socket()
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 @dataclass
@@ -647,7 +645,7 @@ async def test_spec_client_settings():
 
 async def test_spec_client_error_handling(server, spec_clients):
     output = Output()
-    spec_clients(f"ws://127.0.0.1:{closed_port()}/api/ws")
+    spec_clients(f"ws://127.0.0.1:{free_port()}/api/ws")
     await spec_example(CLIENT_ERROR_HANDLING, output)()
     assert len(output.lines) == 1
     assert output.lines[0].startswith("Connection error: cannot connect to ws://127.0.0.1:")
@@ -933,7 +931,7 @@ async def test_command_errors_are_runtime_errors_with_the_gateway_code(server, c
 
 async def test_connection_refused_raises_runtime_error(server, clients):
     client = clients()
-    url = f"ws://127.0.0.1:{closed_port()}/api/ws"
+    url = f"ws://127.0.0.1:{free_port()}/api/ws"
     with pytest.raises(RuntimeError, match="cannot connect to ws://127.0.0.1"):
         await client.connect(url)
     assert not client.is_connected()
@@ -1031,7 +1029,7 @@ async def test_resumes_across_a_restart_without_gap_or_duplicate(redis_prefix, t
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
     settings = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "DATABASE_URL": database}
-    port = closed_port()
+    port = free_port()
     client = clients(queue_size=10, **FAST)
     published: list[int] = []
     async with running_gateway(port=port, **settings) as first:
@@ -1112,7 +1110,7 @@ async def test_resync_required_when_history_no_longer_reaches_back(gateway_facto
 async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(tmp_path, clients):
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
-    port = closed_port()
+    port = free_port()
     client = clients(**FAST)
     async with running_gateway(port=port, DATABASE_URL=database) as first:
         await client.connect(first.url)
@@ -1137,7 +1135,7 @@ async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(
     """The new gateway's seq 4.. are other events than the old one's: the stream id tells."""
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
-    port = closed_port()
+    port = free_port()
     client = clients(**FAST)
     async with running_gateway(port=port, DATABASE_URL=database) as first:
         await client.connect(first.url)
@@ -1454,7 +1452,7 @@ async def test_cli_json_lines_since_and_count(server):
 async def test_cli_reconnects_across_a_restart(tmp_path):
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
-    port = closed_port()
+    port = free_port()
     async with contextlib.AsyncExitStack() as first_gateway:
         first = await first_gateway.enter_async_context(
             running_gateway(port=port, DATABASE_URL=database)
@@ -1482,7 +1480,7 @@ async def test_cli_reconnects_across_a_restart(tmp_path):
 
 
 async def test_cli_reports_what_went_wrong_without_a_traceback(server):
-    process = await run_cli("tail", "--url", f"ws://127.0.0.1:{closed_port()}/api/ws")
+    process = await run_cli("tail", "--url", f"ws://127.0.0.1:{free_port()}/api/ws")
     _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 1
     assert "sigmax-client: cannot connect to ws://127.0.0.1:" in stderr.decode()

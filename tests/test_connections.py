@@ -14,7 +14,13 @@ import pytest
 import websockets
 
 from app.services.commands import COMMANDS, Command, NoArguments
-from tests.helpers import connect_when_up, free_socket, migrate_with_cli, start_host, stop_host
+from tests.helpers import (
+    connect_when_up,
+    free_port,
+    migrate_with_cli,
+    start_host,
+    stop_host,
+)
 
 
 async def test_server_pings_on_the_heartbeat_interval(gateway_factory):
@@ -254,9 +260,7 @@ async def test_sigterm_tells_clients_and_closes_with_1001(tmp_path):
         "LOG_LEVEL": "WARNING",
     }
     migrate_with_cli(env)
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     host = start_host(port, 1, env)
     try:
         client = await connect_when_up(port)
@@ -321,9 +325,7 @@ async def test_api_keys_never_reach_the_logs(tmp_path):
         "API_KEYS": f"{keys['reader']}:read,{keys['trader']}",
     }
     migrate_with_cli(env)
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     log_path = tmp_path / "host.log"
     with log_path.open("wb") as log:
         host = start_host(port, 1, env, log)

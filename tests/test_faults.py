@@ -23,7 +23,7 @@ from sigmax_client import RequestError, SigmaxPublisher
 
 from tests.helpers import (
     connect_when_up,
-    free_socket,
+    free_port,
     migrate_with_cli,
     own_redis,
     start_host,
@@ -31,13 +31,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def free_port() -> int:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 @asynccontextmanager

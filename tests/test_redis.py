@@ -16,7 +16,7 @@ import websockets
 
 from tests.helpers import (
     connect_when_up,
-    free_socket,
+    free_port,
     migrate_with_cli,
     own_redis,
     reader_paused,
@@ -290,11 +290,7 @@ async def test_hypercorn_workers_and_hosts_survive_a_killed_worker(redis_prefix,
         "LOG_LEVEL": "WARNING",
     }
     migrate_with_cli(env)
-    ports = []
-    for _ in range(2):
-        sock = free_socket()
-        ports.append(sock.getsockname()[1])
-        sock.close()
+    ports = [free_port(), free_port()]
     host_a = start_host(ports[0], 2, env)
     host_b = start_host(ports[1], 1, env)
     clients = []

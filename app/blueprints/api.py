@@ -23,7 +23,7 @@ from werkzeug.routing import BaseConverter
 
 from app.apidocs.openapi import errors
 from app.blueprints.access import optional_body, requires
-from app.errors import GatewayError, quoted
+from app.errors import GatewayError
 from app.models import (
     BulkDecision,
     BulkItem,
@@ -50,7 +50,6 @@ from app.models import (
     TradePage,
 )
 from app.services import commands
-from app.services.events import normalize_symbol
 from app.services.gateway import Gateway
 from app.services.ingest import ingest_event
 
@@ -177,7 +176,7 @@ async def get_portfolio() -> dict[str, Any]:
 @validate_response(ProposalPage)
 async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
     """Proposals, newest first, filtered by status and symbol, paged."""
-    symbol = _symbol(query_args.symbol) if query_args.symbol is not None else None
+    symbol = commands.parse_symbol(query_args.symbol) if query_args.symbol is not None else None
     items, total = await _gateway().engine.proposals(
         status=query_args.status, symbol=symbol, limit=query_args.limit, offset=query_args.offset
     )
@@ -228,7 +227,11 @@ async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
     """Create a manual proposal; without `size` the risk rule sizes it. Refused (409
     `ENGINE_PAUSED`) while trading is paused."""
     proposal = await _gateway().engine.propose(
-        _symbol(data.symbol), data.action, data.size, data.reason, requested_by=g.principal
+        commands.parse_symbol(data.symbol),
+        data.action,
+        data.size,
+        data.reason,
+        requested_by=g.principal,
     )
     return ProposalOut(**proposal.as_dict()), 201
 
@@ -316,17 +319,6 @@ async def post_pause() -> EngineState:
 async def post_resume() -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
     return EngineState(**await commands.resume(_gateway(), g.principal, NO_ARGUMENTS))
-
-
-def _symbol(raw: str) -> str:
-    symbol = normalize_symbol(raw)
-    if symbol is None:
-        raise GatewayError(
-            "INVALID_SYMBOL",
-            "Invalid symbol format",
-            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)",
-        )
-    return symbol
 
 
 async def _bulk(

@@ -22,7 +22,7 @@ from quart_schema.mixins import SchemaValidationError
 
 from app.errors import GatewayError, describe_validation_error, error_event, excerpt, quoted
 from app.models import ClientMessage, CommandData, SubscriptionData
-from app.services.commands import COMMANDS
+from app.services.commands import COMMANDS, parse_symbol
 from app.services.connections import Connection, ConnectionLimitExceeded
 from app.services.events import (
     SERVER_VERSION,
@@ -31,8 +31,6 @@ from app.services.events import (
     CloseCode,
     ErrorCode,
     envelope,
-    error_envelope,
-    normalize_symbol,
 )
 from app.services.gateway import Gateway
 from app.services.ratelimit import TokenBucket
@@ -175,10 +173,12 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
         # A bug, not the client's fault: logged, answered, and the connection stays usable.
         log.exception("message of connection %s failed", conn.id)
         conn.send_direct(
-            error_envelope(
-                ErrorCode.INTERNAL_ERROR,
-                "Internal error",
-                "The gateway failed to process this message; it has been logged",
+            error_event(
+                GatewayError(
+                    ErrorCode.INTERNAL_ERROR,
+                    "Internal error",
+                    "The gateway failed to process this message; it has been logged",
+                ),
                 conn.id,
                 request_id,
             )
@@ -233,7 +233,7 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], Subscri
     for raw_topic in data.topics:
         topic = raw_topic.strip().lower()
         if topic.startswith(SYMBOL_PREFIX):
-            symbols[_symbol(raw_topic.strip()[len(SYMBOL_PREFIX) :])] = None
+            symbols[parse_symbol(raw_topic.strip()[len(SYMBOL_PREFIX) :])] = None
         elif topic in TOPICS:
             topics[topic] = None
         else:
@@ -243,19 +243,8 @@ def _subscription(message: ClientMessage) -> tuple[list[str], list[str], Subscri
                 f"Topic {quoted(raw_topic)} does not exist; available: {', '.join(TOPICS)}",
             )
     for raw_symbol in data.symbols:
-        symbols[_symbol(raw_symbol)] = None
+        symbols[parse_symbol(raw_symbol)] = None
     return list(topics), list(symbols), data
-
-
-def _symbol(raw: str) -> str:
-    symbol = normalize_symbol(raw)
-    if symbol is None:
-        raise GatewayError(
-            ErrorCode.INVALID_SYMBOL,
-            "Invalid symbol format",
-            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)",
-        )
-    return symbol
 
 
 def _keys(topics: list[str], symbols: list[str]) -> list[str]:

@@ -41,6 +41,18 @@ class SymbolRef(NoArguments):
     symbol: str = Field(min_length=1, max_length=50, examples=["BTC/USDT"])
 
 
+def parse_symbol(raw: str) -> str:
+    """`btc/usdt` -> `BTC/USDT`; GatewayError INVALID_SYMBOL when it is not BASE/QUOTE."""
+    symbol = normalize_symbol(raw)
+    if symbol is None:
+        raise GatewayError(
+            ErrorCode.INVALID_SYMBOL,
+            "Invalid symbol format",
+            f"Symbol {quoted(raw)} is not BASE/QUOTE (for example BTC/USDT)",
+        )
+    return symbol
+
+
 async def get_status(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, Any]:
     return gateway.system_status()
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
+from app.errors import GatewayError, error_event
 from app.services.bus import EventBus, StreamReset
 from app.services.events import (
     PER_SYMBOL_LIST_TYPES,
@@ -23,7 +24,6 @@ from app.services.events import (
     ErrorCode,
     Event,
     envelope,
-    error_envelope,
 )
 from app.services.ratelimit import TokenBucket
 from app.services.transport import WRITE_BUFFER_LIMIT, Writer, open_writer, text_frame
@@ -290,11 +290,13 @@ class Connection:
                 CloseCode.POLICY_VIOLATION,
                 "SLOW_CONSUMER",
                 discard_pending=True,
-                notice=error_envelope(
-                    ErrorCode.SLOW_CONSUMER,
-                    "Connection too slow",
-                    f"More than {self._queue_size} events waited for this connection; "
-                    "reconnect and subscribe with `since` to resume",
+                notice=error_event(
+                    GatewayError(
+                        ErrorCode.SLOW_CONSUMER,
+                        "Connection too slow",
+                        f"More than {self._queue_size} events waited for this connection; "
+                        "reconnect and subscribe with `since` to resume",
+                    ),
                     self.id,
                 ),
             )
@@ -715,10 +717,12 @@ class ConnectionManager:
                 conn.close(
                     CloseCode.GOING_AWAY,
                     "CONNECTION_TIMEOUT",
-                    notice=error_envelope(
-                        ErrorCode.CONNECTION_TIMEOUT,
-                        "Connection timed out",
-                        f"No message from the client for {self.connection_timeout:g} seconds",
+                    notice=error_event(
+                        GatewayError(
+                            ErrorCode.CONNECTION_TIMEOUT,
+                            "Connection timed out",
+                            f"No message from the client for {self.connection_timeout:g} seconds",
+                        ),
                         conn.id,
                     ),
                 )

@@ -108,14 +108,6 @@ def envelope(type_: str, data: Any, connection_id: str | None, request_id: Any =
     return dumps(message)
 
 
-def error_envelope(
-    code: str, error: str, details: str, connection_id: str | None, request_id: Any = None
-) -> str:
-    return envelope(
-        "error", {"error": error, "code": code, "details": details}, connection_id, request_id
-    )
-
-
 class Event:
     """One stream event. `data` is kept as given; its JSON is built once, on creation.
 
