@@ -119,6 +119,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._producers: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._terminating = False
 
     async def start(self) -> None:
         await self.bus.start()
@@ -146,11 +147,12 @@ class Gateway:
         operator may send it. Without this the worker would die at once and cut its clients off
         (1006); instead they are told and closed with 1001, then the process ends (unless the
         master's graceful shutdown, also under way in the master's case, ends it first)."""
+        if self._terminating:
+            return  # a repeated SIGTERM must not cut the clients being closed; the timer ends it
+        self._terminating = True
         log.info("SIGTERM: closing %d connections, then stopping", len(self.manager.connections))
         self.manager.close_all_for_shutdown()
-        loop = asyncio.get_running_loop()
-        loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends it at once
-        loop.call_later(self.config.WS_CLOSE_TIMEOUT + 1, os.kill, os.getpid(), signal.SIGTERM)
+        asyncio.get_running_loop().call_later(self.config.WS_CLOSE_TIMEOUT + 1, _end_process)
 
     @property
     def is_leader(self) -> bool:
@@ -254,6 +256,12 @@ class Gateway:
                 "events_published": self.manager.counters["events_published"],
             },
         }
+
+
+def _end_process() -> None:
+    """Stop as SIGTERM would by default (the master then sees the worker ended by it)."""
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
