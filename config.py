@@ -85,6 +85,24 @@ class Config:
     RISK_PER_TRADE: float = 0.02
     MAX_POSITION_SHARE: float = 0.25
     MAX_DRAWDOWN: float = 0.10
+    # The market feed: `simulated` (a random walk), or `ccxt:<exchange id>` (e.g. ccxt:binance),
+    # live public tickers through ccxt, polled every MARKET_INTERVAL (paper trading on live data).
+    MARKET_FEED: str = "simulated"
+    # The exchange's API base URL instead of ccxt's own (a testnet, a proxy); empty = ccxt's.
+    MARKET_FEED_URL: str = ""
+
+    # The trading engine: empty = the built-in paper engine; else the URL of a remote engine
+    # that every user action is sent to (POST {ENGINE_URL}/commands; see the README).
+    ENGINE_URL: str = ""
+    # Sent to the remote engine as X-API-Key.
+    ENGINE_API_KEY: str = ""
+    # Seconds one user action may wait for the remote engine, retries included.
+    ENGINE_TIMEOUT: float = positive(5.0)
+    # The standalone paper engine (`python -m app engine`): the gateway it follows and publishes
+    # to, and the key it does so with (scopes read and publish).
+    GATEWAY_URL: str = "http://127.0.0.1:8000"
+    GATEWAY_API_KEY: str = ""
+
     # Topics and symbols one connection may hold.
     WS_MAX_SUBSCRIPTIONS: int = positive(500)
     # WebSocket commands per connection: a sustained rate per second and a burst.
@@ -154,5 +172,11 @@ class Config:
         for f in fields(self):
             if f.metadata.get("positive") and getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)!r}")
+        if self.MARKET_FEED != "simulated" and not (
+            self.MARKET_FEED.startswith("ccxt:") and self.MARKET_FEED[len("ccxt:") :]
+        ):
+            raise ValueError(
+                f"MARKET_FEED must be simulated or ccxt:<exchange id>, got {self.MARKET_FEED!r}"
+            )
         if self.GC_INTERVAL < 0:
             raise ValueError(f"GC_INTERVAL must be 0 or positive, got {self.GC_INTERVAL!r}")

@@ -184,6 +184,11 @@ class Health(BaseModel):
     receiving: bool | None = Field(
         default=None, description="false: behind the stream head for too long (deaf worker)"
     )
+    engine_reachable: bool | None = Field(
+        default=None,
+        description="the remote engine (ENGINE_URL) answers; null with the paper engine. "
+        "Not part of `status`: the stream is served while the engine is away",
+    )
     reason: str | None = None
 
 
@@ -342,8 +347,22 @@ class StatusChangeData(EventData):
     reason: str | None = None
 
 
+class EngineInfo(BaseModel):
+    mode: Literal["paper", "remote"] = Field(description="the built-in paper engine, or ENGINE_URL")
+    reachable: bool | None = Field(description="the remote engine answers; null with the paper one")
+
+
+class MarketFeedInfo(BaseModel):
+    source: str = Field(examples=["simulated", "ccxt:binance"], description="MARKET_FEED")
+    healthy: bool = Field(description="false while the exchange fails (prices are the last known)")
+
+
 class SystemStatusData(EventData):
     status: str | None = None
+    engine: EngineInfo | None = Field(default=None, description="the gateway's own status only")
+    market_feed: MarketFeedInfo | None = Field(
+        default=None, description="the gateway's own status only"
+    )
 
 
 SEVERITY_DESCRIPTION = "low, medium, high or critical"
