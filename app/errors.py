@@ -24,6 +24,9 @@ HTTP_STATUS = {
     "NOTHING_TO_SELL": 422,
     "BUS_UNAVAILABLE": 503,
     "NO_PRICE": 503,
+    "NO_PORTFOLIO": 503,
+    "ENGINE_UNAVAILABLE": 503,
+    "ENGINE_ERROR": 502,
 }
 
 
@@ -39,6 +42,7 @@ class GatewayError(Exception):
         details: str = "",
         *,
         retry_after: float | None = None,
+        http_status: int | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(error)
@@ -46,11 +50,13 @@ class GatewayError(Exception):
         self.error = error
         self.details = details
         self.retry_after = retry_after  # seconds; sent as Retry-After
+        # Set for an error relayed from a remote engine: its code may be one of its own.
+        self.http_status = http_status
         self.fields = fields
 
     @property
     def status(self) -> int:
-        return HTTP_STATUS.get(self.code, 400)
+        return self.http_status or HTTP_STATUS.get(self.code, 400)
 
     def body(self) -> dict[str, Any]:
         return {**error_body(self.code, self.error, self.details), **self.fields}

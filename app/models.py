@@ -158,6 +158,17 @@ class IngestHeaders(BaseModel):
     )
 
 
+class ActionHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[!-~]+$",
+        description="Unique per action, the same on every retry of it: the engine carries the "
+        "action out once (a remote engine receives it, per proposal in a bulk call)",
+    )
+
+
 class IngestResult(BaseModel):
     accepted: int
     first_seq: int | None
@@ -416,7 +427,7 @@ class ProposalOut(BaseModel):
     source: str
     status: str
     created_at: str
-    expires_at: str
+    expires_at: str | None = Field(description="null when a remote engine did not say")
     decided_by: str | None
     decided_at: str | None
     status_reason: str | None
@@ -494,6 +505,10 @@ class DecisionResult(BaseModel):
     trade: TradeOut | None = None
 
 
+class ProposalResult(BaseModel):
+    proposal: ProposalOut
+
+
 class BulkItem(BaseModel):
     proposal_id: str
     ok: bool
@@ -553,10 +568,11 @@ class EventBatchDocument(BaseModel):
 class CommandResultData(BaseModel):
     command: str
     success: bool
-    result: DecisionResult | EngineState | AnalysisData = Field(
+    result: DecisionResult | ProposalResult | EngineState | AnalysisData = Field(
         description=(
-            "approve_proposal: {proposal, trade} (trade null while paused); reject_proposal: "
-            "{proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. "
+            "approve_proposal: {proposal, trade} (trade null while paused); reject_proposal, "
+            "create_proposal: {proposal}; pause, resume: {status, changed}; analyze: the "
+            "analysis_update data. "
             "get_status, get_portfolio and get_health answer with their event instead"
         )
     )

@@ -88,7 +88,7 @@ def gateway_thread(**settings: Any) -> Iterator[str]:
     async def serve() -> None:
         async with running_gateway(**settings) as running:
             await running.gateway.simulation.tick_market()
-            engine = running.gateway.engine
+            engine = running.gateway.trading
             for symbol in running.gateway.market.symbols:
                 proposal = await engine.propose(symbol, "buy", 0.01, "position to sell")
                 await engine.approve(proposal.id, "schemathesis")

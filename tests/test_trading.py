@@ -296,7 +296,7 @@ async def test_reject_bulk_and_expiry(database_url):
         assert again["results"][0]["status"] == "rejected"
         assert again["results"][0]["error"]["code"] == "PROPOSAL_ALREADY_DECIDED"
         await asyncio.sleep(0.3)
-        expired = await server.gateway.engine.expire_stale()
+        expired = await server.gateway.trading.expire_stale()
         assert [p.id for p in expired] == [ids[2]]
         status, body = await post(server, f"/api/proposals/{ids[2]}/approve")
         assert (status, body["code"], body["proposal_status"]) == (
@@ -547,7 +547,7 @@ async def test_api_keys_from_the_cli_are_hashed_scoped_and_revocable(tmp_path):
 async def test_confident_analyses_become_proposals_sized_by_the_risk_rule(database_url):
     context, server = await started(database_url)
     try:
-        engine = server.gateway.engine
+        engine = server.gateway.trading
         price = server.gateway.market.price("BTC/USDT")
         assert await engine.consider("BTC/USDT", "buy", 0.5, "weak") is None
         assert await engine.consider("BTC/USDT", "sell", 0.9, "nothing held") is None

@@ -41,8 +41,12 @@ ERROR_DESCRIPTIONS = {
     422: "A trading rule refuses the request (`NOTHING_TO_SELL`)",
     429: "Too many requests from this client (`TOO_MANY_REQUESTS`); retry after `Retry-After` "
     "seconds",
-    503: "Not possible now, retry: the event stream is unavailable (`BUS_UNAVAILABLE`), or there "
-    "is no market price yet (`NO_PRICE`)",
+    502: "The remote engine (ENGINE_URL) answered outside its contract (`ENGINE_ERROR`)",
+    503: "Not possible now, retry: the event stream is unavailable (`BUS_UNAVAILABLE`), there "
+    "is no market price yet (`NO_PRICE`) or no portfolio from a remote engine yet "
+    "(`NO_PORTFOLIO`), or the remote engine is unreachable or did not answer within "
+    "ENGINE_TIMEOUT (`ENGINE_UNAVAILABLE`). A remote engine's own refusals keep its status "
+    "and code",
 }
 RETRY_AFTER = {
     "Retry-After": {

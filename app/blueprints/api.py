@@ -5,10 +5,10 @@ each error an operation can answer with (RestOpenAPIProvider)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from quart import Blueprint, Response, current_app, g
 from quart_schema import (
     document_request,
@@ -25,6 +25,7 @@ from app.apidocs.openapi import errors
 from app.blueprints.access import optional_body, requires
 from app.errors import GatewayError
 from app.models import (
+    ActionHeaders,
     BulkDecision,
     BulkItem,
     BulkResult,
@@ -50,6 +51,7 @@ from app.models import (
     TradePage,
 )
 from app.services import commands
+from app.services.engines import Caller
 from app.services.gateway import Gateway
 from app.services.ingest import ingest_event
 
@@ -148,7 +150,7 @@ async def get_metrics() -> Response:
 @validate_response(SystemStatusData)
 async def get_status() -> dict[str, Any]:
     """The system status: running or paused, uptime, symbols, connections, counters."""
-    return await commands.get_status(_gateway(), g.principal, NO_ARGUMENTS)
+    return await _perform("get_status", NO_ARGUMENTS)
 
 
 @api_bp.get("/api/market")
@@ -164,9 +166,10 @@ async def get_market() -> dict[str, Any]:
 @tag(["trading"])
 @requires("read")
 @validate_response(PortfolioData)
+@errors(503)
 async def get_portfolio() -> dict[str, Any]:
     """Cash, positions with P&L, totals."""
-    return await commands.get_portfolio(_gateway(), g.principal, NO_ARGUMENTS)
+    return await _perform("get_portfolio", NO_ARGUMENTS)
 
 
 @api_bp.get("/api/proposals")
@@ -181,7 +184,7 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
         status=query_args.status, symbol=symbol, limit=query_args.limit, offset=query_args.offset
     )
     return ProposalPage(
-        items=[ProposalOut(**p.as_dict()) for p in items],
+        items=[ProposalOut(**p) for p in items],
         total=total,
         limit=query_args.limit,
         offset=query_args.offset,
@@ -195,7 +198,7 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
 @errors(404)
 async def get_proposal(proposal_id: str) -> ProposalOut:
     """One proposal."""
-    return ProposalOut(**(await _gateway().engine.proposal(proposal_id)).as_dict())
+    return ProposalOut(**await _gateway().engine.proposal(proposal_id))
 
 
 @api_bp.get("/api/trades")
@@ -207,7 +210,7 @@ async def get_trades(query_args: PageQuery) -> TradePage:
     """Executed trades, newest first, paged."""
     trades, total = await _gateway().engine.trades(limit=query_args.limit, offset=query_args.offset)
     return TradePage(
-        items=[TradeOut(**t.as_event()) for t in trades],
+        items=[TradeOut(**t) for t in trades],
         total=total,
         limit=query_args.limit,
         offset=query_args.offset,
@@ -221,32 +224,30 @@ async def get_trades(query_args: PageQuery) -> TradePage:
 @tag(["proposals"])
 @requires("trade")
 @validate_request(NewProposal)
+@validate_headers(ActionHeaders)
 @validate_response(ProposalOut, 201)
-@errors(409, 422, 503)
-async def post_proposal(data: NewProposal) -> tuple[ProposalOut, int]:
+@errors(409, 422, 502, 503)
+async def post_proposal(data: NewProposal, headers: ActionHeaders) -> tuple[ProposalOut, int]:
     """Create a manual proposal; without `size` the risk rule sizes it. Refused (409
     `ENGINE_PAUSED`) while trading is paused."""
-    proposal = await _gateway().engine.propose(
-        commands.parse_symbol(data.symbol),
-        data.action,
-        data.size,
-        data.reason,
-        requested_by=g.principal,
-    )
-    return ProposalOut(**proposal.as_dict()), 201
+    result = await _perform("create_proposal", data, headers.idempotency_key)
+    return ProposalOut(**result["proposal"]), 201
 
 
 @api_bp.post("/api/proposals/<proposal_id:proposal_id>/approve")
 @tag(["proposals"])
 @requires("trade")
+@validate_headers(ActionHeaders)
 @validate_response(DecisionResult, 200)
-@errors(404, 409, 503)
-async def approve_proposal(proposal_id: str) -> DecisionResult:
+@errors(404, 409, 502, 503)
+async def approve_proposal(proposal_id: str, headers: ActionHeaders) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
     return DecisionResult(
-        **await commands.approve_proposal(
-            _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)
+        **await _perform(
+            "approve_proposal",
+            commands.ProposalRef(proposal_id=proposal_id),
+            headers.idempotency_key,
         )
     )
 
@@ -255,16 +256,19 @@ async def approve_proposal(proposal_id: str) -> DecisionResult:
 @tag(["proposals"])
 @requires("trade")
 @optional_body(Decision)
+@validate_headers(ActionHeaders)
 @validate_response(DecisionResult, 200)
-@errors(404, 409, 503)
-async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
+@errors(404, 409, 502, 503)
+async def reject_proposal(
+    proposal_id: str, data: Decision, headers: ActionHeaders
+) -> DecisionResult:
     """Reject a pending (or approved, not yet executed) proposal; the body, with a reason, is
     optional."""
     return DecisionResult(
-        **await commands.reject_proposal(
-            _gateway(),
-            g.principal,
+        **await _perform(
+            "reject_proposal",
             commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason),
+            headers.idempotency_key,
         )
     )
 
@@ -273,14 +277,14 @@ async def reject_proposal(proposal_id: str, data: Decision) -> DecisionResult:
 @tag(["proposals"])
 @requires("trade")
 @validate_request(BulkDecision)
+@validate_headers(ActionHeaders)
 @validate_response(BulkResult)
-async def approve_proposals(data: BulkDecision) -> BulkResult:
+async def approve_proposals(data: BulkDecision, headers: ActionHeaders) -> BulkResult:
     """Approve many proposals in one call; each succeeds or fails on its own."""
     return await _bulk(
-        data.proposal_ids,
-        lambda proposal_id: commands.approve_proposal(
-            _gateway(), g.principal, commands.ProposalRef(proposal_id=proposal_id)
-        ),
+        "approve_proposal",
+        [commands.ProposalRef(proposal_id=proposal_id) for proposal_id in data.proposal_ids],
+        headers.idempotency_key,
     )
 
 
@@ -288,46 +292,64 @@ async def approve_proposals(data: BulkDecision) -> BulkResult:
 @tag(["proposals"])
 @requires("trade")
 @validate_request(BulkDecision)
+@validate_headers(ActionHeaders)
 @validate_response(BulkResult)
-async def reject_proposals(data: BulkDecision) -> BulkResult:
+async def reject_proposals(data: BulkDecision, headers: ActionHeaders) -> BulkResult:
     """Reject many proposals in one call; each succeeds or fails on its own."""
     return await _bulk(
-        data.proposal_ids,
-        lambda proposal_id: commands.reject_proposal(
-            _gateway(),
-            g.principal,
-            commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason),
-        ),
+        "reject_proposal",
+        [
+            commands.ProposalDecision(proposal_id=proposal_id, reason=data.reason)
+            for proposal_id in data.proposal_ids
+        ],
+        headers.idempotency_key,
     )
 
 
 @api_bp.post("/api/pause")
 @tag(["system"])
 @requires("trade")
+@validate_headers(ActionHeaders)
 @validate_response(EngineState)
-@errors(503)
-async def post_pause() -> EngineState:
+@errors(502, 503)
+async def post_pause(headers: ActionHeaders) -> EngineState:
     """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
-    return EngineState(**await commands.pause(_gateway(), g.principal, NO_ARGUMENTS))
+    return EngineState(**await _perform("pause", NO_ARGUMENTS, headers.idempotency_key))
 
 
 @api_bp.post("/api/resume")
 @tag(["system"])
 @requires("trade")
+@validate_headers(ActionHeaders)
 @validate_response(EngineState)
-@errors(503)
-async def post_resume() -> EngineState:
+@errors(502, 503)
+async def post_resume(headers: ActionHeaders) -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
-    return EngineState(**await commands.resume(_gateway(), g.principal, NO_ARGUMENTS))
+    return EngineState(**await _perform("resume", NO_ARGUMENTS, headers.idempotency_key))
+
+
+async def _perform(name: str, args: BaseModel, idempotency_key: str | None = None) -> Any:
+    """Run a command for the caller; an action's key is the client's (per caller) or new."""
+    caller = (
+        Caller(g.principal, idempotency_key=f"{g.principal}:{idempotency_key}")
+        if idempotency_key
+        else Caller(g.principal)
+    )
+    return await commands.COMMANDS[name].run(_gateway(), caller, args)
 
 
 async def _bulk(
-    proposal_ids: list[str], decide: Callable[[str], Awaitable[dict[str, Any]]]
+    command: str,
+    decisions: list[commands.ProposalRef] | list[commands.ProposalDecision],
+    idempotency_key: str | None,
 ) -> BulkResult:
     results = []
-    for proposal_id in dict.fromkeys(proposal_ids):  # once each, in the order given
+    # once each, in the order given; each its own action (its own key)
+    unique = {decision.proposal_id: decision for decision in decisions}
+    for proposal_id, decision in unique.items():
+        key = f"{idempotency_key}:{proposal_id}" if idempotency_key else None
         try:
-            outcome = await decide(proposal_id)
+            outcome = await _perform(command, decision, key)
             results.append(
                 BulkItem(proposal_id=proposal_id, ok=True, status=outcome["proposal"]["status"])
             )

@@ -24,6 +24,7 @@ from app.errors import GatewayError, describe_validation_error, error_event, exc
 from app.models import ClientMessage, CommandData, SubscriptionData
 from app.services.commands import COMMANDS, parse_symbol
 from app.services.connections import Connection, ConnectionLimitExceeded
+from app.services.engines import Caller
 from app.services.events import (
     SERVER_VERSION,
     SYMBOL_PREFIX,
@@ -363,7 +364,7 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
             "Invalid command arguments",
             f"Command {quoted(data.command)}: {describe_validation_error(error.validation_error)}",
         ) from None
-    result = await command.run(gateway, conn.principal, args)
+    result = await command.run(gateway, Caller(conn.principal, message.request_id), args)
     if command.reply != "command_result":
         conn.send_direct(envelope(command.reply, result, conn.id, message.request_id))
         return

@@ -2,8 +2,10 @@
 views. Each command has a name, the API-key scope it needs, the pydantic model of its arguments
 (the REST body's model where REST has one) and the message type that answers it.
 
-To add a command: an async function `(gateway, principal, arguments) -> result` and a line in
-COMMANDS.
+A user action (`result` set) is carried out by the engine (`gateway.engine.perform`): the
+paper engine in this process, or a remote one. To add a read: an async function `(gateway,
+caller, arguments) -> result` and a line in COMMANDS; an action: a line in COMMANDS (with the
+model of its result) and its case in `PaperEngine.perform`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import GatewayError, quoted
-from app.models import Decision
+from app.models import (
+    AnalysisData,
+    Decision,
+    DecisionResult,
+    EngineState,
+    NewProposal,
+    ProposalResult,
+)
+from app.services.engines import Caller
 from app.services.events import ErrorCode, normalize_symbol
 from app.services.health import health_snapshot
 
@@ -53,50 +63,27 @@ def parse_symbol(raw: str) -> str:
     return symbol
 
 
-async def get_status(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, Any]:
+async def get_status(gateway: Gateway, caller: Caller, _: NoArguments) -> dict[str, Any]:
     return gateway.system_status()
 
 
-async def get_portfolio(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, Any]:
+async def get_portfolio(gateway: Gateway, caller: Caller, _: NoArguments) -> dict[str, Any]:
     return await gateway.engine.portfolio()
 
 
-async def get_health(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, Any]:
+async def get_health(gateway: Gateway, caller: Caller, _: NoArguments) -> dict[str, Any]:
     return health_snapshot()
 
 
-async def approve_proposal(gateway: Gateway, principal: str, args: ProposalRef) -> dict[str, Any]:
-    proposal, trade = await gateway.engine.approve(args.proposal_id, principal)
-    return {
-        "proposal": proposal.as_dict(),
-        "trade": trade.as_event() if trade is not None else None,
-    }
+def _action(name: str) -> Callable[[Gateway, Caller, Any], Awaitable[dict[str, Any]]]:
+    """A user action: carried out by the engine, the paper one or a remote one."""
 
+    async def perform(gateway: Gateway, caller: Caller, args: BaseModel) -> dict[str, Any]:
+        if isinstance(args, SymbolRef | NewProposal):
+            args = args.model_copy(update={"symbol": parse_symbol(args.symbol)})
+        return await gateway.engine.perform(name, args, caller)
 
-async def reject_proposal(
-    gateway: Gateway, principal: str, args: ProposalDecision
-) -> dict[str, Any]:
-    proposal = await gateway.engine.reject(args.proposal_id, principal, args.reason)
-    return {"proposal": proposal.as_dict()}
-
-
-async def pause(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, Any]:
-    return {"status": "paused", "changed": await gateway.engine.set_paused(True, principal)}
-
-
-async def resume(gateway: Gateway, principal: str, _: NoArguments) -> dict[str, Any]:
-    return {"status": "running", "changed": await gateway.engine.set_paused(False, principal)}
-
-
-async def analyze(gateway: Gateway, principal: str, args: SymbolRef) -> dict[str, Any]:
-    symbol = normalize_symbol(args.symbol)
-    if symbol not in gateway.market.symbols:
-        raise GatewayError(
-            ErrorCode.INVALID_SYMBOL,
-            "Unknown symbol",
-            f"{quoted(args.symbol)} is not one of {', '.join(gateway.market.symbols)}",
-        )
-    return (await gateway.simulation.analyze(symbol)).as_dict()
+    return perform
 
 
 @dataclass(frozen=True)
@@ -104,10 +91,20 @@ class Command:
     name: str
     scope: str
     arguments: type[BaseModel]
-    run: Callable[[Gateway, str, Any], Awaitable[Any]]
+    # A read the gateway answers itself; None for a user action, which the engine carries out.
+    read: Callable[[Gateway, Caller, Any], Awaitable[Any]] | None = None
     # What answers it: `command_result`, or (as the original SIGMAX server does, and as the
     # spec's client waiting for `system_status` expects) the event it asks for.
     reply: str = "command_result"
+    # The model of a user action's result: what a remote engine must answer (checked).
+    result: Any = None
+
+    @property
+    def action(self) -> bool:
+        return self.read is None
+
+    async def run(self, gateway: Gateway, caller: Caller, args: BaseModel) -> Any:
+        return await (self.read or _action(self.name))(gateway, caller, args)
 
 
 COMMANDS: dict[str, Command] = {
@@ -116,10 +113,12 @@ COMMANDS: dict[str, Command] = {
         Command("get_status", "read", NoArguments, get_status, reply="system_status"),
         Command("get_portfolio", "read", NoArguments, get_portfolio, reply="portfolio_update"),
         Command("get_health", "read", NoArguments, get_health, reply="health_update"),
-        Command("approve_proposal", "trade", ProposalRef, approve_proposal),
-        Command("reject_proposal", "trade", ProposalDecision, reject_proposal),
-        Command("pause", "trade", NoArguments, pause),
-        Command("resume", "trade", NoArguments, resume),
-        Command("analyze", "trade", SymbolRef, analyze),
+        Command("approve_proposal", "trade", ProposalRef, result=DecisionResult),
+        Command("reject_proposal", "trade", ProposalDecision, result=DecisionResult),
+        Command("create_proposal", "trade", NewProposal, result=ProposalResult),
+        Command("pause", "trade", NoArguments, result=EngineState),
+        Command("resume", "trade", NoArguments, result=EngineState),
+        Command("analyze", "trade", SymbolRef, result=AnalysisData),
     )
 }
+ACTIONS = tuple(name for name, command in COMMANDS.items() if command.action)

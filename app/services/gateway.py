@@ -15,8 +15,10 @@ from typing import Any
 
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
+from app.services.commands import ACTIONS, COMMANDS
 from app.services.connections import ConnectionManager
 from app.services.engine import RiskRules, TradingEngine
+from app.services.engines import Engine, PaperEngine
 from app.services.events import (
     SERVER_VERSION,
     TOPICS,
@@ -30,7 +32,9 @@ from app.services.health import (
 )
 from app.services.leader import LeaderLease
 from app.services.market import SimulatedMarket
+from app.services.read_model import ReadModel
 from app.services.redis_bus import RedisBus
+from app.services.remote_engine import RemoteEngine
 from app.services.simulation import Simulation
 from config import Config
 
@@ -78,25 +82,24 @@ class Gateway:
         if None in symbols or not symbols:
             raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
         self.market = SimulatedMarket([s for s in symbols if s])
-        self.engine = TradingEngine(
-            db,
-            self.market,
-            self.bus.publish,
-            RiskRules(
-                fee_rate=config.FEE_RATE,
-                slippage=config.SLIPPAGE,
-                risk_per_trade=config.RISK_PER_TRADE,
-                max_position_share=config.MAX_POSITION_SHARE,
-                max_drawdown=config.MAX_DRAWDOWN,
-                proposal_ttl=config.PROPOSAL_TTL,
-                confidence_threshold=config.PROPOSAL_CONFIDENCE,
-                auto_approve=config.AUTO_APPROVE,
-                initial_cash=config.INITIAL_CASH,
-            ),
-        )
+        self.trading: TradingEngine | None = None
+        self.engine: Engine
+        if config.ENGINE_URL:
+            self.read_model = ReadModel(db, lambda: self.bus.stream_id)
+            self.bus.add_listener(self.read_model.observe)
+            self.engine = RemoteEngine(
+                config.ENGINE_URL,
+                api_key=config.ENGINE_API_KEY,
+                timeout=config.ENGINE_TIMEOUT,
+                read_model=self.read_model,
+                result_models={name: COMMANDS[name].result for name in ACTIONS},
+                on_reachability=self._on_engine_reachability,
+            )
+        else:
+            self.trading = TradingEngine(db, self.market, self.bus.publish, risk_rules(config))
         self.simulation = Simulation(
             market=self.market,
-            engine=self.engine,
+            engine=self.trading,
             db=db,
             publish=self.bus.publish,
             system_status=self.system_status,
@@ -108,6 +111,8 @@ class Gateway:
                 "health": config.HEALTH_INTERVAL,
             },
         )
+        if self.trading is not None:
+            self.engine = PaperEngine(self.trading, self.simulation)
         # One way: producers publish to the bus; its listeners are the fan-out and the
         # followers' price feed.
         self.bus.add_listener(self.manager.fan_out)
@@ -123,7 +128,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.bus.start()
-        await self.engine.load()
+        await self.engine.start()
         await self.simulation.restore()
         self.garbage.configure()
         self._tasks = [
@@ -189,6 +194,19 @@ class Gateway:
                         }
                     )
 
+    def _on_engine_reachability(self, reachable: bool, reason: str) -> None:
+        self.manager.notify_all(
+            "status_change",
+            {
+                "status": "running" if reachable else "degraded",
+                "component": "engine",
+                "reason": "trading engine reachable again"
+                if reachable
+                else f"trading engine unreachable: {reason}; user actions are refused "
+                "(ENGINE_UNAVAILABLE) until it is back",
+            },
+        )
+
     def _on_link_change(self, connected: bool, reason: str) -> None:
         self.manager.notify_all(
             "status_change",
@@ -207,6 +225,7 @@ class Gateway:
         await _cancel(self._tasks)
         await self._stop_producers()
         self._tasks.clear()
+        await self.engine.close()
         await self.bus.stop()
 
     def stats(self) -> dict[str, Any]:
@@ -230,6 +249,7 @@ class Gateway:
             "bus_backend": bus.backend,
             "last_seq": bus.head,
             "leader": self.is_leader,
+            "engine_reachable": self.engine.reachable,
         }
         if isinstance(bus, RedisBus):
             health.update(redis_connected=bus.connected, stream_lag=bus.lag, receiving=not bus.deaf)
@@ -240,8 +260,10 @@ class Gateway:
         return health
 
     def system_status(self) -> dict[str, Any]:
+        engine = self.engine
+        status = "paused" if engine.paused else "running"
         return {
-            "status": "paused" if self.engine.paused else "running",
+            "status": "degraded" if engine.reachable is False else status,
             "version": SERVER_VERSION,
             "uptime_seconds": round(time.time() - self.started, 3),
             "simulation": self.config.SIMULATION,
@@ -251,6 +273,8 @@ class Gateway:
             "bus_backend": self.bus.backend,
             "leader": self.is_leader,
             "available_topics": list(TOPICS),
+            "engine": {"mode": engine.mode, "reachable": engine.reachable},
+            "market_feed": {"source": self.market.source, "healthy": self.market.healthy},
             "counters": {
                 **self.engine.counters,
                 "events_published": self.manager.counters["events_published"],
@@ -270,3 +294,17 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def risk_rules(config: Config) -> RiskRules:
+    return RiskRules(
+        fee_rate=config.FEE_RATE,
+        slippage=config.SLIPPAGE,
+        risk_per_trade=config.RISK_PER_TRADE,
+        max_position_share=config.MAX_POSITION_SHARE,
+        max_drawdown=config.MAX_DRAWDOWN,
+        proposal_ttl=config.PROPOSAL_TTL,
+        confidence_threshold=config.PROPOSAL_CONFIDENCE,
+        auto_approve=config.AUTO_APPROVE,
+        initial_cash=config.INITIAL_CASH,
+    )

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
 from app.services import store
@@ -16,19 +16,21 @@ from app.services.analysis import Analysis, analyze
 from app.services.engine import TradingEngine
 from app.services.events import Event
 from app.services.health import health_snapshot
-from app.services.market import SimulatedMarket
+from app.services.market import Market
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[list[Event]], Awaitable[object]]
+PRODUCERS = ("market", "analysis", "portfolio", "status", "health")
+TRADING_PRODUCERS = frozenset({"analysis", "portfolio"})  # the paper engine's own
 
 
 class Simulation:
     def __init__(
         self,
         *,
-        market: SimulatedMarket,
-        engine: TradingEngine,
+        market: Market,
+        engine: TradingEngine | None,
         db: Any,
         publish: Publish,
         system_status: Callable[[], dict[str, Any]],
@@ -48,26 +50,41 @@ class Simulation:
         if prices:
             self.market.restore(prices)
 
-    def loops(self, stopping: asyncio.Event) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        """The producer loops; each ends between two ticks once `stopping` is set."""
-        every = self._intervals
+    def loops(
+        self, stopping: asyncio.Event, only: Collection[str] = PRODUCERS
+    ) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        """The producer loops (of `only`; the trading ones need the paper engine); each ends
+        between two ticks once `stopping` is set."""
+        work = {
+            "market": self.tick_market,
+            "analysis": self.analyze_all,
+            "portfolio": self.tick_portfolio,
+            "status": self.publish_status,
+            "health": self.publish_health,
+        }
         return [
-            _periodic(every["market"], self.tick_market, "market", stopping),
-            _periodic(every["analysis"], self.analyze_all, "analysis", stopping),
-            _periodic(every["portfolio"], self.tick_portfolio, "portfolio", stopping),
-            _periodic(every["status"], self.publish_status, "status", stopping),
-            _periodic(every["health"], self.publish_health, "health", stopping),
+            _periodic(self._intervals[name], work[name], name, stopping)
+            for name in PRODUCERS
+            if name in only and (self.engine is not None or name not in TRADING_PRODUCERS)
         ]
 
     async def tick_market(self) -> None:
         now = time.time()
-        tickers = self.market.tick(now)
+        tickers = await self.market.poll(now)
+        # What the feed has to say first (a live feed's outage or recovery), then its prices;
+        # a live feed that is failing has none, and nothing changed to save.
+        notices = self.market.notices()
+        if notices:
+            await self._publish(notices)
+        if not tickers:
+            return
         await self._publish([Event("market_update", [t.as_dict() for t in tickers])])
         async with self._db.connection() as connection:
             await store.save_prices(connection, self.market.snapshot_prices(), now)
 
     async def analyze(self, symbol: str) -> Analysis:
         """Run the analysis of one symbol now, publish it, and let the engine act on it."""
+        assert self.engine is not None, "the analysis agent is the paper engine's"
         analysis = analyze(symbol, self.market.prices(symbol))
         await self._publish([Event("analysis_update", analysis.as_dict(), symbol=symbol)])
         await self.engine.consider(
@@ -80,6 +97,7 @@ class Simulation:
             await self.analyze(symbol)
 
     async def tick_portfolio(self) -> None:
+        assert self.engine is not None, "the portfolio is the paper engine's"
         await self.engine.expire_stale()
         await self.engine.publish_portfolio()
 
