@@ -20,6 +20,7 @@ from app.blueprints.dashboard import dashboard_bp
 from app.blueprints.docs import docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
+from app.logs import configure_logging
 from app.services.auth import hash_key
 from app.services.database import attach_database
 from app.services.events import SERVER_VERSION
@@ -39,7 +40,7 @@ class StrictJSONProvider(DefaultJSONProvider):
 
 def create_app(config: Config | None = None) -> Quart:
     config = config or Config.from_env()
-    _configure_logging(config.LOG_LEVEL)
+    configure_logging(config.LOG_LEVEL)
     app = Quart(__name__)
     app.json = StrictJSONProvider(app)
     app.config["SIGMAX"] = config
@@ -97,14 +98,3 @@ async def _rate_limit_key() -> str:
 
 async def _not_rate_limited() -> bool:
     return request.path in NOT_RATE_LIMITED
-
-
-def _configure_logging(level: str) -> None:
-    # Only the gateway's own loggers: Hypercorn has its own handlers, and the root's would
-    # print each of its lines twice.
-    logger = logging.getLogger("app")
-    logger.setLevel(level)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)

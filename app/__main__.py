@@ -4,6 +4,7 @@ python -m app migrate                              bring the database to the lat
 python -m app keys create --scopes read+trade [--label NAME]   prints the new key once
 python -m app keys revoke KEY_ID
 python -m app keys list
+python -m app engine [--host H] [--port P]          the paper engine as a standalone engine service
 """
 
 from __future__ import annotations
@@ -38,6 +39,31 @@ async def _create_key(url: str, scopes: str, label: str) -> str:
     return f"{key_id} {key}"
 
 
+def _serve_engine(config: Config, host: str, port: int) -> int:
+    """Migrate the engine's database, then serve it (one process) until SIGINT or SIGTERM."""
+    import signal
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config as HypercornConfig
+
+    from app.engine_service import create_engine_app
+
+    asyncio.run(migrate(config.DATABASE_URL))
+    settings = HypercornConfig()
+    settings.bind = [f"{host}:{port}"]
+    settings.accesslog = None
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(create_engine_app(config), settings, shutdown_trigger=stop.wait)
+
+    asyncio.run(run())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app",
@@ -54,8 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     key_commands.add_parser("list", help="list keys (ids, scopes, labels; never the keys)")
+    engine = commands.add_parser(
+        "engine", help="serve the paper engine as a remote engine (the gateway's ENGINE_URL)"
+    )
+    engine.add_argument("--host", default=None, help="default: HOST")
+    engine.add_argument("--port", type=int, default=None, help="default: PORT")
     args = parser.parse_args(argv)
-    url = Config.from_env().DATABASE_URL
+    config = Config.from_env()
+    url = config.DATABASE_URL
+
+    if args.command == "engine":
+        return _serve_engine(config, args.host or config.HOST, args.port or config.PORT)
 
     if args.command == "migrate":
         version = asyncio.run(migrate(url))

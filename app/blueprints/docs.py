@@ -21,7 +21,10 @@ from app.apidocs.websocket_page import (
     render_websocket_page,
     websocket_page_context,
 )
+from app.engine_service import contract_document
 from config import Config
+
+ENGINE_CONTRACT_PATH = "/docs/engine"
 
 docs_bp = Blueprint("docs", __name__)
 
@@ -34,6 +37,13 @@ docs_bp = Blueprint("docs", __name__)
 async def get_asyncapi() -> dict[str, Any]:
     """The WebSocket protocol as an AsyncAPI 2.6 document."""
     return asyncapi_document(request.host or None, request.scheme in ("https", "wss"))
+
+
+@docs_bp.get(ENGINE_CONTRACT_PATH)
+@hide  # the contract a remote engine serves (ENGINE_URL), not an operation of the gateway
+async def get_engine_contract() -> dict[str, Any]:
+    """The remote engine contract as an OpenAPI document, for engine authors."""
+    return await contract_document()
 
 
 @docs_bp.get("/docs/")

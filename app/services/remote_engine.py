@@ -26,7 +26,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from app.errors import GatewayError, describe_validation_error, excerpt
@@ -147,7 +147,7 @@ class RemoteEngine:
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(ATTEMPTS) | stop_after_delay(self.timeout),
-                wait=wait_exponential_jitter(initial=0.1, max=1.0),
+                wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 retry=retry_if_exception_type(_Unreachable),
                 reraise=True,
             ):
