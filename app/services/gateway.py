@@ -31,7 +31,7 @@ from app.services.health import (
     process_rss,
 )
 from app.services.leader import LeaderLease
-from app.services.market import SimulatedMarket
+from app.services.market_feed import open_market
 from app.services.read_model import ReadModel
 from app.services.redis_bus import RedisBus
 from app.services.remote_engine import RemoteEngine
@@ -81,7 +81,9 @@ class Gateway:
         symbols = [normalize_symbol(s) for s in config.SYMBOLS]
         if None in symbols or not symbols:
             raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
-        self.market = SimulatedMarket([s for s in symbols if s])
+        self.market = open_market(
+            config.MARKET_FEED, [s for s in symbols if s], config.MARKET_FEED_URL
+        )
         self.trading: TradingEngine | None = None
         self.engine: Engine
         if config.ENGINE_URL:
@@ -226,6 +228,7 @@ class Gateway:
         await self._stop_producers()
         self._tasks.clear()
         await self.engine.close()
+        await self.market.close()
         await self.bus.stop()
 
     def stats(self) -> dict[str, Any]:
