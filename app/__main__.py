@@ -4,7 +4,7 @@ python -m app migrate                              bring the database to the lat
 python -m app keys create --scopes read+trade [--label NAME]   prints the new key once
 python -m app keys revoke KEY_ID
 python -m app keys list
-python -m app engine [--host H] [--port P]          the paper engine as a standalone engine service
+python -m app engine [--host HOST] [--port 8100]    the paper engine as a standalone engine service
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ async def _create_key(url: str, scopes: str, label: str) -> str:
 
     await _with_connection(url, insert)
     return f"{key_id} {key}"
+
+
+ENGINE_PORT = 8100  # beside the gateway's 8000
 
 
 def _serve_engine(config: Config, host: str, port: int) -> int:
@@ -84,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         "engine", help="serve the paper engine as a remote engine (the gateway's ENGINE_URL)"
     )
     engine.add_argument("--host", default=None, help="default: HOST")
-    engine.add_argument("--port", type=int, default=None, help="default: PORT")
+    engine.add_argument("--port", type=int, default=ENGINE_PORT, help=f"default: {ENGINE_PORT}")
     args = parser.parse_args(argv)
     config = Config.from_env()
     url = config.DATABASE_URL
 
     if args.command == "engine":
-        return _serve_engine(config, args.host or config.HOST, args.port or config.PORT)
+        return _serve_engine(config, args.host or config.HOST, args.port)
 
     if args.command == "migrate":
         version = asyncio.run(migrate(url))

@@ -11,14 +11,21 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
 import pytest
 
+from app.services.database import migrate
 from app.services.remote_engine import BREAKER_THRESHOLD, PROBE_INTERVAL
-from tests.helpers import REPOSITORY, RunningGateway, free_port, running_gateway
+from tests.helpers import (
+    REPOSITORY,
+    RunningGateway,
+    free_port,
+    fresh_postgres,
+    running_gateway,
+)
 
 ENGINE_KEY = "engine-secret"
 START_TIMEOUT = 20.0
@@ -526,3 +533,59 @@ async def test_a_wrong_argument_is_refused_before_the_engine(command):
             reply = await client.command(command, symbol="not a symbol", extra=1)
             assert reply["data"]["code"] == "MESSAGE_PROCESSING_ERROR"
         assert await seen(engine) == []
+
+
+async def test_workers_on_one_stream_build_one_read_model(redis_prefix):
+    """Three workers on one Redis stream and one PostgreSQL database each apply every event:
+    the rows are those of one application, whatever the interleaving."""
+
+    url, prefix = redis_prefix
+    async with fresh_postgres() as database_url, AsyncExitStack() as stack:
+        await migrate(database_url)
+        servers = [
+            await stack.enter_async_context(
+                running_gateway(
+                    REDIS_URL=url,
+                    REDIS_PREFIX=prefix,
+                    DATABASE_URL=database_url,
+                    ENGINE_URL=f"http://127.0.0.1:{free_port()}",
+                )
+            )
+            for _ in range(3)
+        ]
+        count = 40
+        events = []
+        for n in range(count):
+            proposal = {"proposal_id": f"p{n}", "symbol": "BTC/USDT", "action": "buy", "size": 1}
+            events.append({"type": "proposal_created", "data": proposal})
+            if n % 2:
+                events.append({"type": "proposal_approved", "data": {"proposal_id": f"p{n}"}})
+                trade = {"proposal_id": f"p{n}", "order_id": f"o{n}", "symbol": "BTC/USDT"}
+                events.append({"type": "trade_executed", "data": trade})
+            else:
+                closed = {"proposal_id": f"p{n}", "status": "rejected", "reason": f"r{n}"}
+                events.append({"type": "proposal_rejected", "data": closed})
+        # the events arrive at different workers, as an engine behind a load balancer sends them
+        for position in range(0, len(events), 10):
+            server = servers[position // 10 % 3]
+            status, _ = await http(
+                "POST", rest(server, "/api/events"), {"events": events[position : position + 10]}
+            )
+            assert status == 202
+
+        async def all_applied() -> bool:
+            return all(s.gateway.read_model.applied == len(events) for s in servers)
+
+        await eventually(all_applied)
+        for server in servers:
+            _, executed = await http(
+                "GET", rest(server, "/api/proposals?status=executed&limit=500")
+            )
+            _, rejected = await http(
+                "GET", rest(server, "/api/proposals?status=rejected&limit=500")
+            )
+            _, trades = await http("GET", rest(server, "/api/trades?limit=500"))
+            assert (executed["total"], rejected["total"], trades["total"]) == (20, 20, 20)
+            assert {p["status_reason"] for p in rejected["items"]} == {
+                f"r{n}" for n in range(0, count, 2)
+            }

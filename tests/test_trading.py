@@ -465,6 +465,22 @@ async def test_websocket_read_commands_and_analyze(server):
         assert wrong_type["data"]["code"] == "MESSAGE_PROCESSING_ERROR"
 
 
+async def test_rest_analyze_runs_the_engines_analysis(database_url):
+    context, server = await started(database_url)
+    try:
+        async with server.subscribed(["analysis"]) as client:
+            status, analysis = await post(server, "/api/analyze", {"symbol": "btc/usdt"})
+            assert (status, analysis["symbol"]) == (200, "BTC/USDT")
+            event = await client.next_of("analysis_update")
+            assert event["data"]["decision"] == analysis["decision"]
+        status, body = await post(server, "/api/analyze", {"symbol": "XYZ/USDT"})
+        assert (status, body["code"]) == (400, "INVALID_SYMBOL")
+        status, body = await post(server, "/api/analyze", {"symbol": "BTCUSDT"})
+        assert (status, body["code"]) == (400, "INVALID_SYMBOL")
+    finally:
+        await context.__aexit__(None, None, None)
+
+
 async def test_commands_are_rate_limited_per_connection(gateway_factory):
     async with gateway_factory(WS_COMMAND_RATE=0.5, WS_COMMAND_BURST=2) as server:
         async with server.client() as client, server.client() as other:

@@ -40,7 +40,13 @@ CLIENT_MESSAGES: dict[str, tuple[str, type[BaseModel] | None]] = {
     "unsubscribe": ("Remove topics and symbols. Answered by `unsubscribed`.", SubscriptionData),
     "ping": ("Keep-alive. Answered by `pong`.", None),
     "pong": ("Answer to the server's `ping`. No reply.", None),
-    "command": ("Run a gateway command (see Commands). Answered by `command_result`.", CommandData),
+    "command": (
+        "Run a gateway command (see Commands). Answered by `command_result`, or by an `error` "
+        "with the engine's own code when the engine refuses the action (the paper engine's: "
+        "PROPOSAL_NOT_FOUND, PROPOSAL_ALREADY_DECIDED, ENGINE_PAUSED, UNKNOWN_SYMBOL, "
+        "NOTHING_TO_SELL, INVALID_SIZE, NO_PRICE).",
+        CommandData,
+    ),
     "get_status": ("Answered by a `system_status` message.", None),
     "get_subscriptions": ("Answered by `subscriptions`.", None),
 }
@@ -133,6 +139,10 @@ ERROR_NOTES: dict[str, str] = {
     ErrorCode.CONNECTION_TIMEOUT: "No message from the client for WS_CONNECTION_TIMEOUT seconds.",
     ErrorCode.INTERNAL_ERROR: "The gateway failed to process the message (logged as a bug).",
     ErrorCode.RATE_LIMITED: "Too many commands; `details` says when to retry.",
+    ErrorCode.ENGINE_UNAVAILABLE: "A user action could not reach the remote engine (ENGINE_URL): "
+    "it is unreachable or did not answer within ENGINE_TIMEOUT. Retry later; an action that "
+    "timed out may still have been carried out.",
+    ErrorCode.ENGINE_ERROR: "The remote engine answered outside its contract (logged).",
 }
 
 # Close code -> (when, the error code of the `error` message sent just before, if any).

@@ -26,6 +26,7 @@ from app.blueprints.access import optional_body, requires
 from app.errors import GatewayError
 from app.models import (
     ActionHeaders,
+    AnalysisData,
     BulkDecision,
     BulkItem,
     BulkResult,
@@ -326,6 +327,18 @@ async def post_pause(headers: ActionHeaders) -> EngineState:
 async def post_resume(headers: ActionHeaders) -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
     return EngineState(**await _perform("resume", NO_ARGUMENTS, headers.idempotency_key))
+
+
+@api_bp.post("/api/analyze")
+@tag(["trading"])
+@requires("trade")
+@validate_request(commands.SymbolRef)
+@validate_headers(ActionHeaders)
+@validate_response(AnalysisData)
+@errors(502, 503)
+async def post_analyze(data: commands.SymbolRef, headers: ActionHeaders) -> dict[str, Any]:
+    """Run the engine's analysis of one symbol now (it may lead to a proposal)."""
+    return await _perform("analyze", data, headers.idempotency_key)
 
 
 async def _perform(name: str, args: BaseModel, idempotency_key: str | None = None) -> Any:
