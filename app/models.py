@@ -358,14 +358,22 @@ class StatusChangeData(EventData):
     reason: str | None = None
 
 
-class EngineInfo(BaseModel):
-    mode: Literal["paper", "remote"] = Field(description="the built-in paper engine, or ENGINE_URL")
-    reachable: bool | None = Field(description="the remote engine answers; null with the paper one")
+class EngineInfo(EventData):
+    mode: Literal["paper", "remote"] | None = Field(
+        default=None, description="the built-in paper engine, or ENGINE_URL"
+    )
+    reachable: bool | None = Field(
+        default=None, description="the remote engine answers; null with the paper one"
+    )
 
 
-class MarketFeedInfo(BaseModel):
-    source: str = Field(examples=["simulated", "ccxt:binance"], description="MARKET_FEED")
-    healthy: bool = Field(description="false while the exchange fails (prices are the last known)")
+class MarketFeedInfo(EventData):
+    source: str | None = Field(
+        default=None, examples=["simulated", "ccxt:binance"], description="MARKET_FEED"
+    )
+    healthy: bool | None = Field(
+        default=None, description="false while the exchange fails (prices are the last known)"
+    )
 
 
 class SystemStatusData(EventData):

@@ -240,7 +240,7 @@ async def post_proposal(data: NewProposal, headers: ActionHeaders) -> tuple[Prop
 @requires("trade")
 @validate_headers(ActionHeaders)
 @validate_response(DecisionResult, 200)
-@errors(404, 409, 502, 503)
+@errors(400, 404, 409, 502, 503)
 async def approve_proposal(proposal_id: str, headers: ActionHeaders) -> DecisionResult:
     """Approve a pending proposal: executed at once unless the engine is paused. Approving
     twice, or concurrently, executes once; the others get 409."""
@@ -312,7 +312,7 @@ async def reject_proposals(data: BulkDecision, headers: ActionHeaders) -> BulkRe
 @requires("trade")
 @validate_headers(ActionHeaders)
 @validate_response(EngineState)
-@errors(502, 503)
+@errors(400, 502, 503)
 async def post_pause(headers: ActionHeaders) -> EngineState:
     """Pause trading: no new proposals, approvals wait for resume. Market data continues."""
     return EngineState(**await _perform("pause", NO_ARGUMENTS, headers.idempotency_key))
@@ -323,7 +323,7 @@ async def post_pause(headers: ActionHeaders) -> EngineState:
 @requires("trade")
 @validate_headers(ActionHeaders)
 @validate_response(EngineState)
-@errors(502, 503)
+@errors(400, 502, 503)
 async def post_resume(headers: ActionHeaders) -> EngineState:
     """Resume trading; approvals made while paused are executed now."""
     return EngineState(**await _perform("resume", NO_ARGUMENTS, headers.idempotency_key))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import GatewayError, quoted
 from app.models import (
+    TRADED_SYMBOL,
     AnalysisData,
     Decision,
     DecisionResult,
@@ -48,7 +49,9 @@ class ProposalDecision(Decision):
 
 
 class SymbolRef(NoArguments):
-    symbol: str = Field(min_length=1, max_length=50, examples=["BTC/USDT"])
+    symbol: str = Field(
+        min_length=1, max_length=50, examples=["BTC/USDT"], json_schema_extra={TRADED_SYMBOL: True}
+    )
 
 
 def parse_symbol(raw: str) -> str:
