@@ -15,6 +15,7 @@ from quart import Quart
 
 from app import create_app
 from app.blueprints.dashboard import ASSETS, DASHBOARD_CSP, PAGE_DIRECTORY
+from app.models import EngineInfo, MarketFeedInfo, SystemStatusData
 from config import Config
 from tests.helpers import running_gateway
 
@@ -108,6 +109,26 @@ def test_script_never_parses_server_text_as_html() -> None:
         "new Function",
     ):
         assert sink not in script, sink
+
+
+def test_system_area_shows_the_engine_and_market_feed_of_system_status() -> None:
+    """The facts read the fields the models declare (a rename fails here, not on screen), each
+    tone the script gives a fact has its colour, and the page says what it does not know."""
+    script = (PAGE_DIRECTORY / "dashboard.js").read_text()
+    style = (PAGE_DIRECTORY / "dashboard.css").read_text()
+    for field in ("engine", "market_feed"):
+        assert field in SystemStatusData.model_fields, field
+        assert f"data.{field}" in script, field
+    for model in (EngineInfo, MarketFeedInfo):
+        for name in model.model_fields:
+            assert re.search(rf"\.{name}\b", script), f"{model.__name__}.{name}"
+    assert "'remote'" in script
+    for label in ("reachable", "unreachable", "live", "degraded", "unknown"):
+        assert re.search(rf"[ '`]{label}['`]", script), label
+    tones = set(re.findall(r"\btone: '([a-z]+)'", script))
+    assert {"up", "down", "warn", "unknown"} <= tones, tones
+    for tone in tones:
+        assert f'dd[data-tone="{tone}"]' in style, tone
 
 
 async def test_only_the_listed_assets_are_served(app: Quart) -> None:

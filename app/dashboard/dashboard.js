@@ -385,27 +385,96 @@ function refreshPortfolio() {
 
 // -- system --------------------------------------------------------------------------------
 
-function applyStatus(data) {
-  if (!data || typeof data !== 'object') return;
-  showEngineStatus(data.status);
+const isRecord = (value) => value !== null && typeof value === 'object' && !Array.isArray(value);
+
+// What the latest system_status and status_change said: the engine's status, the trading
+// engine in use and the market feed. A status without `engine` or `market_feed` (a gateway
+// without them, or the original engine's own status) keeps what is known: unknown until told.
+const system = { status: null, engine: null, feed: null };
+
+/** A system_status; with `keepStatus`, the facts only (the pill keeps a notice's status). */
+function applyStatus(data, { keepStatus = false } = {}) {
+  if (!isRecord(data)) return;
+  if (data.status && !keepStatus) system.status = text(data.status);
+  if (isRecord(data.engine)) system.engine = data.engine;
+  if (isRecord(data.market_feed)) system.feed = data.market_feed;
+  showEngineStatus();
   const counters = data.counters ?? {};
   const facts = [
-    ['Uptime', fmtDuration(data.uptime_seconds)],
-    ['Connections', text(data.connections ?? '—')],
-    ['Event bus', `${text(data.bus_backend || '—')}${data.leader ? ' · leader' : ''}`],
-    ['Proposals', text(counters.proposals_created ?? '—'), 'Proposals made since the gateway started'],
-    ['Trades', text(counters.trades_executed ?? '—'), 'Trades executed since the gateway started'],
-    ['Version', text(data.version || '—')],
+    engineFact(system.engine),
+    feedFact(system.feed),
+    { name: 'Uptime', value: fmtDuration(data.uptime_seconds) },
+    { name: 'Connections', value: text(data.connections ?? '—') },
+    { name: 'Event bus', value: `${text(data.bus_backend || '—')}${data.leader ? ' · leader' : ''}` },
+    { name: 'Proposals', value: text(counters.proposals_created ?? '—'), hint: 'Proposals made since the gateway started' },
+    { name: 'Trades', value: text(counters.trades_executed ?? '—'), hint: 'Trades executed since the gateway started' },
+    { name: 'Version', value: text(data.version || '—') },
   ];
-  $('status-facts').replaceChildren(...facts.map(([name, value, hint]) => el('div', { title: hint },
-    el('dt', { text: name }), el('dd', { text: value, title: hint ? null : value }))));
+  $('status-facts').replaceChildren(...facts.map(({ name, value, hint, fact, dataset }) => el('div', {
+    title: hint, class: fact ? 'wide' : null, dataset: fact ? { fact } : null,
+  }, el('dt', { text: name }), el('dd', { text: value, title: hint && !fact ? null : value, dataset }))));
 }
 
-function showEngineStatus(status) {
+/** The trading engine: the paper one, or the remote one and whether it answers. */
+function engineFact(engine) {
+  const fact = { name: 'Engine', fact: 'engine',
+    hint: 'The trading engine: the built-in paper engine, or the remote one at ENGINE_URL' };
+  const mode = text(engine?.mode);
+  if (!mode) return { ...fact, value: 'unknown', dataset: { mode: 'unknown', tone: 'unknown' } };
+  if (mode !== 'remote') return { ...fact, value: mode, dataset: { mode } };
+  if (engine.reachable === true) {
+    return { ...fact, value: 'remote · reachable', dataset: { mode, reachable: 'true', tone: 'up' } };
+  }
+  if (engine.reachable === false) {
+    return { ...fact, value: 'remote · unreachable', dataset: { mode, reachable: 'false', tone: 'down' } };
+  }
+  return { ...fact, value: 'remote', dataset: { mode, reachable: 'unknown' } };
+}
+
+/** Where prices come from (MARKET_FEED), and whether it works. */
+function feedFact(feed) {
+  const fact = { name: 'Market feed', fact: 'feed',
+    hint: 'Where prices come from (MARKET_FEED): degraded while it fails, the last known prices stay' };
+  const source = text(feed?.source);
+  if (!source) return { ...fact, value: 'unknown', dataset: { source: 'unknown', tone: 'unknown' } };
+  if (feed.healthy === true) return { ...fact, value: `${source} · live`, dataset: { source, healthy: 'true', tone: 'up' } };
+  if (feed.healthy === false) {
+    return { ...fact, value: `${source} · degraded`, dataset: { source, healthy: 'false', tone: 'warn' } };
+  }
+  return { ...fact, value: source, dataset: { source, healthy: 'unknown' } };
+}
+
+/** Why a running system is degraded: what the engine and feed facts say is failing. */
+function degradation() {
+  const reasons = [];
+  if (system.engine?.mode === 'remote' && system.engine.reachable === false) reasons.push('the remote engine is unreachable');
+  if (system.feed?.healthy === false) reasons.push(`the market feed ${text(system.feed.source)} is failing`);
+  return reasons;
+}
+
+function showEngineStatus() {
+  const reasons = degradation();
+  const status = system.status === 'running' && reasons.length ? 'degraded' : system.status;
   if (!status) return;
   const pill = $('system-pill');
-  pill.dataset.status = text(status);
-  pill.textContent = text(status).replace('_', ' ');
+  pill.dataset.status = status;
+  pill.textContent = status.replace('_', ' ');
+  pill.title = reasons.length ? `Trading engine status: ${reasons.join('; ')}` : 'Trading engine status';
+}
+
+let statusRefresh = null;
+let statusRefreshKeeps = true;
+/** The status now, asked of this connection's own worker (the one that sent a notice): after a
+ * status change (the remote engine or the market feed failing or back), the facts change at
+ * once, not at the next periodic system_status; `keepStatus` as in applyStatus. */
+function refreshStatus({ keepStatus = false } = {}) {
+  statusRefreshKeeps = (statusRefresh === null || statusRefreshKeeps) && keepStatus;
+  clearTimeout(statusRefresh);
+  statusRefresh = setTimeout(() => {
+    const options = { keepStatus: statusRefreshKeeps };
+    statusRefresh = null;
+    socket?.getStatus().then((data) => applyStatus(data, options)).catch(() => {});
+  }, 150);
 }
 
 function applyHealth(data) {
@@ -425,7 +494,12 @@ function applyHealth(data) {
 function onStatusChange({ data, timestamp }) {
   // The gateway's own notices say `status`; the original SIGMAX engine's, `current_status`.
   const status = data?.status ?? data?.current_status;
-  showEngineStatus(status);
+  if (status) {
+    system.status = text(status);
+    showEngineStatus();
+  }
+  // The gateway's own notices: the remote engine or the market feed went away or came back.
+  if (data?.status && data.status !== 'shutting_down') refreshStatus({ keepStatus: true });
   const why = data?.reason ?? (data?.changed_by ? `by ${data.changed_by}` : '');
   log(`Status ${text(status)}${why ? `: ${why}` : ''}`, status === 'running' ? 'info' : 'warning', timestamp);
 }
@@ -480,22 +554,29 @@ function isAuthFailure(error) {
   return error?.code === 'AUTHENTICATION_FAILED' || error?.status === 401;
 }
 
-/** The state as REST sees it now: at start, and when a resume could not replay what was missed. */
+/** The state as REST sees it now: at start, and when a resume could not replay what was missed.
+ * What answers is shown even when a part fails (a remote engine that has not published its
+ * portfolio yet); then the first failure (an authentication one first) is thrown. */
 async function loadSnapshot() {
   const before = [...proposals.keys()];
-  const [prices, portfolio, pending, executed, status] = await Promise.all([
+  const parts = await Promise.allSettled([
     api('/api/market'), api('/api/portfolio'), api('/api/proposals?status=pending&limit=100'),
     api('/api/trades?limit=50'), api('/api/status'),
   ]);
-  applyMarket(prices?.symbols);
-  applyPortfolio(portfolio);
-  reconcileProposals(pending?.items ?? [], before);
-  for (const trade of executed?.items ?? []) onTrade({ data: trade }, false);
-  // Newest first, also when some arrived live before the snapshot (ISO times sort as text).
-  const rows = [...$('trades').children];
-  rows.sort((a, b) => (a.dataset.at < b.dataset.at ? 1 : a.dataset.at > b.dataset.at ? -1 : 0));
-  $('trades').replaceChildren(...rows);
-  applyStatus(status);
+  const [prices, portfolio, pending, executed, status] = parts.map((part) => part.value);
+  if (prices) applyMarket(prices.symbols);
+  if (portfolio) applyPortfolio(portfolio);
+  if (pending) reconcileProposals(pending.items ?? [], before);
+  if (executed) {
+    for (const trade of executed.items ?? []) onTrade({ data: trade }, false);
+    // Newest first, also when some arrived live before the snapshot (ISO times sort as text).
+    const rows = [...$('trades').children];
+    rows.sort((a, b) => (a.dataset.at < b.dataset.at ? 1 : a.dataset.at > b.dataset.at ? -1 : 0));
+    $('trades').replaceChildren(...rows);
+  }
+  if (status) applyStatus(status);
+  const failures = parts.filter((part) => part.status === 'rejected').map((part) => part.reason);
+  if (failures.length) throw failures.find(isAuthFailure) ?? failures[0];
 }
 
 // -- the WebSocket -------------------------------------------------------------------------
@@ -542,6 +623,9 @@ function onState(state, detail) {
       showConnection('connecting', 'Connecting');
       break;
     case 'connected':
+      // The status of this connection's worker now, as its greeting had it (which the client
+      // keeps to itself): the engine and the market feed may have changed while away.
+      refreshStatus();
       if (detail.resumed) {
         const recovered = detail.recovered !== false;
         showConnection('resumed', 'Resumed',

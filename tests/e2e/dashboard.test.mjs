@@ -220,8 +220,19 @@ async function screenshot(page, name) {
   return path;
 }
 
+/** A failed scenario's error, with the page's screenshot (`name` in artifacts/) and the
+ * gateway's log. */
+async function withEvidence(error, page, gateway, name) {
+  await screenshot(page, name).catch(() => {});
+  error.message += `\n-- gateway log --\n${gateway.log()}`;
+  return error;
+}
+
 const badge = (state) => `#connection[data-state="${state}"]`;
 const BTC_PRICE = '#market tr[data-symbol="BTC/USDT"] .price';
+// The system area's facts about the trading engine and the market feed (from system_status).
+const ENGINE_FACT = '#status-facts [data-fact="engine"] dd';
+const FEED_FACT = '#status-facts [data-fact="feed"] dd';
 
 // -- scenarios ---------------------------------------------------------------------------
 
@@ -251,6 +262,13 @@ test('live dashboard: prices, approval, execution, portfolio; kill, restart, res
     await page.goto(`${gateway.url}/dashboard`, { timeout: 15_000 });
     await page.waitForSelector(badge('connected'), { timeout: 15_000 });
     assert.equal(await textOf(page, '#connection-label'), 'Connected');
+
+    // The system area: the built-in paper engine (nothing to reach) and the simulated market.
+    await page.waitForSelector(`${ENGINE_FACT}[data-mode="paper"]`, { timeout: 10_000 });
+    assert.equal(await textOf(page, ENGINE_FACT), 'paper');
+    await page.waitForSelector(`${FEED_FACT}[data-source="simulated"]`, { timeout: 10_000 });
+    assert.equal(await textOf(page, FEED_FACT), 'simulated · live');
+    assert.equal(await page.getAttribute('#system-pill', 'data-status'), 'running');
 
     // Prices arrive and move.
     await page.waitForSelector(BTC_PRICE, { timeout: 10_000 });
@@ -337,9 +355,7 @@ test('live dashboard: prices, approval, execution, portfolio; kill, restart, res
     await screenshot(page, 'dashboard.png');
     assert.deepEqual(problems, []);
   } catch (error) {
-    await screenshot(page, 'dashboard-failure.png').catch(() => {});
-    error.message += `\n-- gateway log --\n${gateway.log()}`;
-    throw error;
+    throw await withEvidence(error, page, gateway, 'dashboard-failure.png');
   }
 });
 
@@ -375,8 +391,29 @@ test('with API keys: the page asks for one, refuses a wrong one, then shows the 
     await screenshot(page, 'dashboard-api-key.png');
     assert.deepEqual(problems, []);
   } catch (error) {
-    await screenshot(page, 'dashboard-api-key-failure.png').catch(() => {});
-    error.message += `\n-- gateway log --\n${gateway.log()}`;
-    throw error;
+    throw await withEvidence(error, page, gateway, 'dashboard-api-key-failure.png');
+  }
+});
+
+test('a remote engine that does not answer: remote · unreachable, the status degraded', async (t) => {
+  // ENGINE_URL at a loopback port that nothing listens on.
+  const { gateway, page, problems } = await gatewayAndPage(t, {
+    ENGINE_URL: `http://127.0.0.1:${await freePort()}`, ENGINE_TIMEOUT: '1',
+  });
+  try {
+    await page.goto(`${gateway.url}/dashboard`, { timeout: 15_000 });
+    await page.waitForSelector(badge('connected'), { timeout: 15_000 });
+    await page.waitForSelector(`${ENGINE_FACT}[data-mode="remote"][data-reachable="false"]`, { timeout: 20_000 });
+    assert.equal(await textOf(page, ENGINE_FACT), 'remote · unreachable');
+    await page.waitForSelector('#system-pill[data-status="degraded"]', { timeout: 10_000 });
+    assert.match(await page.getAttribute('#system-pill', 'title'), /remote engine is unreachable/);
+    // The market is the gateway's own: it goes on.
+    await page.waitForSelector(`${FEED_FACT}[data-source="simulated"]`, { timeout: 10_000 });
+    await page.waitForSelector(BTC_PRICE, { timeout: 10_000 });
+    await textChanges(page, BTC_PRICE, await textOf(page, BTC_PRICE), 10_000, 'the BTC/USDT price');
+    await screenshot(page, 'dashboard-remote-unreachable.png');
+    assert.deepEqual(problems, []);
+  } catch (error) {
+    throw await withEvidence(error, page, gateway, 'dashboard-remote-unreachable-failure.png');
   }
 });

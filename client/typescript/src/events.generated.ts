@@ -107,12 +107,17 @@ export interface ProposalOut {
   source: string;
   status: string;
   created_at: string;
-  expires_at: string;
+  /** null when a remote engine did not say */
+  expires_at: string | null;
   decided_by: string | null;
   decided_at: string | null;
   status_reason: string | null;
   /** who made a manual proposal */
   requested_by?: string | null;
+}
+
+export interface ProposalResult {
+  proposal: ProposalOut;
 }
 
 export interface TradeExecutedData {
@@ -131,8 +136,8 @@ export interface TradeExecutedData {
 export interface CommandResultData {
   command: string;
   success: boolean;
-  /** approve_proposal: {proposal, trade} (trade null while paused); reject_proposal: {proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. get_status, get_portfolio and get_health answer with their event instead */
-  result: DecisionResult | EngineState | AnalysisData;
+  /** approve_proposal: {proposal, trade} (trade null while paused); reject_proposal, create_proposal: {proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. get_status, get_portfolio and get_health answer with their event instead */
+  result: DecisionResult | ProposalResult | EngineState | AnalysisData;
 }
 
 export interface ErrorData {
@@ -197,8 +202,28 @@ export interface StatusChangeData {
   [field: string]: unknown;
 }
 
+export interface EngineInfo {
+  /** the built-in paper engine, or ENGINE_URL */
+  mode?: "paper" | "remote" | null;
+  /** the remote engine answers; null with the paper one */
+  reachable?: boolean | null;
+  [field: string]: unknown;
+}
+
+export interface MarketFeedInfo {
+  /** MARKET_FEED */
+  source?: string | null;
+  /** false while the exchange fails (prices are the last known) */
+  healthy?: boolean | null;
+  [field: string]: unknown;
+}
+
 export interface SystemStatusData {
   status?: string | null;
+  /** the gateway's own status only */
+  engine?: EngineInfo | null;
+  /** the gateway's own status only */
+  market_feed?: MarketFeedInfo | null;
   [field: string]: unknown;
 }
 
@@ -378,7 +403,7 @@ export interface ClientMessageDataMap {
   ping: Record<string, unknown>;
   /** Answer to the server's `ping`. No reply. */
   pong: Record<string, unknown>;
-  /** Run a gateway command (see Commands). Answered by `command_result`. */
+  /** Run a gateway command (see Commands). Answered by `command_result`, or by an `error` with the engine's own code when the engine refuses the action (the paper engine's: PROPOSAL_NOT_FOUND, PROPOSAL_ALREADY_DECIDED, ENGINE_PAUSED, UNKNOWN_SYMBOL, NOTHING_TO_SELL, INVALID_SIZE, NO_PRICE). */
   command: CommandData;
   /** Answered by a `system_status` message. */
   get_status: Record<string, unknown>;

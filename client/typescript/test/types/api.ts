@@ -73,6 +73,14 @@ export async function api(client: SigmaxWebSocket, type: EventType | '*'): Promi
   const offAll: () => void = client.on('*', (event: SigmaxEvent) => use(event.type, event.data));
   const offEither: () => void = client.on(type, (event: SigmaxEvent) => use(event));
   const offMarket = client.on('market_update', (event) => use(event.data.map((entry) => entry.price)));
+  // The dashboard's system area: the trading engine and the market feed (absent: unknown).
+  const offStatus = client.on('system_status', (event) => {
+    const mode: 'paper' | 'remote' | null | undefined = event.data.engine?.mode;
+    const reachable: boolean | null | undefined = event.data.engine?.reachable;
+    const source: string | null | undefined = event.data.market_feed?.source;
+    const healthy: boolean | null | undefined = event.data.market_feed?.healthy;
+    use(mode, reachable, source, healthy);
+  });
   const offState: () => void = client.onStateChange((state: ConnectionState, change: StateDetail) => {
     use(state, change.attempt, change.resumed, change.recovered, change.replayed, change.error?.code);
   });
@@ -82,5 +90,5 @@ export async function api(client: SigmaxWebSocket, type: EventType | '*'): Promi
   // @ts-expect-error the state is the client's to change
   client.state = 'idle';
   use(connect, disconnect, subscribed, unsubscribed, status, held, commanded, result, off, offAll,
-      offEither, offMarket, offState, state, lastSeq, streamId);
+      offEither, offMarket, offStatus, offState, state, lastSeq, streamId);
 }
