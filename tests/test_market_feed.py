@@ -162,6 +162,7 @@ async def test_an_outage_backs_off_keeps_prices_and_is_announced_once(
         assert alert.data["source"] == "ccxt:binance"
         assert alert.data["retry_in"] == 1.0
         assert degraded.data["status"] == "degraded"
+        assert degraded.data["component"] == "market_feed"
         assert degraded.data["current_status"] == "degraded"
         assert "ccxt:binance" in degraded.data["reason"]
 

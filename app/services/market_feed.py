@@ -305,7 +305,13 @@ def _status_change(status: str, previous: str, reason: str) -> Event:
     # The gateway's own notices carry the original SIGMAX engine's fields too.
     return Event(
         "status_change",
-        {"status": status, "reason": reason, "previous_status": previous, "current_status": status},
+        {
+            "status": status,
+            "component": "market_feed",
+            "reason": reason,
+            "previous_status": previous,
+            "current_status": status,
+        },
     )
 
 
