@@ -42,7 +42,7 @@ from app.services.engine import TradingEngine
 from app.services.engines import Caller, PaperEngine
 from app.services.events import SERVER_VERSION, Event, normalize_symbol
 from app.services.gateway import risk_rules
-from app.services.market import SimulatedMarket
+from app.services.market import SimulatedMarket, prices_in
 from app.services.simulation import Simulation
 from config import Config
 
@@ -334,15 +334,8 @@ class EngineService:
                 continue
             try:
                 async for event in client.listen():  # reconnects and resumes by itself
-                    if event.type == "market_update" and isinstance(event.data, list):
-                        self.market.observe(
-                            {
-                                entry["symbol"]: entry["price"]
-                                for entry in event.data
-                                if isinstance(entry, dict) and entry.get("price") is not None
-                            },
-                            time.time(),
-                        )
+                    if event.type == "market_update":
+                        self.market.observe(prices_in(event.data), time.time())
                         self.priced = True
             finally:
                 await client.disconnect()

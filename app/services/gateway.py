@@ -31,6 +31,7 @@ from app.services.health import (
     process_rss,
 )
 from app.services.leader import LeaderLease
+from app.services.market import prices_in
 from app.services.market_feed import open_market
 from app.services.read_model import ReadModel
 from app.services.redis_bus import RedisBus
@@ -184,17 +185,12 @@ class Gateway:
         self._producers = []
 
     def _follow_prices(self, events: list[Event]) -> None:
-        """Followers price approvals with what the leader's feed says."""
+        """Followers price approvals with what the leader's feed says, and keep its history
+        (a follower that becomes leader analyses from it)."""
         if not self.is_leader:
             for event in events:
-                if event.type == "market_update" and isinstance(event.data, list):
-                    self.market.restore(
-                        {
-                            entry["symbol"]: entry["price"]
-                            for entry in event.data
-                            if isinstance(entry, dict) and "price" in entry
-                        }
-                    )
+                if event.type == "market_update":
+                    self.market.observe(prices_in(event.data), event.created)
 
     def _on_engine_reachability(self, reachable: bool, reason: str) -> None:
         self.manager.notify_all(

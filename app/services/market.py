@@ -291,6 +291,17 @@ class Market(Protocol):
     async def close(self) -> None: ...
 
 
+def prices_in(market_update: Any) -> dict[str, float]:
+    """{symbol: price} of a `market_update`'s data (entries without a price left out)."""
+    if not isinstance(market_update, list):
+        return {}
+    return {
+        entry["symbol"]: entry["price"]
+        for entry in market_update
+        if isinstance(entry, dict) and entry.get("price") is not None and "symbol" in entry
+    }
+
+
 def _valid_price(value: Any) -> bool:
     return (
         isinstance(value, int | float)
