@@ -41,7 +41,7 @@ from app.services.database import attach_database
 from app.services.engine import TradingEngine
 from app.services.engines import Caller, PaperEngine
 from app.services.events import SERVER_VERSION, Event, normalize_symbol
-from app.services.gateway import risk_rules
+from app.services.gateway import producer_intervals, risk_rules
 from app.services.market import SimulatedMarket, prices_in
 from app.services.simulation import Simulation
 from config import Config
@@ -217,13 +217,7 @@ class EngineService:
             db=db,
             publish=self.outbox.publish,
             system_status=dict,
-            intervals={
-                "market": config.MARKET_INTERVAL,
-                "analysis": config.ANALYSIS_INTERVAL,
-                "portfolio": config.PORTFOLIO_INTERVAL,
-                "status": config.STATUS_INTERVAL,
-                "health": config.HEALTH_INTERVAL,
-            },
+            intervals=producer_intervals(config),
         )
         self.engine = PaperEngine(self.trading, self.simulation)
         self._locks: dict[str, asyncio.Lock] = {}

@@ -576,7 +576,7 @@ async def test_workers_on_one_stream_build_one_read_model(redis_prefix):
             assert status == 202
 
         async def all_applied() -> bool:
-            return all(s.gateway.read_model.applied == len(events) for s in servers)
+            return all(s.gateway.engine.read_model.applied == len(events) for s in servers)
 
         await eventually(all_applied)
         for server in servers:

@@ -78,17 +78,6 @@ async def get_health(gateway: Gateway, caller: Caller, _: NoArguments) -> dict[s
     return health_snapshot()
 
 
-def _action(name: str) -> Callable[[Gateway, Caller, Any], Awaitable[dict[str, Any]]]:
-    """A user action: carried out by the engine, the paper one or a remote one."""
-
-    async def perform(gateway: Gateway, caller: Caller, args: BaseModel) -> dict[str, Any]:
-        if isinstance(args, SymbolRef | NewProposal):
-            args = args.model_copy(update={"symbol": parse_symbol(args.symbol)})
-        return await gateway.engine.perform(name, args, caller)
-
-    return perform
-
-
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -107,7 +96,11 @@ class Command:
         return self.read is None
 
     async def run(self, gateway: Gateway, caller: Caller, args: BaseModel) -> Any:
-        return await (self.read or _action(self.name))(gateway, caller, args)
+        if self.read is not None:
+            return await self.read(gateway, caller, args)
+        if isinstance(args, SymbolRef | NewProposal):
+            args = args.model_copy(update={"symbol": parse_symbol(args.symbol)})
+        return await gateway.engine.perform(self.name, args, caller)
 
 
 COMMANDS: dict[str, Command] = {

@@ -85,39 +85,27 @@ class Gateway:
         self.market = open_market(
             config.MARKET_FEED, [s for s in symbols if s], config.MARKET_FEED_URL
         )
-        self.trading: TradingEngine | None = None
-        self.engine: Engine
-        if config.ENGINE_URL:
-            self.read_model = ReadModel(db, lambda: self.bus.stream_id)
-            self.bus.add_listener(self.read_model.observe)
-            self.engine = RemoteEngine(
-                config.ENGINE_URL,
-                api_key=config.ENGINE_API_KEY,
-                timeout=config.ENGINE_TIMEOUT,
-                read_model=self.read_model,
-                result_models={name: COMMANDS[name].result for name in ACTIONS},
-                on_reachability=self._on_engine_reachability,
-            )
-        else:
-            self.trading = TradingEngine(db, self.market, self.bus.publish, risk_rules(config))
+        # The paper engine trades in this process; with ENGINE_URL a remote engine does.
+        self.trading = (
+            None
+            if config.ENGINE_URL
+            else TradingEngine(db, self.market, self.bus.publish, risk_rules(config))
+        )
         self.simulation = Simulation(
             market=self.market,
             engine=self.trading,
             db=db,
             publish=self.bus.publish,
             system_status=self.system_status,
-            intervals={
-                "market": config.MARKET_INTERVAL,
-                "analysis": config.ANALYSIS_INTERVAL,
-                "portfolio": config.PORTFOLIO_INTERVAL,
-                "status": config.STATUS_INTERVAL,
-                "health": config.HEALTH_INTERVAL,
-            },
+            intervals=producer_intervals(config),
         )
-        if self.trading is not None:
-            self.engine = PaperEngine(self.trading, self.simulation)
-        # One way: producers publish to the bus; its listeners are the fan-out and the
-        # followers' price feed.
+        self.engine: Engine = (
+            PaperEngine(self.trading, self.simulation)
+            if self.trading is not None
+            else self._remote_engine()
+        )
+        # One way: producers publish to the bus; its listeners are the fan-out, the
+        # followers' price feed and, with a remote engine, its read model.
         self.bus.add_listener(self.manager.fan_out)
         self.bus.add_listener(self._follow_prices)
         self.loop_lag = LoopLagMonitor()
@@ -191,6 +179,19 @@ class Gateway:
             for event in events:
                 if event.type == "market_update":
                     self.market.observe(prices_in(event.data), event.created)
+
+    def _remote_engine(self) -> RemoteEngine:
+        """ENGINE_URL's engine; its read model follows the stream."""
+        read_model = ReadModel(self.db, lambda: self.bus.stream_id)
+        self.bus.add_listener(read_model.observe)
+        return RemoteEngine(
+            self.config.ENGINE_URL,
+            api_key=self.config.ENGINE_API_KEY,
+            timeout=self.config.ENGINE_TIMEOUT,
+            read_model=read_model,
+            result_models={name: COMMANDS[name].result for name in ACTIONS},
+            on_reachability=self._on_engine_reachability,
+        )
 
     def _on_engine_reachability(self, reachable: bool, reason: str) -> None:
         self.manager.notify_all(
@@ -307,3 +308,13 @@ def risk_rules(config: Config) -> RiskRules:
         auto_approve=config.AUTO_APPROVE,
         initial_cash=config.INITIAL_CASH,
     )
+
+
+def producer_intervals(config: Config) -> dict[str, float]:
+    return {
+        "market": config.MARKET_INTERVAL,
+        "analysis": config.ANALYSIS_INTERVAL,
+        "portfolio": config.PORTFOLIO_INTERVAL,
+        "status": config.STATUS_INTERVAL,
+        "health": config.HEALTH_INTERVAL,
+    }
