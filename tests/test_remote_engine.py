@@ -52,17 +52,22 @@ class EngineProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        async with asyncio.timeout(START_TIMEOUT), aiohttp.ClientSession() as session:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"engine did not start: {self.process.stderr.read()!r}")
-                try:
-                    async with session.get(self.url + "/health") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(START_TIMEOUT), aiohttp.ClientSession() as session:
+                while True:
+                    if self.process.poll() is not None:
+                        assert self.process.stderr is not None
+                        raise RuntimeError(f"engine did not start: {self.process.stderr.read()!r}")
+                    try:
+                        async with session.get(self.url + "/health") as response:
+                            if response.status == 200:
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+        except BaseException:
+            self.kill()  # not left running when the test gives up on it
+            raise
 
     def kill(self) -> None:
         if self.process is not None:

@@ -36,16 +36,22 @@ class ExchangeProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        async with asyncio.timeout(START_TIMEOUT):
-            while True:
-                if self.process.poll() is not None:
-                    _, errors = self.process.communicate()
-                    raise RuntimeError(f"the stand-in exchange did not start: {errors.decode()}")
-                try:
-                    await self.state()
-                    return
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    if self.process.poll() is not None:
+                        _, errors = self.process.communicate()
+                        raise RuntimeError(
+                            f"the stand-in exchange did not start: {errors.decode()}"
+                        )
+                    try:
+                        await self.state()
+                        return
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.05)
+        except TimeoutError:
+            self.kill()  # not left running when the test gives up on it
+            raise
 
     def kill(self) -> None:
         """SIGKILL: gone at once, its connections cut."""
