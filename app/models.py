@@ -146,12 +146,13 @@ class EventBatch(BaseModel):
     events: list[IngestEvent] = Field(max_length=MAX_BATCH_EVENTS)
 
 
+# An Idempotency-Key header: 1-200 printable ASCII characters.
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[!-~]+$")]
+
+
 class IngestHeaders(BaseModel):
-    idempotency_key: str | None = Field(
+    idempotency_key: IdempotencyKey | None = Field(
         None,
-        min_length=1,
-        max_length=200,
-        pattern=r"^[!-~]+$",
         description="Unique per batch, the same on every retry of it (for example a UUID): a "
         "retry within EVENT_HISTORY_MAX_AGE, to any worker or host, answers the "
         "first result and publishes nothing",
@@ -159,11 +160,8 @@ class IngestHeaders(BaseModel):
 
 
 class ActionHeaders(BaseModel):
-    idempotency_key: str | None = Field(
+    idempotency_key: IdempotencyKey | None = Field(
         None,
-        min_length=1,
-        max_length=200,
-        pattern=r"^[!-~]+$",
         description="Unique per action, the same on every retry of it: the engine carries the "
         "action out once (a remote engine receives it, per proposal in a bulk call)",
     )
