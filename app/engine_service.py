@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import orjson
@@ -25,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from quart import Blueprint, Quart, current_app
 from quart_schema import QuartSchema, validate_headers, validate_request, validate_response
 from sigmax_client import SigmaxPublisher, connect_sigmax
+from sigmax_client.client import backoff_delay
 from sigmax_client.errors import RequestError, SigmaxConnectionError, SigmaxError
 
 from app.errors import (
@@ -42,12 +46,17 @@ from app.services.engine import TradingEngine
 from app.services.engines import Caller, PaperEngine
 from app.services.events import SERVER_VERSION, Event, normalize_symbol
 from app.services.gateway import producer_intervals, risk_rules
-from app.services.market import SimulatedMarket, prices_in
+from app.services.market import PriceBook, Ticker, prices_in
 from app.services.simulation import Simulation
 from config import Config
 
 log = logging.getLogger(__name__)
 
+# The gateway's refusals of a batch that no retry can change; others (a proxy's 502 while it
+# restarts, a key being rotated) are retried with the batch's key.
+REFUSED_AS_IT_STANDS = frozenset(
+    {"INVALID_EVENT", "VALIDATION_ERROR", "BAD_REQUEST", "IDEMPOTENCY_KEY_REUSED"}
+)
 OUTBOX_LIMIT = 100_000  # events waiting for the gateway; beyond it the engine's actions wait
 BATCH_LIMIT = 500
 ACTION_MEMORY = 24 * 3600.0  # seconds an action's answer is kept for retries of it
@@ -131,19 +140,24 @@ async def get_health() -> EngineHealth:
         status="ok",
         version=SERVER_VERSION,
         paused=service.trading.paused,
-        priced_symbols=sorted(service.market.snapshot_prices()) if service.priced else [],
+        priced_symbols=sorted(service.market.snapshot_prices()),
         outbox=service.outbox.pending,
     )
 
 
+_contract: dict[str, Any] = {}
+
+
 async def contract_document() -> dict[str, Any]:
     """The remote engine contract as an OpenAPI document (the gateway serves it at
-    /docs/engine)."""
-    app = Quart("sigmax-engine-contract")
-    _with_schema(app)
-    app.register_blueprint(engine_bp)
-    async with app.app_context():
-        return app.extensions["QUART_SCHEMA"].openapi_provider.schema()  # type: ignore[no-any-return]
+    /docs/engine); built once."""
+    if not _contract:
+        app = Quart("sigmax-engine-contract")
+        _with_schema(app)
+        app.register_blueprint(engine_bp)
+        async with app.app_context():
+            _contract.update(app.extensions["QUART_SCHEMA"].openapi_provider.schema())
+    return _contract
 
 
 def _with_schema(app: Quart) -> None:
@@ -186,18 +200,48 @@ class Outbox:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < BATCH_LIMIT:
                 batch.append(self._queue.get_nowait())
-            key, attempt = uuid.uuid4().hex, 0
-            while True:
+            key = uuid.uuid4().hex
+            for attempt in itertools.count():
                 try:
                     await self._publisher.publish(batch, idempotency_key=key)
                     break
+                except RequestError as error:
+                    if error.code in REFUSED_AS_IT_STANDS:  # retrying cannot help
+                        log.error("the gateway refused %d events: %s", len(batch), error)
+                        break
+                    log.warning("the gateway did not take %d events: %s", len(batch), error)
                 except SigmaxConnectionError as error:
-                    attempt += 1
                     log.warning("gateway unreachable (%s); %d events wait", error, len(batch))
-                    await asyncio.sleep(min(MAX_RETRY_DELAY, RETRY_DELAY * 2**attempt))
-                except RequestError as error:  # refused as it stands: retrying cannot help
-                    log.error("the gateway refused %d events: %s", len(batch), error)
-                    break
+                await asyncio.sleep(backoff_delay(attempt, RETRY_DELAY, MAX_RETRY_DELAY))
+
+
+class FollowedMarket(PriceBook):
+    """The gateway's prices as this engine follows them: none until the first market_update
+    (an approval is NO_PRICE until then), never made up."""
+
+    source = "gateway"
+    healthy = True
+
+    async def poll(self, now: float) -> list[Ticker]:
+        return self.latest()
+
+    def notices(self) -> list[Event]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    """A background task ends only when the service stops: anything else is a bug, said."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("engine task ended", exc_info=task.exception())
+
+
+def _fingerprint(data: EngineCommand) -> str:
+    """What makes an action the same action: its command, arguments and caller."""
+    canonical = orjson.dumps([data.command, data.args, data.principal], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
 
 
 class EngineService:
@@ -205,8 +249,7 @@ class EngineService:
         self.config = config
         self.db = db
         symbols = [s for s in (normalize_symbol(s) for s in config.SYMBOLS) if s]
-        self.market = SimulatedMarket(symbols)
-        self.priced = False
+        self.market = FollowedMarket(symbols)
         self.outbox = Outbox(
             SigmaxPublisher(config.GATEWAY_URL, config.GATEWAY_API_KEY or None, attempts=3)
         )
@@ -220,7 +263,7 @@ class EngineService:
             intervals=producer_intervals(config),
         )
         self.engine = PaperEngine(self.trading, self.simulation)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per key: the lock, its users
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -235,6 +278,8 @@ class EngineService:
                 for loop in self.simulation.loops(self._stopping, only=("analysis", "portfolio"))
             ),
         ]
+        for task in self._tasks:
+            task.add_done_callback(_log_end)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -247,33 +292,52 @@ class EngineService:
     async def handle(
         self, data: EngineCommand, idempotency_key: str | None
     ) -> tuple[int, dict[str, Any]]:
-        """(status, body) of an action; once per Idempotency-Key."""
+        """(status, body) of an action; once per Idempotency-Key. The action runs in a task of
+        its own: a caller that gives up (the gateway's ENGINE_TIMEOUT) cancels its wait, not
+        the action, whose answer is then kept for the retry."""
+        work = asyncio.ensure_future(self._handle_once(data, idempotency_key))
+        return await asyncio.shield(work)
+
+    async def _handle_once(
+        self, data: EngineCommand, idempotency_key: str | None
+    ) -> tuple[int, dict[str, Any]]:
         if idempotency_key is None:
             return await self._carry_out(data)
-        lock = self._locks.setdefault(idempotency_key, asyncio.Lock())
+        fingerprint = _fingerprint(data)
+        async with self._key_lock(idempotency_key):
+            async with self.db.connection() as connection:
+                row = await connection.fetch_first(
+                    "SELECT fingerprint, status, body FROM engine_actions "
+                    "WHERE idempotency_key = :key",
+                    {"key": idempotency_key},
+                )
+            if row is not None:
+                if row["fingerprint"] != fingerprint:
+                    return 409, error_body(
+                        "IDEMPOTENCY_KEY_REUSED",
+                        "Idempotency-Key reused",
+                        "The key was used for another action (command, arguments or caller)",
+                    )
+                return int(row["status"]), orjson.loads(row["body"])
+            status, body = await self._carry_out(data)
+            if status < 500:  # an outage's answer is not the action's: a retry may succeed
+                await self._remember(idempotency_key, fingerprint, status, body)
+            return status, body
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: str) -> AsyncIterator[None]:
+        """One action at a time per key; the lock lives while anyone holds or awaits it."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                async with self.db.connection() as connection:
-                    row = await connection.fetch_first(
-                        "SELECT command, status, body FROM engine_actions "
-                        "WHERE idempotency_key = :key",
-                        {"key": idempotency_key},
-                    )
-                if row is not None:
-                    if row["command"] != data.command:
-                        return 409, error_body(
-                            "IDEMPOTENCY_KEY_REUSED",
-                            "Idempotency-Key reused",
-                            f"The key was used for {row['command']}, not {data.command}",
-                        )
-                    return int(row["status"]), orjson.loads(row["body"])
-                status, body = await self._carry_out(data)
-                if status < 500:  # an outage's answer is not the action's: a retry may succeed
-                    await self._remember(idempotency_key, data.command, status, body)
-                return status, body
+                yield
         finally:
-            if not lock.locked():
-                self._locks.pop(idempotency_key, None)
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
     async def _carry_out(self, data: EngineCommand) -> tuple[int, dict[str, Any]]:
         command = COMMANDS[data.command]
@@ -294,15 +358,16 @@ class EngineService:
         log.info("%s by %s carried out", data.command, data.principal)
         return 200, {"success": True, "result": result}
 
-    async def _remember(self, key: str, command: str, status: int, body: Any) -> None:
+    async def _remember(self, key: str, fingerprint: str, status: int, body: Any) -> None:
         now = time.time()
         async with self.db.connection() as connection:
             await connection.execute(
-                "INSERT INTO engine_actions (idempotency_key, command, status, body, at) "
-                "VALUES (:key, :command, :status, :body, :at)",
+                "INSERT INTO engine_actions (idempotency_key, fingerprint, status, body, at) "
+                "VALUES (:key, :fingerprint, :status, :body, :at) "
+                "ON CONFLICT (idempotency_key) DO NOTHING",
                 {
                     "key": key,
-                    "command": command,
+                    "fingerprint": fingerprint,
                     "status": status,
                     "body": orjson.dumps(body).decode(),
                     "at": now,
@@ -322,15 +387,18 @@ class EngineService:
                     url, ["market"], api_key=self.config.GATEWAY_API_KEY or None
                 )
             except (SigmaxError, OSError) as error:
-                attempt += 1
                 log.warning("cannot follow the gateway's prices yet: %s", error)
-                await asyncio.sleep(min(MAX_RETRY_DELAY, RETRY_DELAY * 2**attempt))
+                await asyncio.sleep(backoff_delay(attempt, RETRY_DELAY, MAX_RETRY_DELAY))
+                attempt += 1
                 continue
+            attempt = 0
             try:
                 async for event in client.listen():  # reconnects and resumes by itself
                     if event.type == "market_update":
                         self.market.observe(prices_in(event.data), time.time())
-                        self.priced = True
+            except (SigmaxError, RuntimeError) as error:  # lost for good, e.g. the key refused
+                log.warning("stopped following the gateway's prices: %s; starting again", error)
+                await asyncio.sleep(RETRY_DELAY)
             finally:
                 await client.disconnect()
 

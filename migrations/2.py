@@ -43,7 +43,7 @@ async def migrate(connection: Any) -> None:
     await connection.execute(
         """CREATE TABLE engine_actions (
                idempotency_key TEXT PRIMARY KEY,
-               command TEXT NOT NULL,
+               fingerprint TEXT NOT NULL,
                status INTEGER NOT NULL,
                body TEXT NOT NULL,
                at DOUBLE PRECISION NOT NULL

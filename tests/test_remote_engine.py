@@ -316,6 +316,11 @@ async def test_the_standalone_engine_carries_an_action_out_once_per_idempotency_
             "POST", engine.url + "/commands", {**command, "command": "resume"}, key
         )
         assert (status, body["code"]) == (409, "IDEMPOTENCY_KEY_REUSED")
+        # the same key for the same command by someone else is another action too
+        status, body = await http(
+            "POST", engine.url + "/commands", {**command, "principal": "someone"}, key
+        )
+        assert (status, body["code"]) == (409, "IDEMPOTENCY_KEY_REUSED")
         status, body = await http("POST", engine.url + "/commands", command, {"X-API-Key": "no"})
         assert (status, body["code"]) == (401, "AUTHENTICATION_FAILED")
         status, body = await http(
@@ -408,6 +413,14 @@ async def test_an_engine_refusal_reaches_the_caller_with_its_code_and_status():
             assert reply["data"] == refusal
             assert reply["request_id"] == "r1"
         assert await http("POST", rest(server, "/api/proposals/prop_1/approve")) == (422, refusal)
+        # fields of the gateway's own error machinery are not taken from the engine
+        await set_mode(engine, "refuse", status=503, body={**refusal, "http_status": 200})
+        status, body = await http("POST", rest(server, "/api/pause"))
+        assert (status, body["code"]) == (503, "RISK_LIMIT")
+        await set_mode(engine, "refuse", status=401, body={**refusal, "code": "AUTH"})
+        status, body = await http("POST", rest(server, "/api/pause"))
+        assert (status, body["code"]) == (502, "ENGINE_ERROR")  # our key, not the caller's
+        assert "ENGINE_API_KEY" in body["details"]
         # an engine refusal is an answer: the engine is reachable
         assert server.gateway.engine.reachable is True
 
@@ -504,6 +517,9 @@ async def test_reads_answer_from_the_read_model_while_the_engine_is_away(databas
             "data": {"proposal_id": "p1", "order_id": "o1", "symbol": "BTC/USDT", "size": 1},
         },
         {"type": "portfolio_update", "data": {"total_value": 10.0, "positions": []}},
+        # a proposal the read model first hears of when it ends, and one with a null field
+        {"type": "proposal_expired", "data": {"proposal_id": "p0"}},
+        {"type": "proposal_created", "data": {"proposal_id": "p2", "reason": None}},
         {
             "type": "status_change",
             "data": {"previous_status": "running", "current_status": "paused"},
@@ -523,6 +539,16 @@ async def test_reads_answer_from_the_read_model_while_the_engine_is_away(databas
         proposal = await eventually(executed)
         assert proposal["decided_by"] == "ops"
         assert proposal["expires_at"] is None  # the engine did not say
+
+        async def all_three() -> Any:
+            status, page = await http("GET", rest(server, "/api/proposals"))
+            assert status == 200, page
+            return page if page["total"] == 3 else None
+
+        listed = {p["proposal_id"]: p for p in (await eventually(all_three))["items"]}
+        assert listed["p0"]["status"] == "expired"
+        assert listed["p0"]["created_at"]  # when the gateway first heard of it
+        assert listed["p2"]["reason"] == ""
     async with running_gateway(port=port, **settings) as server:
         assert (await http("GET", rest(server, "/api/proposals/p1")))[1] == proposal
         _, trades = await http("GET", rest(server, "/api/trades"))
@@ -596,3 +622,71 @@ async def test_workers_on_one_stream_build_one_read_model(redis_prefix):
             assert {p["status_reason"] for p in rejected["items"]} == {
                 f"r{n}" for n in range(0, count, 2)
             }
+
+
+async def test_an_action_whose_caller_gave_up_is_carried_out_once(tmp_path, monkeypatch):
+    """The gateway stops waiting at ENGINE_TIMEOUT and retries with the same key: the engine
+    service finishes the first call's action and answers the retry with it, once."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config as HypercornConfig
+
+    from app.engine_service import create_engine_app
+    from app.services.engines import PaperEngine
+    from config import Config
+    from tests.helpers import free_socket
+
+    database_url = f"sqlite:///{tmp_path}/engine.db"
+    await migrate(database_url)
+    original = PaperEngine.perform
+
+    async def slow_after_the_commit(self, command, args, caller):
+        result = await original(self, command, args, caller)
+        await asyncio.sleep(0.6)  # the caller gives up meanwhile
+        return result
+
+    monkeypatch.setattr(PaperEngine, "perform", slow_after_the_commit)
+    app = create_engine_app(
+        Config(DATABASE_URL=database_url, GATEWAY_URL=f"http://127.0.0.1:{free_port()}")
+    )
+    sock = free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    settings = HypercornConfig.from_mapping({"bind": [f"fd://{sock.detach()}"]})
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(app, settings, shutdown_trigger=stop.wait))
+    try:
+        await eventually(lambda: _answers(url + "/health"))
+        service = app.extensions["engine_service"]
+        service.market.observe({"BTC/USDT": 95000.0}, time.time())
+        command = {
+            "command": "create_proposal",
+            "args": {"symbol": "BTC/USDT", "action": "buy", "size": 0.01},
+        }
+        headers = {"Idempotency-Key": "one-action"}
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(TimeoutError):
+                async with session.post(
+                    url + "/commands",
+                    json=command,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=0.2),
+                ) as response:
+                    await response.read()
+        status, retried = await http("POST", url + "/commands", command, headers)
+        assert status == 200, retried
+        again = await http("POST", url + "/commands", command, headers)
+        assert again == (200, retried)
+        proposals, total = await service.trading.proposals(
+            status=None, symbol=None, limit=10, offset=0
+        )
+        assert total == 1
+        assert proposals[0].id == retried["result"]["proposal"]["proposal_id"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+
+
+async def _answers(url: str) -> bool:
+    try:
+        return (await http("GET", url))[0] == 200
+    except aiohttp.ClientError:
+        return False

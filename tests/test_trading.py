@@ -577,3 +577,10 @@ async def test_confident_analyses_become_proposals_sized_by_the_risk_rule(databa
         assert await engine.consider("ETH/USDT", "buy", 0.95, "other symbol") is not None
     finally:
         await context.__aexit__(None, None, None)
+
+
+def test_the_paper_engine_carries_out_every_action_command():
+    from app.services.commands import ACTIONS
+    from app.services.engines import PaperEngine
+
+    assert set(PaperEngine.ACTIONS) == set(ACTIONS)

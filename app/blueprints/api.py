@@ -341,13 +341,11 @@ async def post_analyze(data: commands.SymbolRef, headers: ActionHeaders) -> dict
     return await _perform("analyze", data, headers.idempotency_key)
 
 
-async def _perform(name: str, args: BaseModel, idempotency_key: str | None = None) -> Any:
-    """Run a command for the caller; an action's key is the client's (per caller) or new."""
-    caller = (
-        Caller(g.principal, idempotency_key=f"{g.principal}:{idempotency_key}")
-        if idempotency_key
-        else Caller(g.principal)
-    )
+async def _perform(
+    name: str, args: BaseModel, idempotency_key: str | None = None, caller: Caller | None = None
+) -> Any:
+    """Run a command for the caller (an action with the client's Idempotency-Key, if any)."""
+    caller = caller or Caller.with_client_key(g.principal, idempotency_key)
     return await commands.COMMANDS[name].run(_gateway(), caller, args)
 
 
@@ -357,12 +355,12 @@ async def _bulk(
     idempotency_key: str | None,
 ) -> BulkResult:
     results = []
+    call = Caller.with_client_key(g.principal, idempotency_key)
     # once each, in the order given; each its own action (its own key)
     unique = {decision.proposal_id: decision for decision in decisions}
     for proposal_id, decision in unique.items():
-        key = f"{idempotency_key}:{proposal_id}" if idempotency_key else None
         try:
-            outcome = await _perform(command, decision, key)
+            outcome = await _perform(command, decision, caller=call.for_item(proposal_id))
             results.append(
                 BulkItem(proposal_id=proposal_id, ok=True, status=outcome["proposal"]["status"])
             )

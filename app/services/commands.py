@@ -5,7 +5,7 @@ views. Each command has a name, the API-key scope it needs, the pydantic model o
 A user action (`result` set) is carried out by the engine (`gateway.engine.perform`): the
 paper engine in this process, or a remote one. To add a read: an async function `(gateway,
 caller, arguments) -> result` and a line in COMMANDS; an action: a line in COMMANDS (with the
-model of its result) and its case in `PaperEngine.perform`.
+model of its result) and its entry in `PaperEngine.ACTIONS`.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ the same from either engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol
 from uuid import uuid4
 
 from app.errors import GatewayError, quoted
@@ -26,6 +28,20 @@ class Caller:
     principal: str
     request_id: str | int | None = None
     idempotency_key: str = field(default_factory=lambda: uuid4().hex)
+
+    @classmethod
+    def with_client_key(cls, principal: str, client_key: str | None) -> Caller:
+        """A caller whose retries carry their own key (REST's Idempotency-Key): kept apart
+        from other callers' keys by the principal; a new key without one."""
+        if client_key is None:
+            return cls(principal)
+        return cls(principal, idempotency_key=f"{principal}:{client_key}")
+
+    def for_item(self, item: str) -> Caller:
+        """The caller of one item of a bulk action: a key of its own, derived from the call's
+        (the same on a retry of the call); hashed, as an item id may be any text."""
+        digest = hashlib.sha256(item.encode()).hexdigest()[:32]
+        return replace(self, idempotency_key=f"{self.idempotency_key}:{digest}")
 
 
 class Engine(Protocol):
@@ -87,37 +103,55 @@ class PaperEngine:
         pass
 
     async def perform(self, command: str, args: Any, caller: Caller) -> dict[str, Any]:
-        trading, principal = self.trading, caller.principal
-        if command == "approve_proposal":
-            proposal, trade = await trading.approve(args.proposal_id, principal)
-            return {
-                "proposal": proposal.as_dict(),
-                "trade": trade.as_event() if trade is not None else None,
-            }
-        if command == "reject_proposal":
-            proposal = await trading.reject(args.proposal_id, principal, args.reason)
-            return {"proposal": proposal.as_dict()}
-        if command == "create_proposal":
-            proposal = await trading.propose(
-                args.symbol, args.action, args.size, args.reason, requested_by=principal
+        action = self.ACTIONS.get(command)
+        if action is None:
+            raise GatewayError(
+                "UNKNOWN_COMMAND", "Unknown command", f"The engine has no command {quoted(command)}"
             )
-            return {"proposal": proposal.as_dict()}
-        if command in ("pause", "resume"):
-            paused = command == "pause"
-            changed = await trading.set_paused(paused, principal)
-            return {"status": "paused" if paused else "running", "changed": changed}
-        if command == "analyze":
-            if args.symbol not in self.simulation.market.symbols:
-                raise GatewayError(
-                    ErrorCode.INVALID_SYMBOL,
-                    "Unknown symbol",
-                    f"{quoted(args.symbol)} is not one of "
-                    f"{', '.join(self.simulation.market.symbols)}",
-                )
-            return (await self.simulation.analyze(args.symbol)).as_dict()
-        raise GatewayError(
-            "UNKNOWN_COMMAND", "Unknown command", f"The engine has no command {quoted(command)}"
+        return await action(self, args, caller.principal)
+
+    async def _approve(self, args: Any, principal: str) -> dict[str, Any]:
+        proposal, trade = await self.trading.approve(args.proposal_id, principal)
+        return {
+            "proposal": proposal.as_dict(),
+            "trade": trade.as_event() if trade is not None else None,
+        }
+
+    async def _reject(self, args: Any, principal: str) -> dict[str, Any]:
+        proposal = await self.trading.reject(args.proposal_id, principal, args.reason)
+        return {"proposal": proposal.as_dict()}
+
+    async def _propose(self, args: Any, principal: str) -> dict[str, Any]:
+        proposal = await self.trading.propose(
+            args.symbol, args.action, args.size, args.reason, requested_by=principal
         )
+        return {"proposal": proposal.as_dict()}
+
+    async def _pause(self, args: Any, principal: str) -> dict[str, Any]:
+        return {"status": "paused", "changed": await self.trading.set_paused(True, principal)}
+
+    async def _resume(self, args: Any, principal: str) -> dict[str, Any]:
+        return {"status": "running", "changed": await self.trading.set_paused(False, principal)}
+
+    async def _analyze(self, args: Any, principal: str) -> dict[str, Any]:
+        symbols = self.simulation.market.symbols
+        if args.symbol not in symbols:
+            raise GatewayError(
+                ErrorCode.INVALID_SYMBOL,
+                "Unknown symbol",
+                f"{quoted(args.symbol)} is not one of {', '.join(symbols)}",
+            )
+        return (await self.simulation.analyze(args.symbol)).as_dict()
+
+    # Each action command (commands.ACTIONS; a test checks they agree) and what carries it out.
+    ACTIONS: ClassVar[dict[str, Callable[[PaperEngine, Any, str], Awaitable[dict[str, Any]]]]] = {
+        "approve_proposal": _approve,
+        "reject_proposal": _reject,
+        "create_proposal": _propose,
+        "pause": _pause,
+        "resume": _resume,
+        "analyze": _analyze,
+    }
 
     async def portfolio(self) -> dict[str, Any]:
         return await self.trading.portfolio()

@@ -38,7 +38,7 @@ PROPOSAL_DEFAULTS: dict[str, Any] = {
     "confidence": None,
     "source": "engine",
     "status": "pending",
-    "created_at": None,
+    "created_at": "",  # set when first seen
     "expires_at": None,
     "decided_by": None,
     "decided_at": None,
@@ -53,7 +53,8 @@ class ReadModel:
     def __init__(self, db: Any, stream_id: Callable[[], str]) -> None:
         self._db = db
         self._stream_id = stream_id
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # Each event with the stream it came in (read when it arrives, not when written).
+        self._queue: asyncio.Queue[tuple[Event, str]] = asyncio.Queue()
         self.paused = False
         self.latest_portfolio: dict[str, Any] | None = None
         self.counters = {
@@ -72,9 +73,9 @@ class ReadModel:
         for event in events:
             if event.type in TRACKED:
                 if self._queue.qsize() >= QUEUE_LIMIT:
-                    dropped = self._queue.get_nowait()
+                    dropped, _ = self._queue.get_nowait()
                     log.error("read model behind: dropped event seq %d", dropped.seq)
-                self._queue.put_nowait(event)
+                self._queue.put_nowait((event, self._stream_id()))
 
     async def run(self) -> None:
         """Write queued events, in order, as many as are waiting in one connection."""
@@ -84,19 +85,22 @@ class ReadModel:
                 batch.append(self._queue.get_nowait())
             try:
                 async with self._db.connection() as connection:
-                    for event in batch:
-                        await self.apply(connection, event)
+                    for event, stream_id in batch:
+                        try:
+                            await self.apply(connection, event, stream_id)
+                        except Exception:  # this event's: the others are still written
+                            log.exception("read model: event seq %d not written", event.seq)
             except Exception:
                 log.exception("read model: %d events not written", len(batch))
 
-    async def apply(self, connection: Any, event: Event) -> None:
+    async def apply(self, connection: Any, event: Event, stream_id: str) -> None:
         data = event.data if isinstance(event.data, dict) else {}
-        position = {"stream_id": self._stream_id(), "seq": event.seq}
+        position = {"stream_id": stream_id, "seq": event.seq}
         if event.type in PROPOSAL_EVENTS:
             proposal_id = data.get("proposal_id")
             if isinstance(proposal_id, str):
                 await self._merge_proposal(
-                    connection, proposal_id, _proposal_fields(event), position
+                    connection, proposal_id, _proposal_fields(event), position, event.timestamp
                 )
                 self.counters[_COUNTER[event.type]] += 1
         elif event.type == "trade_executed":
@@ -115,7 +119,11 @@ class ReadModel:
             )
             if isinstance(data.get("proposal_id"), str):
                 await self._merge_proposal(
-                    connection, data["proposal_id"], {"status": "executed"}, position
+                    connection,
+                    data["proposal_id"],
+                    {"status": "executed"},
+                    position,
+                    event.timestamp,
                 )
             self.counters["trades_executed"] += 1
         elif event.type == "portfolio_update":
@@ -129,13 +137,21 @@ class ReadModel:
         self.applied += 1
 
     async def _merge_proposal(
-        self, connection: Any, proposal_id: str, fields: dict[str, Any], position: dict[str, Any]
+        self,
+        connection: Any,
+        proposal_id: str,
+        fields: dict[str, Any],
+        position: dict[str, Any],
+        seen_at: str,
     ) -> None:
         row = await connection.fetch_first(
             "SELECT data FROM engine_proposals WHERE id = :id", {"id": proposal_id}
         )
         merged = {**(orjson.loads(row["data"]) if row is not None else {}), **fields}
         merged["proposal_id"] = proposal_id
+        # first seen by a later event (or without a time): when the gateway first heard of it
+        if not isinstance(merged.get("created_at"), str):
+            merged["created_at"] = seen_at
         await connection.execute(
             "INSERT INTO engine_proposals (id, status, symbol, created_at, stream_id, seq, data) "
             "VALUES (:id, :status, :symbol, :created_at, :stream_id, :seq, :data) ON CONFLICT "
@@ -254,11 +270,15 @@ def _proposal_fields(event: Event) -> dict[str, Any]:
 
 
 def _proposal_out(stored: str) -> dict[str, Any]:
+    """A stored proposal as REST shows it: what the engine sent, defaults where it sent
+    nothing or null."""
     data = orjson.loads(stored)
-    return {
-        **{name: data.get(name, default) for name, default in PROPOSAL_DEFAULTS.items()},
-        "proposal_id": data["proposal_id"],
+    out = {
+        name: default if data.get(name) is None else data[name]
+        for name, default in PROPOSAL_DEFAULTS.items()
     }
+    out["proposal_id"] = data["proposal_id"]
+    return out
 
 
 def _paused(data: dict[str, Any]) -> bool | None:

@@ -25,12 +25,13 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
 from app.errors import GatewayError, describe_validation_error, excerpt
 from app.services.engines import Caller
+from app.services.events import ErrorCode
 from app.services.read_model import ReadModel
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 1.0
 ATTEMPTS = 3  # per action, when the engine cannot be connected to
 GATEWAY_STATUSES = (502, 503, 504)  # a proxy's answer while the engine is away: retried
+# Fields of an engine's error body that are not relayed as they are (they are GatewayError's).
+RELAYED_APART = frozenset({"error", "code", "details", "http_status", "retry_after"})
 
 
 class _Unreachable(Exception):
@@ -146,7 +149,8 @@ class RemoteEngine:
         deadline = loop.time() + self.timeout
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(ATTEMPTS) | stop_after_delay(self.timeout),
+                # stop_before_delay: no sleep that would end past the budget
+                stop=stop_after_attempt(ATTEMPTS) | stop_before_delay(self.timeout),
                 wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 retry=retry_if_exception_type(_Unreachable),
                 reraise=True,
@@ -172,6 +176,7 @@ class RemoteEngine:
                 timeout=aiohttp.ClientTimeout(total=remaining),
             ) as response:
                 status, raw = response.status, await response.read()
+                retry_after = response.headers.get("Retry-After", "")
         except TimeoutError:
             raise _TimedOut(f"no answer within ENGINE_TIMEOUT={self.timeout:g} s") from None
         except aiohttp.ClientError as error:
@@ -182,6 +187,8 @@ class RemoteEngine:
             reply = None
         if status in GATEWAY_STATUSES and not (isinstance(reply, dict) and "code" in reply):
             raise _Unreachable(f"HTTP {status} from {self.url}")
+        if isinstance(reply, dict) and retry_after.isdigit():
+            reply.setdefault("retry_after", int(retry_after))
         return status, reply
 
     def _outcome(self, command: str, status: int, reply: Any) -> dict[str, Any]:
@@ -191,12 +198,16 @@ class RemoteEngine:
         if status != 200:
             if not isinstance(reply.get("code"), str):
                 raise self._bad_answer(f"HTTP {status} without {{error, code, details}}")
-            extra = {k: v for k, v in reply.items() if k not in ("error", "code", "details")}
+            if status in (401, 403):  # our ENGINE_API_KEY, not the caller's key
+                raise self._bad_answer(f"HTTP {status} {reply['code']}: check ENGINE_API_KEY")
+            retry_after = reply.get("retry_after")
+            extra = {k: v for k, v in reply.items() if k not in RELAYED_APART}
             raise GatewayError(
                 reply["code"],
                 str(reply.get("error") or reply["code"]),
                 str(reply.get("details") or ""),
                 http_status=status,
+                retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
                 **extra,
             )
         result = reply.get("result")
@@ -213,24 +224,26 @@ class RemoteEngine:
 
     def _unavailable(self, why: str) -> GatewayError:
         return GatewayError(
-            "ENGINE_UNAVAILABLE",
+            ErrorCode.ENGINE_UNAVAILABLE,
             "Trading engine unavailable",
-            f"The engine at {self.url} did not carry the action out: {why}. "
+            f"The trading engine did not carry the action out: {why}. "
             "An action that timed out may still be carried out: check before trying again",
             retry_after=PROBE_INTERVAL,
         )
 
     def _bad_answer(self, why: str) -> GatewayError:
-        return GatewayError(
-            "ENGINE_ERROR", "Invalid answer from the trading engine", f"{self.url}: {why}"
-        )
+        log.error("engine %s answered outside the contract: %s", self.url, why)
+        return GatewayError(ErrorCode.ENGINE_ERROR, "Invalid answer from the trading engine", why)
 
     # -- reachability -----------------------------------------------------------------------
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
-            await self._probe()
+            try:
+                await self._probe()
+            except Exception:  # a bug: logged, and the probe goes on
+                log.exception("engine probe failed")
 
     async def _probe(self) -> None:
         assert self._session is not None
