@@ -690,3 +690,19 @@ async def _answers(url: str) -> bool:
         return (await http("GET", url))[0] == 200
     except aiohttp.ClientError:
         return False
+
+
+async def test_a_stopping_worker_writes_what_its_read_model_was_given(tmp_path):
+    database_url = f"sqlite:///{tmp_path}/gateway.db"
+    await migrate(database_url)
+    settings = {"DATABASE_URL": database_url, "ENGINE_URL": f"http://127.0.0.1:{free_port()}"}
+    events = [
+        {"type": "proposal_created", "data": {"proposal_id": f"p{n}", "symbol": "BTC/USDT"}}
+        for n in range(200)
+    ]
+    async with running_gateway(**settings) as server:
+        status, _ = await http("POST", rest(server, "/api/events"), {"events": events})
+        assert status == 202
+    async with running_gateway(**settings) as server:  # stopped at once, started again
+        _, page = await http("GET", rest(server, "/api/proposals?limit=1"))
+        assert page["total"] == 200

@@ -74,6 +74,7 @@ class ReadModel:
             if event.type in TRACKED:
                 if self._queue.qsize() >= QUEUE_LIMIT:
                     dropped, _ = self._queue.get_nowait()
+                    self._queue.task_done()
                     log.error("read model behind: dropped event seq %d", dropped.seq)
                 self._queue.put_nowait((event, self._stream_id()))
 
@@ -92,6 +93,12 @@ class ReadModel:
                             log.exception("read model: event seq %d not written", event.seq)
             except Exception:
                 log.exception("read model: %d events not written", len(batch))
+            for _ in batch:
+                self._queue.task_done()
+
+    async def written(self) -> None:
+        """Until what was queued is written (a stopping worker waits for it)."""
+        await self._queue.join()
 
     async def apply(self, connection: Any, event: Event, stream_id: str) -> None:
         data = event.data if isinstance(event.data, dict) else {}

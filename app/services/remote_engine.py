@@ -40,6 +40,7 @@ BREAKER_THRESHOLD = 2  # failures in a row (calls or probes) that open the break
 PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 1.0
 ATTEMPTS = 3  # per action, when the engine cannot be connected to
+CLOSE_TIMEOUT = 2.0  # seconds a stopping worker waits for its read model's queue
 GATEWAY_STATUSES = (502, 503, 504)  # a proxy's answer while the engine is away: retried
 # Fields of an engine's error body that are not relayed as they are (they are GatewayError's).
 RELAYED_APART = frozenset({"error", "code", "details", "http_status", "retry_after"})
@@ -105,6 +106,8 @@ class RemoteEngine:
         ]
 
     async def close(self) -> None:
+        with contextlib.suppress(TimeoutError):  # what the stream already gave is written
+            await asyncio.wait_for(self.read_model.written(), CLOSE_TIMEOUT)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
