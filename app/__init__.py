@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator
 from datetime import timedelta
 from typing import Any
 
@@ -68,16 +69,16 @@ def create_app(config: Config | None = None) -> Quart:
     gateway = Gateway(config, db)
     app.extensions["gateway"] = gateway
 
-    @app.before_serving
-    async def start_gateway() -> None:
+    # while_serving: started after the database is connected (before_serving) and stopped
+    # before it is closed (after_serving), so that stopping can still write.
+    @app.while_serving
+    async def serve_gateway() -> AsyncGenerator[None, None]:
         if not await gateway.api_keys.required():
             log.warning(
                 "no API_KEYS configured: the gateway is open to every client that can reach it"
             )
         await gateway.start()
-
-    @app.after_serving
-    async def stop_gateway() -> None:
+        yield
         await gateway.stop()
 
     @app.after_request

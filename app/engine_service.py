@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal
 
 import orjson
@@ -415,12 +415,10 @@ def create_engine_app(config: Config | None = None) -> Quart:
     register_error_handlers(app)
     configure_logging(config.LOG_LEVEL)
 
-    @app.before_serving
-    async def start() -> None:
+    @app.while_serving  # between the database's connect and close (as the gateway's)
+    async def serve() -> AsyncGenerator[None, None]:
         await service.start()
-
-    @app.after_serving
-    async def stop() -> None:
+        yield
         await service.stop()
 
     return app
