@@ -5,9 +5,6 @@ answers slowly, dies and comes back, and loses an answer (tests/standins/engine.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,74 +17,14 @@ import pytest
 from app.services.database import migrate
 from app.services.remote_engine import BREAKER_THRESHOLD, PROBE_INTERVAL
 from tests.helpers import (
-    REPOSITORY,
     RunningGateway,
     free_port,
     fresh_postgres,
     running_gateway,
 )
+from tests.standins.control import StandinProcess, standin
 
 ENGINE_KEY = "engine-secret"
-START_TIMEOUT = 20.0
-
-
-class EngineProcess:
-    """An engine as a process of its own on a fixed port: started, killed, started again."""
-
-    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
-        self.argv = argv
-        self.port = port
-        self.env = env or {}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, *self.argv],
-            cwd=REPOSITORY,
-            env={**os.environ, **self.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(START_TIMEOUT), aiohttp.ClientSession() as session:
-                while True:
-                    if self.process.poll() is not None:
-                        assert self.process.stderr is not None
-                        raise RuntimeError(f"engine did not start: {self.process.stderr.read()!r}")
-                    try:
-                        async with session.get(self.url + "/health") as response:
-                            if response.status == 200:
-                                return
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.05)
-        except BaseException:
-            self.kill()  # not left running when the test gives up on it
-            raise
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            assert self.process.stderr is not None
-            self.process.stderr.close()
-            self.process = None
-
-
-@asynccontextmanager
-async def engine_process(module: str, env: dict[str, str] | None = None):
-    """`python -m module --port P` on a free port, until the block ends."""
-    port = free_port()
-    engine = EngineProcess(["-m", *module.split(), "--port", str(port)], port, env)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        engine.kill()
 
 
 async def http(
@@ -120,7 +57,7 @@ async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) 
 @asynccontextmanager
 async def paper_engine_deployment(
     database_url: str, tmp_path: Any
-) -> AsyncIterator[tuple[EngineProcess, Callable[[], Any]]]:
+) -> AsyncIterator[tuple[StandinProcess, Callable[[], Any]]]:
     """The standalone paper engine following a gateway on a fixed port; yields the engine and
     a factory of gateways on that port (a gateway can be stopped and started again)."""
     gateway_port = free_port()
@@ -132,7 +69,7 @@ async def paper_engine_deployment(
         "PORTFOLIO_INTERVAL": "0.3",
         "LOG_LEVEL": "WARNING",
     }
-    async with engine_process("app engine", env) as engine:
+    async with standin("app engine", env) as engine:
 
         def gateway() -> Any:
             return running_gateway(
@@ -299,7 +236,7 @@ async def test_the_standalone_engine_carries_an_action_out_once_per_idempotency_
         "ENGINE_API_KEY": ENGINE_KEY,
         "LOG_LEVEL": "WARNING",
     }
-    async with engine_process("app engine", env) as engine:
+    async with standin("app engine", env) as engine:
         command = {"command": "pause", "args": {}, "request_id": "r1", "principal": "ops"}
         key = {"X-API-Key": ENGINE_KEY, "Idempotency-Key": uuid.uuid4().hex}
         first = await http("POST", engine.url + "/commands", command, key)
@@ -346,18 +283,18 @@ async def test_the_standalone_engine_carries_an_action_out_once_per_idempotency_
 @asynccontextmanager
 async def standin_deployment(
     gateway: Callable[..., Any] = running_gateway, **settings: Any
-) -> AsyncIterator[tuple[EngineProcess, Any]]:
-    async with engine_process("tests.standins.engine") as engine:
+) -> AsyncIterator[tuple[StandinProcess, Any]]:
+    async with standin("tests.standins.engine") as engine:
         async with gateway(ENGINE_URL=engine.url, ENGINE_API_KEY=ENGINE_KEY, **settings) as server:
             yield engine, server
 
 
-async def set_mode(engine: EngineProcess, mode: str, **state: Any) -> None:
+async def set_mode(engine: StandinProcess, mode: str, **state: Any) -> None:
     status, _ = await http("POST", engine.url + "/_mode", {"mode": mode, **state})
     assert status == 200
 
 
-async def seen(engine: EngineProcess) -> list[dict[str, Any]]:
+async def seen(engine: StandinProcess) -> list[dict[str, Any]]:
     return (await http("GET", engine.url + "/_requests"))[1]
 
 

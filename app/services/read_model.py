@@ -57,13 +57,8 @@ class ReadModel:
         self._queue: asyncio.Queue[tuple[Event, str]] = asyncio.Queue()
         self.paused = False
         self.latest_portfolio: dict[str, Any] | None = None
-        self.counters = {
-            "proposals_created": 0,
-            "proposals_approved": 0,
-            "proposals_rejected": 0,
-            "proposals_expired": 0,
-            "trades_executed": 0,
-        }
+        # The engine's events this worker has seen, named as the paper engine counts them.
+        self.counters = dict.fromkeys([*_COUNTER.values(), "trades_executed"], 0)
         self.applied = 0  # events written by this worker's model since start
 
     # -- writing ------------------------------------------------------------------------------

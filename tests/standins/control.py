@@ -1,8 +1,10 @@
-"""The handle tests drive the stand-in exchange process with (tests/standins/exchange.py)."""
+"""The handles tests drive their stand-in processes with: any server module of theirs, and the
+stand-in exchange (tests/standins/exchange.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,15 +15,19 @@ import aiohttp
 
 from tests.helpers import REPOSITORY, free_port
 
-START_TIMEOUT = 10.0
+START_TIMEOUT = 20.0
 
 
-class ExchangeProcess:
-    """The stand-in exchange as a subprocess: start, kill, restart on the same port, and its
-    admin endpoints (see tests/standins/exchange.py)."""
+class StandinProcess:
+    """A server of the tests' own as a subprocess (`python -m MODULE --port P`) on a fixed
+    loopback port: started (once `ready_path` answers 200), killed, started again."""
 
-    def __init__(self, port: int) -> None:
+    ready_path = "/health"
+
+    def __init__(self, module: str, port: int, env: dict[str, str] | None = None) -> None:
+        self.argv = ["-m", *module.split(), "--port", str(port)]
         self.port = port
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -30,26 +36,27 @@ class ExchangeProcess:
 
     async def start(self) -> None:
         assert self.process is None, "already running"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.standins.exchange", "--port", str(self.port)],
+        self.process = process = subprocess.Popen(
+            [sys.executable, *self.argv],
             cwd=REPOSITORY,
+            env={**os.environ, **self.env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         try:
-            async with asyncio.timeout(START_TIMEOUT):
+            async with asyncio.timeout(START_TIMEOUT), aiohttp.ClientSession() as session:
                 while True:
-                    if self.process.poll() is not None:
-                        _, errors = self.process.communicate()
-                        raise RuntimeError(
-                            f"the stand-in exchange did not start: {errors.decode()}"
-                        )
+                    if process.poll() is not None:
+                        _, errors = process.communicate()
+                        raise RuntimeError(f"{self.argv} did not start: {errors.decode()}")
                     try:
-                        await self.state()
-                        return
+                        async with session.get(self.url + self.ready_path) as response:
+                            if response.status == 200:
+                                return
                     except aiohttp.ClientError:
-                        await asyncio.sleep(0.05)
-        except TimeoutError:
+                        pass
+                    await asyncio.sleep(0.05)
+        except BaseException:
             self.kill()  # not left running when the test gives up on it
             raise
 
@@ -57,7 +64,7 @@ class ExchangeProcess:
         """SIGKILL: gone at once, its connections cut."""
         if self.process is not None:
             self.process.kill()
-            self.process.wait(5)
+            self.process.wait(10)
             if self.process.stderr is not None:
                 self.process.stderr.close()
             self.process = None
@@ -65,6 +72,26 @@ class ExchangeProcess:
     async def restart(self) -> None:
         self.kill()
         await self.start()
+
+
+@asynccontextmanager
+async def standin(module: str, env: dict[str, str] | None = None) -> AsyncIterator[StandinProcess]:
+    """`python -m module` on a free loopback port, killed afterwards."""
+    process = StandinProcess(module, free_port(), env)
+    await process.start()
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+class ExchangeProcess(StandinProcess):
+    """The stand-in exchange, with its admin endpoints (see tests/standins/exchange.py)."""
+
+    ready_path = "/_admin/state"
+
+    def __init__(self, port: int) -> None:
+        super().__init__("tests.standins.exchange", port)
 
     async def state(self) -> dict[str, Any]:
         return await self._call("GET", "/_admin/state")
