@@ -26,7 +26,7 @@ from app.services.auth import hash_key
 from app.services.database import attach_database
 from app.services.events import SERVER_VERSION
 from app.services.gateway import Gateway
-from app.services.transport import expose_asgi_send
+from app.services.transport import serve_asgi_websockets
 from config import Config
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def create_app(config: Config | None = None) -> Quart:
             gateway.manager.refuse("rest_rate")
         return response
 
-    app.asgi_app = expose_asgi_send(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = serve_asgi_websockets(app)  # type: ignore[method-assign]
     return app
 
 

@@ -1,8 +1,8 @@
 """`/api/ws`: the SIGMAX WebSocket protocol.
 
-Each connection runs two tasks: the handler task writes (the connection's writer drains its
-queue), a reader task parses and answers client messages. A bad message gets an `error` event
-and the connection stays open.
+Each connection has one task, its handler, which reads, parses and answers client messages;
+events are written by the connection (at once, or by a writer task while the client is behind).
+A bad message gets an `error` event and the connection stays open.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from quart import Blueprint, Response, current_app, websocket
-from quart_cors import cors_exempt
+from quart import Blueprint, Quart
 from quart_schema.conversion import model_load
 from quart_schema.mixins import SchemaValidationError
 
@@ -35,7 +34,7 @@ from app.services.events import (
 )
 from app.services.gateway import Gateway
 from app.services.ratelimit import TokenBucket
-from app.services.transport import open_writer
+from app.services.transport import Disconnected, WebSocket, asgi_websocket, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +54,32 @@ MESSAGE_TYPES = (
 )
 
 
-@ws_bp.websocket("/api/ws")
-@cors_exempt
-async def gateway_socket() -> Response | None:
-    """The event stream: subscribe to topics and symbols, receive events, send commands."""
-    gateway: Gateway = current_app.extensions["gateway"]
-    if not _origin_allowed(gateway.config.CORS_ORIGINS):
-        return Response("Origin not allowed", status=403)
-    await websocket.accept()
+@asgi_websocket(ws_bp, "/api/ws")
+async def gateway_socket(app: Quart, socket: WebSocket) -> None:
+    """The event stream: subscribe to topics and symbols, receive events, send commands.
 
-    # The query string is parsed only when there is one: most clients send none, and the
-    # parsed form would stay with the connection.
-    presented = (websocket.query_string and websocket.args.get("api_key")) or websocket.headers.get(
-        "X-API-Key"
-    )
+    Served at the ASGI level (app/services/transport.py): one task per connection, this one,
+    reading; frames are written by the connection."""
+    gateway: Gateway = app.extensions["gateway"]
+    if not _origin_allowed(socket, gateway.config.CORS_ORIGINS):
+        await socket.reject(403, "Origin not allowed")
+        return
+    try:
+        await socket.accept()
+    except Disconnected:
+        return
+    # The query string is parsed only when there is one: most clients send none.
+    presented = socket.query("api_key") or socket.header("x-api-key")
     principal = await gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.refuse_authentication()
         log.info(
             "refused a WebSocket from %s: %s",
-            websocket.remote_addr,
+            socket.remote_addr,
             "wrong API key" if presented else "no API key",
         )
         await _refuse(
+            socket,
             CloseCode.POLICY_VIOLATION,
             ErrorCode.AUTHENTICATION_FAILED,
             "Invalid API key" if presented else "Missing API key",
@@ -85,27 +87,26 @@ async def gateway_socket() -> Response | None:
             if presented
             else "This gateway requires an API key (?api_key= or X-API-Key)",
         )
-        return None
+        return
     try:
         connection_id = await gateway.manager.connect(
-            websocket,
+            socket,
             {
                 "principal": principal.name,
                 "scopes": principal.scopes,
-                "remote": websocket.remote_addr or "",
+                "remote": socket.remote_addr,
             },
         )
     except ConnectionLimitExceeded as limit:
-        log.info(
-            "refused a WebSocket of %s from %s: %s", principal.name, websocket.remote_addr, limit
-        )
+        log.info("refused a WebSocket of %s from %s: %s", principal.name, socket.remote_addr, limit)
         await _refuse(
+            socket,
             CloseCode.TRY_AGAIN_LATER,
             ErrorCode.MAX_CONNECTIONS_EXCEEDED,
             "Connection limit reached",
             f"{limit}; retry later",
         )
-        return None
+        return
     conn = gateway.manager.connections[connection_id]
     conn.send_direct(
         envelope(
@@ -127,27 +128,29 @@ async def gateway_socket() -> Response | None:
     conn.attach()
     try:
         while True:
-            raw = await websocket.receive()
+            raw = await socket.receive()
             conn.touch()
             await handle_message(gateway, conn, raw)
+    except Disconnected:
+        pass
     finally:
         conn.detach()
         gateway.manager.forget(conn)
 
 
-def _origin_allowed(allowed: tuple[str, ...]) -> bool:
+def _origin_allowed(socket: WebSocket, allowed: tuple[str, ...]) -> bool:
     """Browsers send Origin: only configured origins and the gateway's own pages may connect
     (no cross-site WebSocket hijacking). Other clients (strategies) send none."""
-    origin = websocket.headers.get("Origin")
+    origin = socket.header("origin")
     if origin is None or origin in allowed or "*" in allowed:
         return True
-    return urlsplit(origin).netloc == websocket.headers.get("Host")
+    return urlsplit(origin).netloc == socket.header("host")
 
 
-async def _refuse(close_code: int, code: str, error: str, details: str) -> None:
+async def _refuse(socket: WebSocket, close_code: int, code: str, error: str, details: str) -> None:
     """Tell the client why with an error event, then close with `close_code`."""
     refusal = GatewayError(code, error, details)
-    writer = open_writer(cast(dict[str, Any], websocket.scope))
+    writer = open_writer(socket.scope)
     await writer.refuse(error_event(refusal, None), close_code, code)
 
 

@@ -23,6 +23,7 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 _TEXT = 0x81  # FIN + text opcode
 
@@ -68,26 +69,122 @@ def _closed_for_size(asgi_send: Any) -> bool:
 
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
-# Where the app's ASGI middleware (`expose_asgi_send`) puts each WebSocket's raw ASGI `send`.
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+# Where the app's ASGI middleware (`serve_asgi_websockets`) puts each WebSocket's raw ASGI `send`.
 ASGI_SEND_KEY = "sigmax.asgi_send"
 # Bytes a transport may hold unsent before frames wait in the connection's own queue instead
 # (asyncio's default high-water mark).
 WRITE_BUFFER_LIMIT = 64 * 1024
 
 
-def expose_asgi_send(asgi_app: Any) -> Any:
-    """Put each WebSocket's ASGI `send` in its scope: the gateway writes frames with it (or
-    with the transport under it), not through Quart's wrapper, which yields to the loop before
-    every message."""
+# Where a blueprint's ASGI-level WebSocket routes are collected: app.extensions[ASGI_ROUTES].
+ASGI_ROUTES = "sigmax.asgi_websockets"
 
-    def app_with_send(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+
+class Disconnected(Exception):
+    """The client went away (`websocket.disconnect`)."""
+
+
+class WebSocket:
+    """One WebSocket as the server's ASGI scope, `receive` and `send` give it: what a handler
+    served at the ASGI level reads and answers with. Nothing is parsed until asked for."""
+
+    __slots__ = ("scope", "_receive", "_send")
+
+    def __init__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (lowercase), or None."""
+        key = name.encode()
+        for header, value in self.scope["headers"]:
+            if header == key:
+                return str(value.decode("latin-1"))
+        return None
+
+    def query(self, name: str) -> str | None:
+        """The first value of query parameter `name`, or None."""
+        raw = self.scope.get("query_string") or b""
+        if not raw:
+            return None
+        values = parse_qs(raw.decode("latin-1")).get(name)
+        return values[0] if values else None
+
+    @property
+    def remote_addr(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else ""
+
+    async def accept(self) -> None:
+        """Wait for the handshake (`websocket.connect`) and accept it."""
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            raise Disconnected
+        await self._send({"type": "websocket.accept"})
+
+    async def receive(self) -> str | bytes | None:
+        """The next client message (None for an empty binary frame); Disconnected once the
+        client is gone."""
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            return message.get("text") or message.get("bytes")
+        raise Disconnected
+
+    async def reject(self, status: int, body: str) -> None:
+        """Refuse the handshake with an HTTP response (a plain 403 where the server cannot)."""
+        if "websocket.http.response" in (self.scope.get("extensions") or {}):
+            await self._send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                }
+            )
+            await self._send({"type": "websocket.http.response.body", "body": body.encode()})
+        else:
+            await self._send({"type": "websocket.close", "code": 1008})
+
+
+WebSocketHandler = Callable[[Any, WebSocket], Awaitable[None]]
+
+
+def asgi_websocket(blueprint: Any, rule: str) -> Callable[[WebSocketHandler], WebSocketHandler]:
+    """Declare a WebSocket route of `blueprint` that is served at the ASGI level: `handler(app,
+    socket)` is called by `serve_asgi_websockets` for that path, without Quart's per-connection
+    machinery (its websocket object, receive queue, two tasks and contexts: 12 KB and 90
+    GC-tracked objects a connection, see benchmarks/README.md)."""
+
+    def register(handler: WebSocketHandler) -> WebSocketHandler:
+        def record(state: Any) -> None:
+            path = (state.url_prefix or "").rstrip("/") + rule
+            state.app.extensions.setdefault(ASGI_ROUTES, {})[path] = handler
+
+        blueprint.record_once(record)
+        return handler
+
+    return register
+
+
+def serve_asgi_websockets(app: Any) -> Any:
+    """The app's ASGI callable, wrapped: WebSockets on the ASGI-level routes go straight to
+    their handlers; everything else to Quart. Each WebSocket's ASGI `send` is put in its scope:
+    the gateway writes frames with it (or with the transport under it)."""
+    asgi_app = app.asgi_app
+    routes: dict[str, WebSocketHandler] = app.extensions.get(ASGI_ROUTES, {})
+
+    def app_with_websockets(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
         if scope["type"] == "websocket":
             # The server builds a scope per connection; adding a key in place saves a copy of
             # it, and returning the inner coroutine saves a frame, for every connection.
             scope[ASGI_SEND_KEY] = send
+            handler = routes.get(scope["path"])
+            if handler is not None:
+                return handler(app, WebSocket(scope, receive, send))
         return asgi_app(scope, receive, send)
 
-    return app_with_send
+    return app_with_websockets
 
 
 class AsgiWriter:
