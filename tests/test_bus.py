@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
+import orjson
 import pytest
 
 from app.services.bus import IdempotencyConflict, MemoryBus
@@ -27,6 +29,23 @@ class TestMemoryBus:
         assert await bus.history(5, 5) == ([], True)
         assert await bus.history(6, 6) == ([], True)
         assert await bus.history(6, 5) == ([], False)  # beyond the stream
+
+    async def test_history_holds_nothing_a_collection_must_scan(self):
+        """The resume history keeps frames and routing atoms, not parsed payloads: after one
+        collection the garbage collector no longer tracks any of it. Replays read the same."""
+        bus = MemoryBus(history_size=100, history_max_age=60)
+        market = [{"symbol": "BTC/USDT", "price": 1.0}, {"symbol": "ETH/USDT", "price": 2.0}]
+        await bus.publish([Event("market_update", market), Event("alert", {"level": "info"})])
+        gc.collect()  # untracks the symbols tuple inside each entry,
+        gc.collect()  # then the entry
+        assert not any(gc.is_tracked(entry) for entry in bus._history)
+        replayed, recovered = await bus.history(0, 2)
+        assert recovered and [e.seq for e in replayed] == [1, 2]
+        assert replayed[0].symbols == ("BTC/USDT", "ETH/USDT")
+        assert replayed[0].conflation_key == ("market_update", None)
+        assert '"price":1.0' in replayed[0].frame
+        view = orjson.loads(replayed[0].view_for(frozenset({"ETH/USDT"})))
+        assert view["data"] == [market[1]] and view["seq"] == 1
 
     async def test_an_idempotency_key_publishes_once(self):
         bus = MemoryBus(history_size=10, history_max_age=60)

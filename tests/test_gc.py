@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import weakref
+
+import websockets
 
 
 class _SelfReferencing:
@@ -28,3 +31,42 @@ async def test_no_timer_collections_with_gc_interval_zero(gateway_factory):
     async with gateway_factory(GC_INTERVAL=0) as server:
         await asyncio.sleep(0.2)
         assert server.gateway.stats()["gc_full_collections"] == 0
+
+
+# What a closed connection must not leave in reference cycles: the server's objects for it.
+SERVER_SIDE = {"TCPServer", "H11Protocol", "WSStream", "WSConnection", "Connection", "TaskGroup"}
+
+
+async def test_closed_connections_leave_no_reference_cycles(gateway_factory):
+    """Refcounting frees a closed connection at once: no full collection (which stops the
+    worker) is needed for it, whether the client closed cleanly or vanished."""
+    async with gateway_factory(GC_INTERVAL=0) as server:
+        gc.collect()
+        gc.disable()  # what the connections leave stays for the collection below to find
+        try:
+            clients = []
+            for _ in range(12):
+                ws = await websockets.connect(server.url)
+                await ws.recv()  # connected
+                await ws.send('{"type": "subscribe", "data": {"topics": ["market"]}}')
+                clients.append(ws)
+            await server.publish("market_update", [{"symbol": "BTC/USDT", "price": 1.0}])
+            for ws in clients[:6]:
+                await ws.close()
+            for ws in clients[6:]:
+                ws.transport.abort()  # gone without a close frame
+            async with asyncio.timeout(5):
+                while server.gateway.manager.connections:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # Hypercorn ends each connection's task
+            clients.clear()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = sorted(
+                type(o).__qualname__ for o in gc.garbage if type(o).__qualname__ in SERVER_SIDE
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == []

@@ -16,7 +16,7 @@ from itertools import islice
 from typing import Protocol
 
 from app.errors import GatewayError
-from app.services.events import Event
+from app.services.events import Event, HistoryEntry
 
 Listener = Callable[[list[Event]], None]
 
@@ -108,7 +108,7 @@ class MemoryBus:
 
     def __init__(self, history_size: int, history_max_age: float) -> None:
         self.stream_id = uuid.uuid4().hex
-        self._history: deque[Event] = deque(maxlen=history_size)
+        self._history: deque[HistoryEntry] = deque(maxlen=history_size)
         self._history_max_age = history_max_age
         self._seq = 0
         self._listeners: list[Listener] = []
@@ -153,7 +153,7 @@ class MemoryBus:
             )
             if len(self._published) > self._published_max:
                 self._published.popitem(last=False)
-        self._history.extend(events)
+        self._history.extend(event.to_history() for event in events)
         for listener in self._listeners:
             listener(events)
         return published
@@ -167,18 +167,20 @@ class MemoryBus:
     def _expire(self, now: float) -> None:
         cutoff = now - self._history_max_age
         history = self._history
-        while history and history[0].created < cutoff:
+        while history and history[0][1] < cutoff:
             history.popleft()
         published = self._published
         while published and next(iter(published.values()))[2] < now:
             published.popitem(last=False)
 
 
-def history_between(history: deque[Event], since: int, until: int) -> tuple[list[Event], bool]:
+def history_between(
+    history: deque[HistoryEntry], since: int, until: int
+) -> tuple[list[Event], bool]:
     """The events of a gap-free `history` with since < seq <= until; see `EventBus.history`."""
     if since == until:
         return [], True
-    if not history or history[0].seq > since + 1:
-        return [e for e in history if e.seq <= until], False
-    start = since + 1 - history[0].seq
-    return list(islice(history, start, start + until - since)), True
+    if not history or history[0][0] > since + 1:
+        return [Event.from_history(e) for e in history if e[0] <= until], False
+    start = since + 1 - history[0][0]
+    return [Event.from_history(e) for e in islice(history, start, start + until - since)], True

@@ -181,11 +181,14 @@ class Connection:
             self._start_writer()
 
     def detach(self) -> None:
-        """The handler is ending: stop the writer and the close timer."""
+        """The handler is ending: stop the writer and the close timer, and let go of the
+        handler task (it refers back to this connection through its frame)."""
         if self._writer is not None:
             self._writer.cancel()
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+            self._abort_timer = None
+        self._handler = None
 
     async def closed(self) -> None:
         """Wait until the writer has sent the close frame (or given up)."""

@@ -154,9 +154,7 @@ class Event:
         self.seq = 0
         self.frame = ""
         self.wire = b""
-        self.conflation_key: tuple[str, str | None] | None = None
-        if type_ in CONFLATABLE_TYPES:
-            self.conflation_key = (type_, self.symbols[0] if len(self.symbols) == 1 else None)
+        self.conflation_key = _conflation_key(type_, self.symbols)
 
     def stamp(self, seq: int) -> None:
         """Give the event its place in the stream and build the frame every subscriber gets.
@@ -173,12 +171,50 @@ class Event:
 
     def view_for(self, symbols: frozenset[str]) -> str:
         """The frame restricted to the entries of `symbols` (per-symbol lists only)."""
-        if self.type not in PER_SYMBOL_LIST_TYPES or not isinstance(self.data, list):
+        if self.type not in PER_SYMBOL_LIST_TYPES:
             return self.frame
-        entries = [e for e in self.data if isinstance(e, dict) and e.get("symbol") in symbols]
-        if len(entries) == len(self.data):
+        data = orjson.loads(self.data_json) if self.data is None else self.data
+        if not isinstance(data, list):
+            return self.frame
+        entries = [e for e in data if isinstance(e, dict) and e.get("symbol") in symbols]
+        if len(entries) == len(data):
             return self.frame
         return self.render(dumps(entries))
+
+    def to_history(self) -> HistoryEntry:
+        """The stamped event as the resume history keeps it: its frame and routing atoms in a
+        tuple of strings and numbers, which the garbage collector stops tracking (a history
+        of parsed payloads was most of what a full collection had to scan)."""
+        return (
+            self.seq,
+            self.created,
+            self.type,
+            self.topic,
+            self.symbol,
+            self.symbols,
+            self.data_json,
+            self.frame,
+        )
+
+    @classmethod
+    def from_history(cls, entry: HistoryEntry) -> Event:
+        """The event again, for a replay; its data is parsed only if a view needs it."""
+        event = cls.__new__(cls)
+        (
+            event.seq,
+            event.created,
+            event.type,
+            event.topic,
+            event.symbol,
+            event.symbols,
+            event.data_json,
+            event.frame,
+        ) = entry
+        event.data = None
+        event.timestamp = utc_timestamp(event.created)
+        event.wire = b""
+        event.conflation_key = _conflation_key(event.type, event.symbols)
+        return event
 
     def encode(self) -> tuple[bytes, bytes]:
         """The event for another process (the Redis stream): its routing fields, and its data
@@ -200,6 +236,16 @@ class Event:
             created=fields["created"],
             data_json=text,
         )
+
+
+# seq, created, type, topic, symbol, routing symbols, data as JSON, frame: see Event.to_history.
+HistoryEntry = tuple[int, float, str, str, str | None, tuple[str, ...], str, str]
+
+
+def _conflation_key(type_: str, symbols: tuple[str, ...]) -> tuple[str, str | None] | None:
+    if type_ not in CONFLATABLE_TYPES:
+        return None
+    return (type_, symbols[0] if len(symbols) == 1 else None)
 
 
 def _routing_symbols(type_: str, data: Any, symbol: str | None) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -179,6 +180,7 @@ def serve_asgi_websockets(app: Any) -> Any:
             # The server builds a scope per connection; adding a key in place saves a copy of
             # it, and returning the inner coroutine saves a frame, for every connection.
             scope[ASGI_SEND_KEY] = send
+            release_when_closed(send)
             handler = routes.get(scope["path"])
             if handler is not None:
                 return handler(app, WebSocket(scope, receive, send))
@@ -306,27 +308,65 @@ class Writer(Protocol):
     async def refuse(self, notice: str, code: int, reason: str) -> None: ...
 
 
+def _hypercorn_connection(send: ASGISend) -> tuple[Any, Any, Any, asyncio.StreamWriter] | None:
+    """The stream, protocol, server and stream writer under a WebSocket's ASGI `send` when it
+    is served by Hypercorn's asyncio worker over HTTP/1.1; None otherwise."""
+    if _CLASSES is None:
+        return None
+    ws_stream_class, h11_class, tcp_server_class = _CLASSES
+    stream = getattr(send, "__self__", None)
+    if not isinstance(stream, ws_stream_class):
+        return None
+    protocol = getattr(getattr(stream, "send", None), "__self__", None)
+    if not isinstance(protocol, h11_class):
+        return None
+    server = getattr(getattr(protocol, "send", None), "__self__", None)
+    if not isinstance(server, tcp_server_class):
+        return None
+    writer = getattr(server, "writer", None)
+    if not isinstance(writer, asyncio.StreamWriter) or writer.transport is None:
+        return None
+    return stream, protocol, server, writer
+
+
 def open_writer(scope: dict[str, Any], fast_path: bool = True) -> Writer:
     """The writer of the WebSocket of `scope`: straight to the socket when it is served by
     Hypercorn's asyncio worker over HTTP/1.1 (and `fast_path`), else the ASGI `send`."""
     send = scope[ASGI_SEND_KEY]
-    if not fast_path or _CLASSES is None:
+    parts = _hypercorn_connection(send) if fast_path else None
+    if parts is None:
         return AsgiWriter(send)
-    ws_stream_class, h11_class, tcp_server_class = _CLASSES
-    stream = getattr(send, "__self__", None)
-    if not isinstance(stream, ws_stream_class):
-        return AsgiWriter(send)
-    protocol = getattr(getattr(stream, "send", None), "__self__", None)
-    if not isinstance(protocol, h11_class):
-        return AsgiWriter(send)
-    server = getattr(getattr(protocol, "send", None), "__self__", None)
-    if not isinstance(server, tcp_server_class):
-        return AsgiWriter(send)
-    writer = getattr(server, "writer", None)
-    if not isinstance(writer, asyncio.StreamWriter) or writer.transport is None:
-        return AsgiWriter(send)
+    stream, _, server, writer = parts
     websocket = getattr(stream, "connection", None)
     if getattr(websocket, "state", None) is not OPEN:
         return AsgiWriter(send)
     terminated = getattr(getattr(server, "context", None), "terminated", None)
     return SocketWriter(send, writer, websocket, getattr(terminated, "wait", None))
+
+
+def release_when_closed(send: ASGISend) -> None:
+    """Break the reference cycles of a Hypercorn connection once its task has ended."""
+    parts = _hypercorn_connection(send)
+    if parts is None:
+        return
+    stream, protocol, server, writer = parts
+    connection_task = getattr(writer.transport.get_protocol(), "_task", None)
+    if isinstance(connection_task, asyncio.Task):
+        connection_task.add_done_callback(
+            partial(_break_cycles, writer.transport, (server, protocol, stream))
+        )
+
+
+def _break_cycles(
+    transport: asyncio.Transport, parts: tuple[Any, ...], connection_task: asyncio.Task[None]
+) -> None:
+    """Once Hypercorn is done with a connection (its task has ended), empty its server,
+    protocol and stream objects: they refer to each other through bound methods, so without
+    this every closed connection would leave ~60 objects that only a full collection, which
+    stops the worker, can free. Refcounting frees them at once instead. The closed transport
+    keeps its own read callback, a bound method of itself (asyncio's selector transport)."""
+    for part in (*parts, getattr(parts[0], "protocol", None)):
+        if part is not None:
+            vars(part).clear()
+    if transport.is_closing() and getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = None  # type: ignore[attr-defined]
