@@ -358,7 +358,7 @@ def release_when_closed(send: ASGISend) -> None:
 
 
 def _break_cycles(
-    transport: asyncio.Transport, parts: tuple[Any, ...], connection_task: asyncio.Task[None]
+    transport: asyncio.WriteTransport, parts: tuple[Any, ...], connection_task: asyncio.Task[None]
 ) -> None:
     """Once Hypercorn is done with a connection (its task has ended), empty its server,
     protocol and stream objects: they refer to each other through bound methods, so without
