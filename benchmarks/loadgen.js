@@ -51,6 +51,9 @@ const OPTS = {
   pad: 8,                   // characters of padding per data entry
   parse: 'fast',            // fast | json
   maxEvents: 2000000,       // hard cap on events published
+  churnRate: 0,             // extra connections per second while publishing: connect, subscribe, leave
+  churnHoldMin: 1,          // s a churning connection stays subscribed, at least
+  churnHoldMax: 5,          // s at most (uniform); half leave with a close frame, half drop the socket
   label: '',
   timeout: 0,               // hard process timeout in s (0 = derived from the phases)
 };
@@ -414,6 +417,48 @@ function openClient(i) {
   function protocolError() { if (sock.writable) sock.end(clientFrame(0x8, Buffer.from([0x03, 0xea]))); }
 }
 
+// ------------------------------------------------------------------ churn
+// Connections that come and go while events flow (not counted in deliveries or latency): each
+// opens, subscribes like client 0, reads and discards what arrives, and leaves after its hold.
+const churn = { started: 0, subscribed: 0, failed: 0, open: 0 };
+function openChurner() {
+  churn.started++; churn.open++;
+  const key = crypto.randomBytes(16).toString('base64');
+  const sock = net.connect({ host: wsUrl.hostname.replace(/^\[|\]$/g, ''), port: Number(wsUrl.port || 80) });
+  let seen = '', subscribed = false, done = false;
+  const finish = (failed) => { if (done) return; done = true; churn.open--; if (failed) churn.failed++; };
+  const guard = setTimeout(() => { finish(!subscribed); sock.destroy(); }, (opt.churnHoldMax + 20) * 1000);
+  sock.on('connect', () => {
+    sock.write(`GET ${wsUrl.pathname}${wsUrl.search} HTTP/1.1\r\nHost: ${wsUrl.host}\r\n` +
+      `Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+  });
+  let upgraded = false;
+  sock.on('data', (b) => {
+    if (subscribed) return;
+    seen = (seen + b.toString('latin1')).slice(-4096);
+    if (!upgraded && seen.includes('\r\n\r\n')) {
+      upgraded = true; // as a client must, the first frame only after the 101
+      sock.write(clientFrame(0x1, Buffer.from(JSON.stringify({ type: 'subscribe', data: { topics: clientTopics[0], symbols: clientSymbols[0] }, request_id: 'churn' }))));
+    }
+    if (!seen.includes('"subscribed"')) return;
+    subscribed = true; churn.subscribed++;
+    const hold = opt.churnHoldMin + Math.random() * Math.max(0, opt.churnHoldMax - opt.churnHoldMin);
+    setTimeout(() => {
+      clearTimeout(guard); finish(false);
+      if (churn.started % 2 && sock.writable) sock.end(clientFrame(0x8, Buffer.from([0x03, 0xe8])));
+      else sock.destroy();
+    }, hold * 1000);
+  });
+  sock.on('error', () => { clearTimeout(guard); finish(!subscribed); });
+  sock.on('close', () => { clearTimeout(guard); finish(!subscribed); });
+}
+function startChurn(seconds) {
+  if (!(opt.churnRate > 0)) return () => {};
+  const every = 1000 / opt.churnRate, limit = Math.ceil(opt.churnRate * seconds);
+  const timer = setInterval(() => { if (churn.started < limit) openChurner(); }, every);
+  return () => clearInterval(timer);
+}
+
 // ------------------------------------------------------------------ connect phase
 let inConnect = 0, connectFinished = 0, onConnectEvent = null;
 const clientTimers = new Array(N).fill(null);
@@ -633,8 +678,10 @@ async function main() {
     await sleep(opt.duration * 1000);
   } else if (nReady > 0) {
     pubStarted = true;
+    const stopChurn = startChurn(opt.ramp + opt.duration);
     if (opt.mode === 'closed') await runClosed(opt.duration * 1000, windowStart);
     else await runRate(opt.duration * 1000, windowStart);
+    stopChurn();
     if (cpu0 === null) windowStart(); // window never started (e.g. no events due): empty window
   } else windowStart();
   tw1 = performance.now();
@@ -678,6 +725,7 @@ async function main() {
     loadgen_cpu_pct: +(((cpu.user + cpu.system) / 1000 / (tw1 - tw0)) * 100).toFixed(1),
     loadgen_cpu_sys_pct: +((cpu.system / 1000 / (tw1 - tw0)) * 100).toFixed(1),
     still_subscribed: nReady, closed_during_run: closedDuringRun, close_codes: closeCodes,
+    churn_started: churn.started, churn_subscribed: churn.subscribed, churn_failed: churn.failed,
     pings_answered: pingsAnswered, ws_pings: wsPings, error_msgs: errorMsgs, other_msgs: otherMsgs,
   });
   shuttingDown = true;
