@@ -55,8 +55,9 @@ class Config:
     WS_FAST_PATH: bool = True
     # How long a server-initiated close may wait for the client before the connection is dropped.
     WS_CLOSE_TIMEOUT: float = positive(5.0)
-    # Seconds between full garbage collections (app/services/health.py); 0 = by allocation count.
-    GC_INTERVAL: float = 60.0
+    # Seconds between timed full garbage collections (app/services/health.py); 0 = none, only
+    # Python's own (closed connections leave nothing for one to collect).
+    GC_INTERVAL: float = 0.0
 
     # Events kept for resume (`subscribe` with `since`), bounded by count and by age in seconds.
     EVENT_HISTORY_SIZE: int = positive(10_000)

@@ -231,10 +231,14 @@ class ConnectionStats(BaseModel):
     event_loop_lag_max_ms: float = Field(description="The largest such lag since start")
     rss_bytes: int = Field(description="The worker's resident memory")
     gc_full_collections: int = Field(
-        description="Full garbage collections run on the GC_INTERVAL timer"
+        description="Full garbage collections since start: Python's own and the GC_INTERVAL "
+        "timer's (none with the default settings unless the long-lived objects grow by a quarter)"
     )
     gc_pause_ms: float = Field(description="How long the last of them blocked the worker")
     gc_pause_max_ms: float = Field(description="The longest of them")
+    gc_young_pause_max_ms: float = Field(
+        description="The longest collection of the young generations"
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -104,7 +104,13 @@ async def serve(port: int) -> None:
             before, after, per = marks[args[0]], marks[args[1]], int(args[2])
             by_owner: collections.Counter[str] = collections.Counter()
             by_line: collections.Counter[str] = collections.Counter()
-            for stat in after[0].compare_to(before[0], "traceback"):
+            stats = after[0].compare_to(before[0], "traceback")
+            biggest = [
+                {"bytes_per": round(stat.size_diff / per), "count_per": stat.count_diff / per,
+                 "at": [f"{os.path.basename(f.filename)}:{f.lineno}" for f in stat.traceback][-6:]}
+                for stat in stats[:8]
+            ]
+            for stat in stats:
                 package, line = owner(stat.traceback)
                 by_owner[package] += stat.size_diff
                 by_line[line] += stat.size_diff
@@ -116,7 +122,8 @@ async def serve(port: int) -> None:
                 {
                     "bytes_per": {k: round(v / per) for k, v in by_owner.most_common(14)},
                     "total_bytes_per": round(sum(by_owner.values()) / per),
-                    "lines_per": {k: round(v / per) for k, v in by_line.most_common(12)},
+                    "lines_per": {k: round(v / per) for k, v in by_line.most_common(40)},
+                    "biggest": biggest,
                     "tracked_per": round((after[2] - before[2]) / per, 1),
                     "types_per": {k: round(v / per, 2) for k, v in types.most_common(25)},
                 }

@@ -1,4 +1,4 @@
-"""Garbage collection on the GC_INTERVAL timer."""
+"""Garbage collection: what it costs, and nothing left for it by a closed connection."""
 
 from __future__ import annotations
 
@@ -27,10 +27,23 @@ async def test_full_collections_run_on_the_timer_and_free_cycles(gateway_factory
         assert 0 < stats["gc_pause_max_ms"] < 5000
 
 
-async def test_no_timer_collections_with_gc_interval_zero(gateway_factory):
-    async with gateway_factory(GC_INTERVAL=0) as server:
-        await asyncio.sleep(0.2)
-        assert server.gateway.stats()["gc_full_collections"] == 0
+async def test_every_full_collection_is_timed_and_none_runs_on_a_timer_by_default(
+    gateway_factory,
+):
+    async with gateway_factory() as server:
+        assert server.gateway.config.GC_INTERVAL == 0
+        gc.disable()  # only the collections made here
+        try:
+            await asyncio.sleep(0.3)
+            before = server.gateway.stats()
+            gc.collect(0)
+            gc.collect()
+            gc.collect()
+            after = server.gateway.stats()
+        finally:
+            gc.enable()
+        assert after["gc_full_collections"] - before["gc_full_collections"] == 2
+        assert after["gc_pause_max_ms"] > 0 and after["gc_young_pause_max_ms"] > 0
 
 
 # What a closed connection must not leave in reference cycles: the server's objects for it.

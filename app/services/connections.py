@@ -117,7 +117,7 @@ class Connection:
         self.last_ping = self.last_seen
         self.joined_seq = joined_seq
         self.keys: set[str] = set()  # topics and `symbol:X` entries
-        self.symbols: frozenset[str] = frozenset()
+        self.symbols: frozenset[str] = _NO_SYMBOLS
         self.sent = 0
         self.conflated = 0
         self.queue_high_water = 0
@@ -426,8 +426,15 @@ class SubscriptionIndex:
         return {key: len(members) for key, members in sorted(self.by_key.items())}
 
 
+_NO_SYMBOLS: frozenset[str] = frozenset()
+
+
 def _symbols_of(keys: Iterable[str]) -> frozenset[str]:
-    return frozenset(k[len(SYMBOL_PREFIX) :] for k in keys if k.startswith(SYMBOL_PREFIX))
+    # Most connections have none: one shared empty set instead of one each.
+    return (
+        frozenset(k[len(SYMBOL_PREFIX) :] for k in keys if k.startswith(SYMBOL_PREFIX))
+        or _NO_SYMBOLS
+    )
 
 
 class ConnectionManager:

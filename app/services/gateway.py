@@ -224,6 +224,7 @@ class Gateway:
         await _cancel(self._tasks)
         await self._stop_producers()
         self._tasks.clear()
+        self.garbage.release()
         await self.engine.close()
         await self.market.close()
         await self.bus.stop()

@@ -20,6 +20,7 @@ connection, and that connection uses the ASGI `send` instead.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
@@ -344,6 +345,11 @@ def open_writer(scope: dict[str, Any], fast_path: bool = True) -> Writer:
     return SocketWriter(send, writer, websocket, getattr(terminated, "wait", None))
 
 
+# The context `_break_cycles` runs in: it reads no context variable, and one shared context
+# saves a copy per connection.
+_CALLBACK_CONTEXT = contextvars.Context()
+
+
 def release_when_closed(send: ASGISend) -> None:
     """Break the reference cycles of a Hypercorn connection once its task has ended."""
     parts = _hypercorn_connection(send)
@@ -353,7 +359,8 @@ def release_when_closed(send: ASGISend) -> None:
     connection_task = getattr(writer.transport.get_protocol(), "_task", None)
     if isinstance(connection_task, asyncio.Task):
         connection_task.add_done_callback(
-            partial(_break_cycles, writer.transport, (server, protocol, stream))
+            partial(_break_cycles, writer.transport, (server, protocol, stream)),
+            context=_CALLBACK_CONTEXT,
         )
 
 
