@@ -165,6 +165,9 @@ class Config:
             # The gateway sends its own heartbeat events and checks the replies.
             "websocket_ping_interval": None,
             "graceful_timeout": 5.0,
+            # Connections waiting to be accepted: Hypercorn's 100 overflows when thousands of
+            # clients reconnect at once (the kernel caps it at net.core.somaxconn).
+            "backlog": 4096,
             # No access log: query strings can carry API keys.
             "accesslog": None,
         }

@@ -8,6 +8,17 @@ import sys
 # Hypercorn loads this file before the app, with the project not yet on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import resource  # noqa: E402
+
 from config import Config  # noqa: E402
+
+# Every WebSocket is a file descriptor: a worker holding 10,000 needs more than the usual soft
+# limit of 1024. The soft limit may be raised up to the hard one (systemd: LimitNOFILE) without
+# privileges; the workers inherit it.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard == resource.RLIM_INFINITY or _soft < _hard:
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (_hard if _hard != resource.RLIM_INFINITY else 1 << 20, _hard)
+    )
 
 globals().update(Config.from_env().hypercorn_settings())
