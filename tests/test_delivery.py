@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+
+import orjson
+
+from app import create_app
+from app.services.database import migrate
+from config import Config
 
 MARKET = [
     {"symbol": "BTC/USDT", "price": 95000.0, "volume_24h": 1000000, "change_24h": 2.5},
@@ -231,3 +238,18 @@ async def test_resume_from_another_stream_is_not_recovered(server):
             "subscribe", {"topics": ["alerts"], "since": 2, "stream_id": stream_id}
         )
         assert (same["data"]["recovered"], same["data"]["replayed"]) == (True, 3)
+
+
+async def test_quart_test_client_speaks_to_the_asgi_level_route(tmp_path):
+    """`/api/ws` is served below Quart, but Quart's own test client (which sends no
+    `websocket.connect`) still reaches it, as teams used to Flask test their apps."""
+    url = f"sqlite:///{tmp_path}/gateway.db"
+    await migrate(url)
+    app = create_app(replace(Config(), DATABASE_URL=url, SIMULATION=False))
+    async with app.test_app() as test_app:
+        async with test_app.test_client().websocket("/api/ws") as ws:
+            assert orjson.loads(await ws.receive())["type"] == "connected"
+            assert orjson.loads(await ws.receive())["type"] == "system_status"
+            await ws.send('{"type": "ping", "request_id": 7}')
+            pong = orjson.loads(await ws.receive())
+            assert (pong["type"], pong["request_id"]) == ("pong", 7)

@@ -64,10 +64,7 @@ async def gateway_socket(app: Quart, socket: WebSocket) -> None:
     if not _origin_allowed(socket, gateway.config.CORS_ORIGINS):
         await socket.reject(403, "Origin not allowed")
         return
-    try:
-        await socket.accept()
-    except Disconnected:
-        return
+    await socket.accept()
     # The query string is parsed only when there is one: most clients send none.
     presented = socket.query("api_key") or socket.header("x-api-key")
     principal = await gateway.api_keys.authenticate(presented)

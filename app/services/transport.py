@@ -120,19 +120,20 @@ class WebSocket:
         return str(client[0]) if client else ""
 
     async def accept(self) -> None:
-        """Wait for the handshake (`websocket.connect`) and accept it."""
-        message = await self._receive()
-        if message["type"] != "websocket.connect":
-            raise Disconnected
+        """Accept the handshake. The server's `websocket.connect` is not awaited first (Quart's
+        test client sends none); `receive` passes over it."""
         await self._send({"type": "websocket.accept"})
 
     async def receive(self) -> str | bytes | None:
         """The next client message (None for an empty binary frame); Disconnected once the
         client is gone."""
-        message = await self._receive()
-        if message["type"] == "websocket.receive":
-            return message.get("text") or message.get("bytes")
-        raise Disconnected
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                return message.get("text") or message.get("bytes")
+            if kind != "websocket.connect":
+                raise Disconnected
 
     async def reject(self, status: int, body: str) -> None:
         """Refuse the handshake with an HTTP response (a plain 403 where the server cannot)."""
