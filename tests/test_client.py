@@ -707,6 +707,16 @@ async def test_spec_clean_disconnect_in_finally(server, clients):
 # -- the API ------------------------------------------------------------------------------------
 
 
+async def test_the_client_offers_no_compression(server, clients):
+    """The gateway sends every event uncompressed: permessage-deflate would only cost each
+    connection its zlib state (42 KB on the gateway, benchmarks/README.md)."""
+    client = clients()
+    await client.connect(server.url)
+    assert client._ws is not None
+    assert client._ws.request.headers.get("Sec-WebSocket-Extensions") is None
+    assert client._ws.response.headers.get("Sec-WebSocket-Extensions") is None
+
+
 async def test_events_have_type_data_timestamp_and_seq(server, clients):
     client = clients()
     await client.connect(server.url)

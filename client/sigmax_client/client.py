@@ -426,6 +426,10 @@ class SigmaxWebSocketClient:
                 additional_headers=headers,
                 open_timeout=self.connect_timeout,
                 ping_interval=None,  # the JSON heartbeat replaces it
+                # The gateway frames each event once, uncompressed, for every subscriber:
+                # permessage-deflate would compress nothing and cost 42 KB of zlib state per
+                # connection on the gateway.
+                compression=None,
                 close_timeout=CLOSE_TIMEOUT,
                 max_size=self.max_message_size,
             )
