@@ -53,7 +53,7 @@ class GarbageCollector:
     """The garbage collector's schedule, and what its full collections cost.
 
     A full collection stops the worker for as long as it takes to scan every tracked object:
-    about 35 ms per 1000 open connections. So nothing is left for one to do: a closed
+    about 38 ms per 1000 open connections. So nothing is left for one to do: a closed
     connection leaves no reference cycle (app/services/transport.py breaks Hypercorn's), the
     resume history holds no tracked object, and what start-up made is frozen out of every
     collection. The young generation is collected every 50,000 net allocations (frequent
