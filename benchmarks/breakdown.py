@@ -278,9 +278,10 @@ async def drive(args: argparse.Namespace) -> dict:
         wait_connections(base, 0)
         await asyncio.sleep(0.5)
         garbage = server.ask("garbage")
+        per = args.clients
         report["closed"] = {
-            "unreachable_per_closed": round(garbage["unreachable"] / args.clients, 1),
-            "types_per_closed": {k: round(v / args.clients, 2) for k, v in garbage["types"].items()},
+            "unreachable_per_closed": round(garbage["unreachable"] / per, 1),
+            "types_per_closed": {k: round(v / per, 2) for k, v in garbage["types"].items()},
         }
         server.ask("mark", "closed")
         report["left_after_close"] = server.ask("diff", "empty", "closed", args.clients, "empty")

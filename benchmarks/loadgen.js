@@ -328,6 +328,11 @@ function onControl(i, msg) {
 const READ_BUF = Buffer.allocUnsafe(512 * 1024);
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 
+function upgradeRequest(key) {
+  return `GET ${wsUrl.pathname}${wsUrl.search} HTTP/1.1\r\nHost: ${wsUrl.host}\r\n` +
+    `Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`;
+}
+
 function clientFrame(opcode, payload) {
   const len = payload.length;
   const hl = len < 126 ? 2 : len < 65536 ? 4 : 10;
@@ -356,8 +361,7 @@ function openClient(i) {
   };
   conns[i] = c;
   sock.on('connect', () => {
-    sock.write(`GET ${wsUrl.pathname}${wsUrl.search} HTTP/1.1\r\nHost: ${wsUrl.host}\r\n` +
-      `Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+    sock.write(upgradeRequest(key));
   });
   sock.on('error', (e) => { failClient(i, e.code || 'socket_error'); });
   sock.on('close', () => { onClosed(i, upgraded ? lastClose : -1); });
@@ -429,8 +433,7 @@ function openChurner() {
   const finish = (failed) => { if (done) return; done = true; churn.open--; if (failed) churn.failed++; };
   const guard = setTimeout(() => { finish(!subscribed); sock.destroy(); }, (opt.churnHoldMax + 20) * 1000);
   sock.on('connect', () => {
-    sock.write(`GET ${wsUrl.pathname}${wsUrl.search} HTTP/1.1\r\nHost: ${wsUrl.host}\r\n` +
-      `Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+    sock.write(upgradeRequest(key));
   });
   let upgraded = false;
   sock.on('data', (b) => {

@@ -65,15 +65,6 @@ WORKLOADS = {
         warmup=20,
         args=dict(clients=5000, topics="market", mode="idle", duration=3, settle=2,
                   connect_concurrency=100, connect_timeout=90)),
-    "W4X": dict(
-        what="W4 with 10,000 idle clients",
-        warmup=20,
-        args=dict(clients=10000, topics="market", mode="idle", duration=3, settle=2,
-                  connect_concurrency=100, connect_timeout=150)),
-    "W3X": dict(
-        what="W3L with 10,000 clients: 20 events/s x 10,000 (200k deliveries/s), open loop",
-        args=dict(clients=10000, topics="market", mode="rate", rate=20, batch=5, duration=10,
-                  ramp=2, drain=10, connect_concurrency=100, connect_timeout=150)),
     "WC": dict(
         what="churn while events flow: 1000 clients on market at 20 events/s for 60 s while 20 "
              "connections per second come and go (each subscribes to market and leaves after "
@@ -81,6 +72,15 @@ WORKLOADS = {
         args=dict(clients=1000, topics="market", mode="rate", rate=20, batch=5, duration=60,
                   ramp=2, drain=5, churn_rate=20, churn_hold_min=1, churn_hold_max=5)),
 }
+# The 10,000-connection variants of W4 and W3L: the same load with ten times the clients.
+WORKLOADS["W4X"] = dict(
+    WORKLOADS["W4"], what="W4 with 10,000 idle clients",
+    args=dict(WORKLOADS["W4"]["args"], clients=10000, connect_timeout=150))
+WORKLOADS["W3X"] = dict(
+    WORKLOADS["W3L"],
+    what="W3L with 10,000 clients: 20 events/s x 10,000 (200k deliveries/s), open loop",
+    args=dict(WORKLOADS["W3L"]["args"], clients=10000, drain=10, connect_concurrency=100,
+              connect_timeout=150))
 QUICK = {"duration": 3, "ramp": 1, "drain": 3}
 # Connections a gateway run may hold: the largest workload, its churn, and reconnects closing.
 GATEWAY_MAX_CONNECTIONS = 12000

@@ -46,6 +46,10 @@ LIMITS = (
 )
 
 
+# Most connections subscribe to no symbol: one shared empty set instead of one each.
+_NO_SYMBOLS: frozenset[str] = frozenset()
+
+
 class ConnectionLimitExceeded(Exception):
     pass
 
@@ -426,11 +430,7 @@ class SubscriptionIndex:
         return {key: len(members) for key, members in sorted(self.by_key.items())}
 
 
-_NO_SYMBOLS: frozenset[str] = frozenset()
-
-
 def _symbols_of(keys: Iterable[str]) -> frozenset[str]:
-    # Most connections have none: one shared empty set instead of one each.
     return (
         frozenset(k[len(SYMBOL_PREFIX) :] for k in keys if k.startswith(SYMBOL_PREFIX))
         or _NO_SYMBOLS

@@ -359,8 +359,10 @@ def release_when_closed(send: ASGISend) -> None:
     stream, protocol, server, writer = parts
     connection_task = getattr(writer.transport.get_protocol(), "_task", None)
     if isinstance(connection_task, asyncio.Task):
+        wrapper = getattr(server, "protocol", None)  # the ProtocolWrapper around `protocol`
+        objects = tuple(o for o in (server, wrapper, protocol, stream) if o is not None)
         connection_task.add_done_callback(
-            partial(_break_cycles, writer.transport, (server, protocol, stream)),
+            partial(_break_cycles, writer.transport, objects),
             context=_CALLBACK_CONTEXT,
         )
 
@@ -373,8 +375,7 @@ def _break_cycles(
     this every closed connection would leave ~60 objects that only a full collection, which
     stops the worker, can free. Refcounting frees them at once instead. The closed transport
     keeps its own read callback, a bound method of itself (asyncio's selector transport)."""
-    for part in (*parts, getattr(parts[0], "protocol", None)):
-        if part is not None:
-            vars(part).clear()
+    for part in parts:
+        vars(part).clear()
     if transport.is_closing() and getattr(transport, "_read_ready_cb", None) is not None:
         transport._read_ready_cb = None  # type: ignore[attr-defined]
