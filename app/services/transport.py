@@ -41,7 +41,7 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", _TEXT, 127, size) + payload
 
 
-def _hypercorn_classes() -> tuple[type, type, type, type] | None:
+def _hypercorn_classes() -> tuple[Any, Any, Any, Any] | None:
     try:
         from hypercorn.asyncio.tcp_server import TCPServer
         from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
@@ -475,7 +475,7 @@ def _drop_http_state(protocol: Any) -> None:
     h11 parser under its pass-through connection (1.7 KB; it framed the 101 response and sends
     nothing more) and h11's read pause."""
     assert _CLASSES is not None  # `protocol` came from `_hypercorn_connection`
-    connection: Any = getattr(protocol, "connection", None)
+    connection = getattr(protocol, "connection", None)
     if isinstance(connection, _CLASSES[3]):
         connection.h11_connection = None
         protocol.can_read = _NEVER_PAUSED
