@@ -57,4 +57,7 @@ async def test_an_open_websocket_holds_no_app_queue_or_http_parser(gateway_facto
             assert len(streams) == 1
             stream = streams[0]
             assert isinstance(stream.app_put.__self__, Inbox)
-            assert stream.send.__self__.connection.h11_connection is None
+            protocol = stream.send.__self__
+            assert protocol.connection.h11_connection is None
+            flow = protocol.send.__self__.writer.transport.get_protocol()
+            assert isinstance(flow._drain_waiters, list)

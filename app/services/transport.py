@@ -20,6 +20,7 @@ connection, and that connection uses the ASGI `send` instead.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import struct
 import sys
@@ -200,7 +201,7 @@ def serve_asgi_websockets(app: Any) -> Any:
                 accepted = None
                 if parts is not None:
                     receive = _take_inbox(parts[0], receive)
-                    accepted = partial(_drop_http_state, parts[1])
+                    accepted = partial(_after_handshake, parts)
                 return handler(app, WebSocket(scope, receive, send, accepted))
         return asgi_app(scope, receive, send)
 
@@ -412,24 +413,27 @@ class Inbox:
 
     async def put(self, message: dict[str, Any]) -> None:
         while len(self._messages) >= self._limit:
-            await self._wait()
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:  # not yet the other side's
+                    self._waiter = None
         self._messages.append(message)
         self._wake()
 
     async def get(self) -> dict[str, Any]:
+        # Waits inline, not in a helper coroutine: an idle connection keeps this frame only.
         while not self._messages:
-            await self._wait()
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:  # not yet the other side's
+                    self._waiter = None
         message = self._messages.pop(0)
         self._wake()
         return message
-
-    async def _wait(self) -> None:
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -470,12 +474,19 @@ class _NeverPaused:
 _NEVER_PAUSED = _NeverPaused()
 
 
-def _drop_http_state(protocol: Any) -> None:
+def _after_handshake(parts: tuple[Any, Any, Any, asyncio.StreamWriter]) -> None:
     """Once Hypercorn has answered a WebSocket handshake, let go of what only HTTP needed: the
     h11 parser under its pass-through connection (1.7 KB; it framed the 101 response and sends
-    nothing more) and h11's read pause."""
-    assert _CLASSES is not None  # `protocol` came from `_hypercorn_connection`
+    nothing more) and h11's read pause. The stream's drain waiters (a deque, 0.8 KB, holding
+    a future only while the client is behind) become a list, which does all asyncio asks of it
+    (append, remove, iterate)."""
+    assert _CLASSES is not None  # `parts` came from `_hypercorn_connection`
+    _, protocol, _, writer = parts
     connection = getattr(protocol, "connection", None)
     if isinstance(connection, _CLASSES[3]):
         connection.h11_connection = None
         protocol.can_read = _NEVER_PAUSED
+    flow = writer.transport.get_protocol()
+    waiters = getattr(flow, "_drain_waiters", None)
+    if isinstance(waiters, collections.deque) and not waiters:
+        flow._drain_waiters = []  # type: ignore[attr-defined]
