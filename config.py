@@ -117,6 +117,10 @@ class Config:
     # Comma separated `key` or `key:scope+scope`; scopes are read, trade, publish. A key without
     # scopes has all of them. Empty = no authentication (local paper trading).
     API_KEYS: tuple[str, ...] = ()
+    # Seconds between looks at the database's keys: a key created or revoked with the CLI takes
+    # effect within this time, and WebSockets no longer admitted (keyless once the gateway is
+    # keyed, or with a revoked key) are closed.
+    API_KEY_REFRESH_INTERVAL: float = positive(5.0)
 
     CORS_ORIGINS: tuple[str, ...] = ("http://localhost:3000", "http://localhost:5173")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator
 from datetime import timedelta
 from typing import Any
@@ -28,8 +27,6 @@ from app.services.events import SERVER_VERSION
 from app.services.gateway import Gateway
 from app.services.transport import serve_asgi_websockets
 from config import Config
-
-log = logging.getLogger(__name__)
 
 
 class StrictJSONProvider(DefaultJSONProvider):
@@ -73,10 +70,6 @@ def create_app(config: Config | None = None) -> Quart:
     # before it is closed (after_serving), so that stopping can still write.
     @app.while_serving
     async def serve_gateway() -> AsyncGenerator[None, None]:
-        if not await gateway.api_keys.required():
-            log.warning(
-                "no API_KEYS configured: the gateway is open to every client that can reach it"
-            )
         await gateway.start()
         yield
         await gateway.stop()

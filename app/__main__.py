@@ -2,8 +2,10 @@
 
 python -m app migrate                              bring the database to the latest migration
 python -m app keys create --scopes read+trade [--label NAME]   prints the new key once
-python -m app keys revoke KEY_ID
+python -m app keys revoke KEY_ID                   the gateway stays keyed, also after the last key
 python -m app keys list
+python -m app keys open                            forget the revoked keys: the gateway opens to
+                                                   every client (refused while a key is active)
 python -m app engine [--host HOST] [--port 8100]    the paper engine as a standalone engine service
 """
 
@@ -83,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     key_commands.add_parser("list", help="list keys (ids, scopes, labels; never the keys)")
+    key_commands.add_parser(
+        "open",
+        help="forget the revoked keys, which opens the gateway to every client "
+        "(refused while a key is active)",
+    )
     engine = commands.add_parser(
         "engine", help="serve the paper engine as a remote engine (the gateway's ENGINE_URL)"
     )
@@ -110,7 +117,22 @@ def main(argv: list[str] | None = None) -> int:
             _with_connection(url, lambda c: store.revoke_api_key(c, args.key_id, time.time()))
         )
         print("revoked" if revoked else f"no active key {args.key_id}")
+        if revoked and not asyncio.run(_with_connection(url, store.api_key_state))[0]:
+            print(
+                "that was the last active key: the gateway stays keyed and admits no client "
+                "until a key is created (`keys create`); `keys open` opens it to everyone",
+                file=sys.stderr,
+            )
         return 0 if revoked else 1
+    elif args.action == "open":
+        forgotten = asyncio.run(_with_connection(url, store.delete_revoked_api_keys))
+        if forgotten is None:
+            print("error: keys are active; revoke them first (`keys list`)", file=sys.stderr)
+            return 1
+        print(
+            f"forgot {forgotten} revoked keys: the gateway is open to every client that can "
+            "reach it" + (" (API_KEYS, if set, still keys it)" if config.API_KEYS else ""),
+        )
     else:
         for row in asyncio.run(_with_connection(url, store.select_api_keys)):
             state = "revoked" if row["revoked_at"] else "active"

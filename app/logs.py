@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+
+
+def worker_id() -> str:
+    """The worker serving this process, as every log line, `/api/health` and a WebSocket's
+    `connected` name it: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def configure_logging(level: str) -> None:
@@ -12,5 +20,7 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level)
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
         logger.addHandler(handler)

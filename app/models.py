@@ -183,6 +183,9 @@ class Health(BaseModel):
 
     status: Literal["ok", "degraded"]
     version: str
+    worker: str = Field(
+        description="the worker that answered: host and process id, as its log lines name it"
+    )
     uptime_seconds: float
     connections: int
     bus_backend: str

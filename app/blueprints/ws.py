@@ -8,8 +8,6 @@ A bad message gets an `error` event and the connection stays open.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +18,7 @@ from quart_schema.conversion import model_load
 from quart_schema.mixins import SchemaValidationError
 
 from app.errors import GatewayError, describe_validation_error, error_event, excerpt, quoted
+from app.logs import worker_id
 from app.models import ClientMessage, CommandData, SubscriptionData
 from app.services.commands import COMMANDS, parse_symbol
 from app.services.connections import Connection, ConnectionLimitExceeded
@@ -39,7 +38,6 @@ from app.services.transport import Disconnected, WebSocket, asgi_websocket, open
 log = logging.getLogger(__name__)
 
 # Which worker process serves the connection: useful when several share a port.
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 ws_bp = Blueprint("ws", __name__)
 
@@ -114,7 +112,7 @@ async def gateway_socket(app: Quart, socket: WebSocket) -> None:
                 "server_version": SERVER_VERSION,
                 "available_topics": list(TOPICS),
                 "heartbeat_interval": gateway.config.WS_HEARTBEAT_INTERVAL,
-                "worker": WORKER,
+                "worker": worker_id(),
                 "last_seq": gateway.bus.head,
                 "stream_id": gateway.bus.stream_id,
             },

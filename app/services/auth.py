@@ -5,12 +5,17 @@ all of them. Keys created with `python -m app keys create` are stored hashed (SH
 scopes and can be revoked. With no key anywhere the gateway is open and every client has every
 scope. Keys are compared in constant time and never logged: a principal is named by its position
 or its id.
+
+Once a key has been created the gateway stays keyed: revoking the last one leaves a gateway that
+admits nobody until a key is created, never an open one. Only `python -m app keys open` (refused
+while a key is active) opens it again. Every switch between open and keyed is logged at WARNING.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,10 +23,9 @@ from typing import Any
 
 from app.services import store
 
+log = logging.getLogger(__name__)
+
 SCOPES = frozenset({"read", "trade", "publish"})
-# How long "are there keys in the database" is trusted before it is asked again: keys created or
-# revoked by the CLI take effect within this time.
-KEY_COUNT_TTL = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,23 @@ def new_key() -> str:
     return "sgx_" + secrets.token_urlsafe(24)
 
 
+@dataclass(frozen=True)
+class StoredKeys:
+    """What the database says of its keys: the ids of the active ones, and whether any key
+    (active or revoked) exists, which makes the gateway keyed."""
+
+    active: frozenset[str] = frozenset()
+    any: bool = False
+
+
 class ApiKeys:
-    def __init__(self, entries: tuple[str, ...], db: Any = None) -> None:
+    """The keys of the environment (`API_KEYS`) and of the database. What the database says is
+    trusted for `refresh_interval` seconds (`API_KEY_REFRESH_INTERVAL`): keys created or revoked
+    by the CLI take effect within that time."""
+
+    def __init__(
+        self, entries: tuple[str, ...], db: Any = None, refresh_interval: float = 5.0
+    ) -> None:
         self._keys: list[tuple[bytes, Principal]] = []
         for position, entry in enumerate(entries, start=1):
             key, _, scope_list = entry.partition(":")
@@ -65,11 +84,53 @@ class ApiKeys:
                 raise ValueError(f"API_KEYS entry {position}: the key is empty")
             self._keys.append((key.encode(), Principal(f"key#{position}", scopes)))
         self._db = db
-        self._stored_keys = 0
+        self.refresh_interval = refresh_interval
+        self._stored = StoredKeys()
         self._stored_checked = float("-inf")
+        self._keyed: bool | None = None  # as last logged; None before the first look
 
     async def required(self) -> bool:
-        return bool(self._keys) or await self._stored_key_count() > 0
+        """Whether a key is needed (the gateway is keyed)."""
+        if time.monotonic() - self._stored_checked > self.refresh_interval:
+            await self.refresh()
+        return self._is_keyed()
+
+    def _is_keyed(self) -> bool:
+        return bool(self._keys) or self._stored.any
+
+    @property
+    def stored(self) -> StoredKeys:
+        return self._stored
+
+    async def refresh(self) -> None:
+        """Ask the database again; log a switch between open and keyed."""
+        if self._db is not None:
+            async with self._db.connection() as connection:
+                active, any_key = await store.api_key_state(connection)
+            self._stored = StoredKeys(active, any_key)
+        self._stored_checked = time.monotonic()
+        keyed = self._is_keyed()
+        if keyed != self._keyed:
+            if keyed:
+                (log.warning if self._keyed is not None else log.info)(
+                    "the gateway is keyed: every client needs an API key (%s)",
+                    "API_KEYS" if self._keys else "keys in the database",
+                )
+            else:
+                log.warning(
+                    "the gateway is open: no API key is configured (API_KEYS) nor stored, so "
+                    "every client that can reach it has every scope"
+                )
+            self._keyed = keyed
+
+    def still_admits(self, principal: str) -> bool:
+        """Whether a client admitted as `principal` would still be: not once the gateway has
+        become keyed (anonymous) or its stored key was revoked."""
+        if principal == ANONYMOUS.name:
+            return not self._is_keyed()
+        if principal.startswith("key:"):
+            return principal[len("key:") :] in self._stored.active
+        return True
 
     async def authenticate(self, presented: str | None) -> Principal | None:
         """The principal of `presented`; ANONYMOUS when no key exists anywhere; else None."""
@@ -87,13 +148,3 @@ class ApiKeys:
             if stored is not None:
                 return Principal(f"key:{stored[0]}", parse_scopes(stored[1]))
         return None if await self.required() else ANONYMOUS
-
-    async def _stored_key_count(self) -> int:
-        if self._db is None:
-            return 0
-        now = time.monotonic()
-        if now - self._stored_checked > KEY_COUNT_TTL:
-            async with self._db.connection() as connection:
-                self._stored_keys = await store.count_active_api_keys(connection)
-            self._stored_checked = now
-        return self._stored_keys

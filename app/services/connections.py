@@ -559,6 +559,31 @@ class ConnectionManager:
                 ),
             )
 
+    def close_unadmitted(self, admits: Callable[[str], bool]) -> None:
+        """Close (1008, AUTHENTICATION_FAILED) every connection whose principal `admits` no
+        longer lets in: keyless ones once the gateway is keyed, those of a revoked key."""
+        refused = [
+            c for c in self.connections.values() if not c.closing and not admits(c.principal)
+        ]
+        if refused:
+            log.warning("API keys changed: closing %d connections no longer admitted", len(refused))
+        for conn in refused:
+            keyless = conn.principal == "anonymous"
+            conn.close(
+                CloseCode.POLICY_VIOLATION,
+                ErrorCode.AUTHENTICATION_FAILED,
+                notice=error_event(
+                    GatewayError(
+                        ErrorCode.AUTHENTICATION_FAILED,
+                        "Missing API key" if keyless else "Invalid API key",
+                        "This gateway now requires an API key (?api_key= or X-API-Key)"
+                        if keyless
+                        else "The API key was revoked",
+                    ),
+                    conn.id,
+                ),
+            )
+
     async def disconnect(self, connection_id: str) -> None:
         conn = self.connections.get(connection_id)
         if conn is not None:

@@ -13,6 +13,7 @@ import signal
 import time
 from typing import Any
 
+from app.logs import worker_id
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
 from app.services.commands import ACTIONS, COMMANDS
@@ -78,7 +79,7 @@ class Gateway:
         )
         if isinstance(self.bus, RedisBus):
             self.bus.on_stream_reset = self.manager.stream_reset
-        self.api_keys = ApiKeys(config.API_KEYS, db)
+        self.api_keys = ApiKeys(config.API_KEYS, db, config.API_KEY_REFRESH_INTERVAL)
         symbols = [normalize_symbol(s) for s in config.SYMBOLS]
         if None in symbols or not symbols:
             raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
@@ -122,7 +123,9 @@ class Gateway:
         await self.engine.start()
         await self.simulation.restore()
         self.garbage.configure()
+        await self.api_keys.refresh()  # logs whether the gateway is open or keyed
         self._tasks = [
+            asyncio.create_task(self._watch_keys()),
             asyncio.create_task(self.manager.run_heartbeat()),
             asyncio.create_task(self.loop_lag.run()),
             asyncio.create_task(self.garbage.run()),
@@ -149,6 +152,21 @@ class Gateway:
         log.info("SIGTERM: closing %d connections, then stopping", len(self.manager.connections))
         self.manager.close_all_for_shutdown()
         asyncio.get_running_loop().call_later(self.config.WS_CLOSE_TIMEOUT + 1, _end_process)
+
+    async def _watch_keys(self) -> None:
+        """Look at the stored keys every API_KEY_REFRESH_INTERVAL; when they changed, close the
+        WebSockets they no longer admit."""
+        admitted_by = self.api_keys.stored
+        while True:
+            await asyncio.sleep(self.api_keys.refresh_interval)
+            try:
+                await self.api_keys.refresh()
+            except Exception:  # the database is away: the keys as last read stay in force
+                log.exception("could not read the API keys")
+                continue
+            if self.api_keys.stored != admitted_by:
+                admitted_by = self.api_keys.stored
+                self.manager.close_unadmitted(self.api_keys.still_admits)
 
     @property
     def is_leader(self) -> bool:
@@ -245,6 +263,7 @@ class Gateway:
         health: dict[str, Any] = {
             "status": "ok",
             "version": SERVER_VERSION,
+            "worker": worker_id(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "connections": len(self.manager.connections),
             "bus_backend": bus.backend,

@@ -375,8 +375,24 @@ async def select_api_key(connection: Connection, key_hash: str) -> tuple[str, st
     return (row["id"], row["scopes"]) if row is not None else None
 
 
-async def count_active_api_keys(connection: Connection) -> int:
-    return int(await connection.fetch_val("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"))
+async def api_key_state(connection: Connection) -> tuple[frozenset[str], bool]:
+    """The ids of the active keys, and whether any key (active or revoked) is stored."""
+    rows = await connection.fetch_all("SELECT id, revoked_at FROM api_keys")
+    return frozenset(row["id"] for row in rows if row["revoked_at"] is None), bool(rows)
+
+
+async def delete_revoked_api_keys(connection: Connection) -> int | None:
+    """Forget the revoked keys, which opens the gateway; None (nothing done) while a key is
+    active. The number forgotten otherwise."""
+    async with connection.transaction():
+        active = await connection.fetch_val(
+            "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"
+        )
+        if active:
+            return None
+        forgotten = await connection.fetch_val("SELECT COUNT(*) FROM api_keys")
+        await connection.execute("DELETE FROM api_keys")
+    return int(forgotten)
 
 
 async def select_api_keys(connection: Connection) -> list[dict[str, Any]]:
