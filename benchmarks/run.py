@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -163,18 +164,14 @@ def wait_quiet(max_wait: float, threshold: float) -> float:
 
 # ------------------------------------------------------------------ processes
 def free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65000:
-            continue
+    """Two free consecutive ports below Linux's ephemeral range (32768 and up): a 10,000-client
+    run leaves thousands of client ports there in TIME_WAIT or closing."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
         ok = True
         for p in (port, port + 1):
             with socket.socket() as s:
-                # As the servers bind: a port whose last connection is in TIME_WAIT (thousands
-                # are after a 10,000-client run) is free for them.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
                 try:
                     s.bind(("127.0.0.1", p))
                 except OSError:
@@ -266,6 +263,19 @@ def start_server(kind: str, python: str, logdir: str, tag: str, workdir: str,
         raise RuntimeError(f"{kind} did not become ready (log: {logf.name})")
     time.sleep(1.0)  # let the worker settle before the RSS baseline
     return proc, f"ws://127.0.0.1:{port}/api/ws", publish
+
+
+def gateway_pauses(ws_url: str) -> dict:
+    """What stopped the gateway's worker during the run (GET /api/ws/stats): full garbage
+    collections, the longest one and the longest event-loop lag; {} if it does not answer."""
+    url = ws_url.replace("ws://", "http://", 1) + "/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            stats = json.load(response)
+    except (OSError, ValueError):
+        return {}
+    return {k: stats.get(k) for k in ("gc_full_collections", "gc_pause_max_ms",
+                                      "gc_young_pause_max_ms", "event_loop_lag_max_ms")}
 
 
 def loadgen_args(wl: str, quick: bool) -> list[str]:
@@ -626,6 +636,8 @@ def main() -> None:
                         proc, url, publish = start_server(server, a.python, logdir,
                                                           f"{wl}-rep{rep}", workdir, gateway_env)
                         r = run_loadgen(url, publish, proc, wl, a.quick, label)
+                        if server == "gateway":
+                            r["pauses"] = gateway_pauses(url)
                     except Exception as error:  # noqa: BLE001 - recorded, the run goes on
                         r = {"error": str(error)}
                     finally:
@@ -644,7 +656,8 @@ def main() -> None:
                             f"loadgenCPU={r.get('loadgen_cpu_pct')}% subscribed={r.get('subscribed')} "
                             f"lost={r.get('lost')} dup={r.get('duplicates')} "
                             f"misrouted={r.get('misrouted')}"
-                            + (f" KB/conn={r.get('kb_per_conn')}" if "kb_per_conn" in r else ""))
+                            + (f" KB/conn={r.get('kb_per_conn')}" if "kb_per_conn" in r else "")
+                            + "".join(f" {k}={v}" for k, v in (r.get("pauses") or {}).items()))
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
