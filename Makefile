@@ -4,11 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run migrate test lint bench browser
+.PHONY: run supervise migrate test lint bench browser
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m app migrate
 	$(BIN)/hypercorn --config file:hypercorn_config.py wsgi:app
+
+# WORKERS processes of their own under supervisord on one socket (README: Operations).
+supervise: $(VENV)/.runtime
+	$(BIN)/python -m app migrate
+	$(BIN)/python -m app supervise
 
 migrate: $(VENV)/.runtime
 	$(BIN)/python -m app migrate

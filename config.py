@@ -55,6 +55,8 @@ class Config:
     WS_FAST_PATH: bool = True
     # How long a server-initiated close may wait for the client before the connection is dropped.
     WS_CLOSE_TIMEOUT: float = positive(5.0)
+    # Seconds between copies of this worker's counters into the host's metrics (GET /metrics).
+    METRICS_INTERVAL: float = positive(1.0)
     # Seconds between timed full garbage collections (app/services/health.py); 0 = none, only
     # Python's own (closed connections leave nothing for one to collect).
     GC_INTERVAL: float = 0.0

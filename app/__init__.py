@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from datetime import timedelta
 from typing import Any
 
 import orjson
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from quart.json.provider import DefaultJSONProvider
 from quart_cors import cors
 from quart_rate_limiter import RateLimit, RateLimiter
@@ -21,6 +22,7 @@ from app.blueprints.docs import docs_bp
 from app.blueprints.ws import ws_bp
 from app.errors import register_error_handlers
 from app.logs import configure_logging
+from app.services import metrics
 from app.services.auth import hash_key
 from app.services.database import attach_database
 from app.services.events import SERVER_VERSION
@@ -74,10 +76,21 @@ def create_app(config: Config | None = None) -> Quart:
         yield
         await gateway.stop()
 
+    @app.before_request
+    async def start_clock() -> None:
+        g.request_started = time.perf_counter()
+
     @app.after_request
-    async def count_rate_limited(response: Response) -> Response:
+    async def measure(response: Response) -> Response:
         if response.status_code == 429:
             gateway.manager.refuse("rest_rate")
+        started = g.get("request_started")
+        if started is not None:
+            # The route's rule, not the path: one series per route, whatever the ids in it.
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            metrics.HTTP_SECONDS.labels(request.method, route, str(response.status_code)).observe(
+                time.perf_counter() - started
+            )
         return response
 
     app.asgi_app = serve_asgi_websockets(app)  # type: ignore[method-assign]

@@ -7,6 +7,8 @@ python -m app keys list
 python -m app keys open                            forget the revoked keys: the gateway opens to
                                                    every client (refused while a key is active)
 python -m app engine [--host HOST] [--port 8100]    the paper engine as a standalone engine service
+python -m app supervise                            serve: WORKERS processes under supervisord
+python -m app rolling-restart                      restart the supervised workers one at a time
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import argparse
 import asyncio
 import sys
 import time
+import xmlrpc.client
 
+from app import supervision
 from app.services import store
 from app.services.auth import hash_key, new_key, parse_scopes
 from app.services.database import migrate, standalone_connection
@@ -95,9 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine.add_argument("--host", default=None, help="default: HOST")
     engine.add_argument("--port", type=int, default=ENGINE_PORT, help=f"default: {ENGINE_PORT}")
+    commands.add_parser(
+        "supervise",
+        help="serve the gateway: WORKERS processes of their own on one socket, under supervisord "
+        "(each restarted alone when it dies)",
+    )
+    commands.add_parser(
+        "rolling-restart",
+        help="restart the supervised workers one at a time, each once the one before is healthy",
+    )
     args = parser.parse_args(argv)
     config = Config.from_env()
     url = config.DATABASE_URL
+
+    if args.command == "supervise":
+        supervision.supervise(config)
+    if args.command == "rolling-restart":
+        try:
+            supervision.rolling_restart(config)
+        except (OSError, TimeoutError, xmlrpc.client.Fault) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.command == "engine":
         return _serve_engine(config, args.host or config.HOST, args.port)

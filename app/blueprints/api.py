@@ -7,9 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 from pydantic import BaseModel
-from quart import Blueprint, Response, current_app, g
+from quart import Blueprint, Response, current_app, g, request
 from quart_schema import (
     document_request,
     hide,
@@ -24,6 +23,7 @@ from werkzeug.routing import BaseConverter
 from app.apidocs.openapi import errors
 from app.blueprints.access import optional_body, requires
 from app.errors import GatewayError
+from app.logs import worker_id
 from app.models import (
     ActionHeaders,
     AnalysisData,
@@ -51,7 +51,7 @@ from app.models import (
     TradeOut,
     TradePage,
 )
-from app.services import commands
+from app.services import commands, metrics
 from app.services.engines import Caller
 from app.services.gateway import Gateway
 from app.services.ingest import ingest_event
@@ -125,21 +125,10 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
 @api_bp.get("/metrics")
 @hide  # Prometheus text, for a scraper: not part of the JSON API
 async def get_metrics() -> Response:
-    """Prometheus text exposition of the gateway's stats."""
-    stats = _gateway().stats()
-    lines = []
-    for name, value in stats.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            lines.append(f"# TYPE sigmax_ws_{name} gauge")
-            lines.append(f"sigmax_ws_{name} {value}")
-    lines.append("# TYPE sigmax_ws_subscribers gauge")
-    for key, count in stats["subscriptions"].items():
-        label = orjson.dumps(key).decode()
-        lines.append(f"sigmax_ws_subscribers{{key={label}}} {count}")
-    lines.append("# TYPE sigmax_limit_refusals_total counter")
-    for limit, count in stats["refusals"].items():
-        lines.append(f'sigmax_limit_refusals_total{{limit="{limit}"}} {count}')
-    return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+    """The host's metrics in Prometheus text: every worker's (app/services/metrics.py)."""
+    _gateway().metrics.sync()  # this worker's own figures as of now
+    body, content_type = metrics.exposition(request.headers.get("Accept"))
+    return Response(body, content_type=content_type, headers={"X-Sigmax-Worker": worker_id()})
 
 
 # -- trading state ------------------------------------------------------------------------------

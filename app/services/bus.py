@@ -16,6 +16,7 @@ from itertools import islice
 from typing import Protocol
 
 from app.errors import GatewayError
+from app.services import metrics
 from app.services.events import Event, HistoryEntry
 
 Listener = Callable[[list[Event]], None]
@@ -154,6 +155,7 @@ class MemoryBus:
             if len(self._published) > self._published_max:
                 self._published.popitem(last=False)
         self._history.extend(event.to_history() for event in events)
+        metrics.count_published(events)
         for listener in self._listeners:
             listener(events)
         return published

@@ -10,6 +10,7 @@ model of its result) and its entry in `PaperEngine.ACTIONS`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from app.models import (
     NewProposal,
     ProposalResult,
 )
+from app.services import metrics
 from app.services.engines import Caller
 from app.services.events import ErrorCode, normalize_symbol
 from app.services.health import health_snapshot
@@ -96,6 +98,21 @@ class Command:
         return self.read is None
 
     async def run(self, gateway: Gateway, caller: Caller, args: BaseModel) -> Any:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._run(gateway, caller, args)
+            outcome = "ok"
+            return result
+        except GatewayError as error:
+            outcome = error.code
+            raise
+        finally:
+            metrics.COMMAND_SECONDS.labels(self.name, outcome).observe(
+                time.perf_counter() - started
+            )
+
+    async def _run(self, gateway: Gateway, caller: Caller, args: BaseModel) -> Any:
         if self.read is not None:
             return await self.read(gateway, caller, args)
         if isinstance(args, SymbolRef | NewProposal):

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
 from app.errors import GatewayError, error_event
+from app.services import metrics
 from app.services.bus import EventBus, StreamReset
 from app.services.events import (
     PER_SYMBOL_LIST_TYPES,
@@ -702,6 +703,9 @@ class ConnectionManager:
         The frames of a batch are gathered per connection and written together: one system
         call per connection instead of one per event (when the batch is small enough that the
         joined copy per connection stays within the transport's buffer limit)."""
+        if not events:
+            return
+        started = time.perf_counter()
         deliveries = 0
         for chunk in _chunks(events, WRITE_BUFFER_LIMIT):
             if len(chunk) == 1:
@@ -721,6 +725,9 @@ class ConnectionManager:
                 conn.deliver_batch(batch)
         self.counters["events_published"] += len(events)
         self.counters["deliveries"] += deliveries
+        metrics.FANOUT_SECONDS.observe((time.perf_counter() - started) / len(events))
+        if deliveries:
+            metrics.DELIVERY_LATENCY.observe(time.time() - events[0].created)
 
     def _deliveries(self, event: Event) -> Iterator[tuple[Connection, Delivery]]:
         whole, by_symbol = self.index.recipients(event)

@@ -34,6 +34,7 @@ from app.services.health import (
 from app.services.leader import LeaderLease
 from app.services.market import prices_in
 from app.services.market_feed import open_market
+from app.services.metrics import MetricsSync
 from app.services.read_model import ReadModel
 from app.services.redis_bus import RedisBus
 from app.services.remote_engine import RemoteEngine
@@ -109,6 +110,7 @@ class Gateway:
         # followers' price feed and, with a remote engine, its read model.
         self.bus.add_listener(self.manager.fan_out)
         self.bus.add_listener(self._follow_prices)
+        self.metrics = MetricsSync(self, config.METRICS_INTERVAL)
         self.loop_lag = LoopLagMonitor()
         self.garbage = GarbageCollector(config.GC_INTERVAL)
         self.started = time.time()
@@ -126,6 +128,7 @@ class Gateway:
         await self.api_keys.refresh()  # logs whether the gateway is open or keyed
         self._tasks = [
             asyncio.create_task(self._watch_keys()),
+            asyncio.create_task(self.metrics.run()),
             asyncio.create_task(self.manager.run_heartbeat()),
             asyncio.create_task(self.loop_lag.run()),
             asyncio.create_task(self.garbage.run()),

@@ -9,6 +9,8 @@ from typing import Any
 
 import psutil
 
+from app.services import metrics
+
 
 def health_snapshot() -> dict[str, Any]:
     """The spec's health_update data. CPU is measured since the previous call (non-blocking)."""
@@ -41,6 +43,7 @@ class LoopLagMonitor:
             await asyncio.sleep(self.interval)
             self.last = max(0.0, loop.time() - due)
             self.max = max(self.max, self.last)
+            metrics.LOOP_LAG.observe(self.last)
 
     def stats(self) -> dict[str, float]:
         return {
@@ -87,6 +90,7 @@ class GarbageCollector:
             self._started = time.perf_counter()
             return
         pause = time.perf_counter() - self._started
+        metrics.observe_gc_pause(info["generation"], pause)
         if info["generation"] < 2:
             self.young_max_pause = max(self.young_max_pause, pause)
             return

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.errors import GatewayError
+from app.services import metrics
 from app.services.bus import (
     IdempotencyConflict,
     Listener,
@@ -247,6 +248,7 @@ class RedisBus:
         self._last_given = max(self._last_given, last)
         for offset, event in enumerate(events):
             event.stamp(last - len(events) + 1 + offset)
+        metrics.count_published(events)
         if not self.connected:
             self._retry_now.set()  # Redis is back: the reader need not wait out its backoff
         return Published(events[0].seq, last)

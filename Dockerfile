@@ -1,0 +1,17 @@
+# The SIGMAX Gateway: WORKERS processes under supervisord on one port (python -m app supervise).
+#   docker compose up          # with Redis and PostgreSQL: compose.yaml
+FROM python:3.11-slim
+
+WORKDIR /srv/sigmax
+COPY requirements.txt ./
+COPY client ./client
+RUN pip install --no-cache-dir -r requirements.txt
+COPY . .
+
+# Listen on every interface of the container; the keys decide who gets in (API_KEYS or
+# `python -m app keys create`).
+ENV HOST=0.0.0.0 PORT=8000 WORKERS=2 SIGMAX_RUN_DIR=/run/sigmax
+EXPOSE 8000
+# The database to the latest migration, then the supervised workers (exec: supervisord gets
+# the container's SIGTERM and stops every worker gracefully).
+CMD ["sh", "-c", "python -m app migrate && exec python -m app supervise"]

@@ -1,0 +1,101 @@
+"""The supervised deployment: each worker a process of its own under supervisord (PyPI's
+`supervisor`), all sharing one listening socket (deploy/supervisord.conf). A worker that dies is
+started again alone; the others keep their connections.
+
+    python -m app supervise            # serve, WORKERS processes, until SIGTERM or SIGINT
+    python -m app rolling-restart      # one worker at a time: new code without an outage
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import xmlrpc.client
+from typing import Any
+
+from config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(ROOT, "deploy", "supervisord.conf")
+GROUP = "sigmax"  # the fcgi-program's name in CONFIG_FILE
+# How long a restarted worker may take to answer /api/health before a rolling restart stops.
+READY_TIMEOUT = 30.0
+
+
+def run_dir() -> str:
+    """Where supervisord keeps its socket, its logs and the workers' metrics files."""
+    return os.path.abspath(os.environ.get("SIGMAX_RUN_DIR") or os.path.join(ROOT, "run"))
+
+
+def supervise(config: Config) -> None:
+    """Replace this process with supervisord serving the gateway (never returns)."""
+    config.hypercorn_settings()  # refuses WORKERS > 1 without REDIS_URL, as Hypercorn's does
+    directory = run_dir()
+    metrics = os.path.join(directory, "metrics")
+    # prometheus_client's files of an earlier run would be summed with this one's.
+    shutil.rmtree(metrics, ignore_errors=True)
+    os.makedirs(metrics)
+    env = {
+        **os.environ,
+        "SIGMAX_RUN_DIR": directory,
+        "SIGMAX_ROOT": ROOT,
+        "SIGMAX_PYTHON": sys.executable,
+        "PROMETHEUS_MULTIPROC_DIR": metrics,
+        "HOST": config.HOST,
+        "PORT": str(config.PORT),
+        "WORKERS": str(config.WORKERS),
+    }
+    command = [sys.executable, "-m", "supervisor.supervisord", "-c", CONFIG_FILE]
+    os.execve(sys.executable, command, env)
+
+
+def _rpc(directory: str | None = None) -> Any:
+    """supervisord's XML-RPC interface, over its unix socket in `directory` (run_dir())."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    socket = os.path.join(directory or run_dir(), "supervisor.sock")
+    transport = SupervisorTransport(None, None, f"unix://{socket}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
+def workers(directory: str | None = None) -> list[dict[str, Any]]:
+    """supervisord's view of each worker process: name, statename, pid, ..."""
+    return [p for p in _rpc(directory).getAllProcessInfo() if p["group"] == GROUP]
+
+
+def _health_of(config: Config, pid: int, timeout: float) -> dict[str, Any]:
+    """/api/health as answered by the worker `pid` (through the shared socket: polled until
+    that worker is the one that accepts), within `timeout` seconds."""
+    host = "127.0.0.1" if config.HOST in ("0.0.0.0", "::", "") else config.HOST
+    url = f"http://{host}:{config.PORT}/api/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                health: dict[str, Any] = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            health = {}
+        if health.get("worker", "").endswith(f":{pid}") and health.get("status") == "ok":
+            return health
+        time.sleep(0.05)
+    raise TimeoutError(f"worker pid {pid} did not answer /api/health ok within {timeout:g} s")
+
+
+def rolling_restart(config: Config, report: Any = print) -> None:
+    """Restart the workers one at a time, each only once the one before answers /api/health:
+    at every moment all but one serve. A stopped worker's clients are told and closed with
+    1001, and resume on the others."""
+    rpc = _rpc()
+    for process in workers():
+        name = f"{GROUP}:{process['name']}"
+        if process["statename"] == "RUNNING":
+            rpc.stopProcess(name)  # SIGTERM; waits until it has exited
+        rpc.startProcess(name)  # waits until it has run for startsecs
+        pid = int(rpc.getProcessInfo(name)["pid"])
+        _health_of(config, pid, READY_TIMEOUT)
+        report(f"{name}: restarted, pid {pid}, healthy")

@@ -1,0 +1,147 @@
+"""GET /metrics: Prometheus text from prometheus_client, one scrape for the whole host."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from typing import Any
+
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+import app.services.metrics  # noqa: F401  (the gateway's metrics, registered on import)
+from tests.helpers import REPOSITORY, free_port, migrate_with_cli, start_host, stop_host
+from tests.test_redis import open_client, post_alerts
+
+# What an operator's dashboards and alert rules use (README, Operations).
+EXPECTED = {
+    "sigmax_ws_connections": "gauge",
+    "sigmax_ws_deliveries": "counter",
+    "sigmax_ws_connections_opened": "counter",
+    "sigmax_ws_slow_consumer_closes": "counter",
+    "sigmax_limit_refusals": "counter",
+    "sigmax_events_published": "counter",
+    "sigmax_delivery_latency_seconds": "histogram",
+    "sigmax_fanout_seconds_per_event": "histogram",
+    "sigmax_http_request_duration_seconds": "histogram",
+    "sigmax_command_duration_seconds": "histogram",
+    "sigmax_gc_pause_seconds": "histogram",
+    "sigmax_event_loop_lag_seconds": "histogram",
+    "sigmax_redis_stream_lag_events": "gauge",
+    "sigmax_leader": "gauge",
+    "sigmax_worker_receiving": "gauge",
+    "sigmax_engine_reachable": "gauge",
+}
+
+
+def scrape(port: int) -> tuple[str, dict[str, Any]]:
+    """The worker that answered, and {name: (type, help, {(sample, labels): value})}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        worker = response.headers["X-Sigmax-Worker"]
+        text = response.read().decode()
+    families = {}
+    for family in text_string_to_metric_families(text):
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for sample in family.samples
+        }
+        families[family.name] = (family.type, family.documentation, samples)
+    return worker, families
+
+
+def value(families: dict[str, Any], name: str, sample: str | None = None, **labels: str) -> float:
+    """The sum of `name`'s samples (`sample`: e.g. its `_total`) whose labels include `labels`."""
+    _, _, samples = families[name]
+    wanted = sample or name
+    return sum(
+        v
+        for (sample_name, sample_labels), v in samples.items()
+        if sample_name == wanted and set(labels.items()) <= set(sample_labels)
+    )
+
+
+async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_path):
+    """Two Hypercorn workers: every scrape (whichever worker answers) counts every worker's
+    connections and deliveries, and each published event once."""
+    url, prefix = redis_prefix
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {
+        "REDIS_URL": url,
+        "REDIS_PREFIX": prefix,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/metrics.db",
+        "SIMULATION": "false",
+        "LOG_LEVEL": "WARNING",
+        "METRICS_INTERVAL": "0.2",
+        # Its own directory: prometheus_client reads every *.db file there as metrics.
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    migrate_with_cli(env)
+    port = free_port()
+    host = start_host(port, 2, env)
+    clients = []
+    try:
+        workers: dict[str, int] = {}
+        for _ in range(200):  # bounded: until both workers hold clients
+            client, worker = await open_client(port)
+            clients.append(client)
+            workers[worker] = workers.get(worker, 0) + 1
+            if len(workers) == 2 and len(clients) >= 6:
+                break
+            await asyncio.sleep(0.05)
+        assert len(workers) == 2, "both workers should take connections"
+        assert (await clients[0].command("get_status"))["type"] == "system_status"
+        await asyncio.to_thread(post_alerts, port, 0, 40)
+        for client in clients:
+            for _ in range(40):
+                assert (await client.recv_event())["type"] == "alert"
+        await asyncio.sleep(0.5)  # past METRICS_INTERVAL: each worker has copied its counters
+
+        answered_by = set()
+        for scrapes in range(200):  # at least 20, and until both workers have answered
+            if scrapes >= 20 and len(answered_by) == 2:
+                break
+            worker, families = await asyncio.to_thread(scrape, port)
+            answered_by.add(worker)
+            assert value(families, "sigmax_ws_connections") == len(clients)
+            deliveries = value(families, "sigmax_ws_deliveries", "sigmax_ws_deliveries_total")
+            assert deliveries == 40 * len(clients)
+            published = value(
+                families, "sigmax_events_published", "sigmax_events_published_total", type="alert"
+            )
+            assert published == 40  # once, not once per worker
+            receiving = families["sigmax_worker_receiving"][2]
+            assert len(receiving) == 2 and set(receiving.values()) == {1.0}
+            for name, kind in EXPECTED.items():
+                assert families[name][0] == kind, name
+            for name, (_, documentation, _) in families.items():
+                if name.startswith("sigmax_"):
+                    assert documentation, f"{name} has no HELP"
+        ingest = value(
+            families,
+            "sigmax_http_request_duration_seconds",
+            "sigmax_http_request_duration_seconds_count",
+            route="/api/events",
+            status="202",
+        )
+        assert ingest == 1
+        assert answered_by == set(workers)
+    finally:
+        for client in clients:
+            await client.ws.close()
+        stop_host(host)
+
+
+def test_the_shipped_alert_rules_ask_only_for_metrics_the_gateway_exports():
+    """deploy/prometheus/alerts.yml cannot drift from app/services/metrics.py."""
+    exported = {family.name for family in REGISTRY.collect()}
+    rules = yaml.safe_load((REPOSITORY / "deploy" / "prometheus" / "alerts.yml").read_text())
+    asked = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for name in re.findall(r"\bsigmax_\w+", rule["expr"]):
+                asked.add(re.sub(r"_(total|bucket|count|sum)$", "", name))
+    assert asked and asked <= exported, asked - exported
