@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from contextlib import AsyncExitStack
@@ -32,6 +34,36 @@ async def test_server_pings_on_the_heartbeat_interval(gateway_factory):
             assert ping["connection_id"]
             await client.send({"type": "pong"})
             assert (await client.recv(timeout=2))["type"] == "ping"
+
+
+async def test_clients_that_connect_together_are_not_all_pinged_at_once(gateway_factory):
+    """Each connection's first ping is due 1 to 1.25 heartbeat intervals after it opened, at
+    random: 40 clients connected in the same instant are pinged (and answer) spread over a
+    quarter of an interval, not in one burst every interval."""
+    interval = 1000.0  # the heartbeat loop stays idle: the rounds below are driven by hand
+    async with gateway_factory(
+        WS_HEARTBEAT_INTERVAL=interval, WS_CONNECTION_TIMEOUT=10 * interval
+    ) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(40):
+                client = await stack.enter_async_context(server.client())
+                await client.greeting()
+            manager = server.gateway.manager
+            opened = time.monotonic()
+
+            def pinged_by(offset: float) -> int:
+                """Connections pinged once a heartbeat round has run at `opened + offset`."""
+                manager.heartbeat(opened + offset)
+                # A ping sets last_ping to the round's time; before, it is at most 0.25 interval
+                # after the connection opened.
+                return sum(
+                    c.last_ping > opened + 0.5 * interval for c in manager.connections.values()
+                )
+
+            assert pinged_by(0.99 * interval) == 0
+            halfway = pinged_by(1.125 * interval)
+            assert 4 <= halfway <= 36  # a burst would be 0 or 40
+            assert pinged_by(1.26 * interval) == 40
 
 
 async def test_silent_client_is_closed_after_the_timeout(gateway_factory):

@@ -103,7 +103,8 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     "replayed before live ones.",
     ("CommandData", "command"): "The command's name; every other field of `data` is one of "
     "its arguments.",
-    ("ConnectedData", "heartbeat_interval"): "Seconds between server `ping` messages.",
+    ("ConnectedData", "heartbeat_interval"): "Seconds between server `ping` messages (the "
+    "first comes 1 to 1.25 intervals after connecting).",
     ("ConnectedData", "last_seq"): "The newest `seq` when the connection opened.",
     ("ConnectedData", "available_topics"): "The topics a client can subscribe to.",
     ("SubscriptionsData", "count"): "Topics plus symbols subscribed.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 ConflationKey = tuple[str, str | None]
 HEARTBEAT_KEY: ConflationKey = ("ping", None)
+HEARTBEAT_SPREAD = 0.25  # of the heartbeat interval, added at random to a first ping's delay
+HEARTBEAT_TICK = 1.0  # seconds between heartbeat rounds at most
 # One event for one connection: the event, its frame as text and as a WebSocket frame.
 Delivery = tuple[Event, str, bytes]
 # The abuse limits whose refusals are counted: connections per worker and per API key,
@@ -515,6 +518,10 @@ class ConnectionManager:
             joined_seq=self.bus.head,
         )
         conn.on_slow_consumer = self._count_slow_consumer
+        # The first ping comes 1 to 1 + HEARTBEAT_SPREAD intervals after connecting: clients
+        # that connected together (a benchmark, a mass reconnect after a deploy) are not pinged,
+        # and do not answer, all in the same instant every interval.
+        conn.last_ping += random.uniform(0, HEARTBEAT_SPREAD * self.heartbeat_interval)
         self.connections[conn.id] = conn
         self.counters["connections_total"] += 1
         return conn.id
@@ -773,7 +780,8 @@ class ConnectionManager:
                 conn.send_ping()
 
     async def run_heartbeat(self) -> None:
-        tick = min(self.heartbeat_interval, self.connection_timeout) / 4
+        # Fine enough that pings go out close to each connection's own due time, not in batches.
+        tick = min(HEARTBEAT_TICK, self.heartbeat_interval / 4, self.connection_timeout / 4)
         while True:
             await asyncio.sleep(tick)
             self.heartbeat(time.monotonic())
