@@ -24,6 +24,7 @@ import pytest
 import websockets
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from prometheus_client.parser import text_string_to_metric_families
 from quart import Quart
 
 from app import create_app
@@ -126,6 +127,31 @@ class Client:
         with pytest.raises(asyncio.TimeoutError):
             message = await self.recv(within)
             raise AssertionError(f"unexpected message {message}")
+
+
+def metric_families(text: str) -> dict[str, tuple[str, str, dict[tuple[str, tuple], float]]]:
+    """A /metrics page as {name: (type, help, {(sample, sorted labels): value})}."""
+    families = {}
+    for family in text_string_to_metric_families(text):
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for sample in family.samples
+        }
+        families[family.name] = (family.type, family.documentation, samples)
+    return families
+
+
+def metric_value(
+    families: dict[str, Any], name: str, sample: str | None = None, **labels: str
+) -> float:
+    """The sum of `name`'s samples (`sample`: e.g. its `_total`) whose labels include `labels`."""
+    _, _, samples = families[name]
+    wanted = sample or name
+    return sum(
+        v
+        for (sample_name, sample_labels), v in samples.items()
+        if sample_name == wanted and set(labels.items()) <= set(sample_labels)
+    )
 
 
 def free_socket(port: int = 0) -> socket.socket:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import urllib.request
 from typing import Any
 
 import yaml
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 import app.services.metrics  # noqa: F401  (the gateway's metrics, registered on import)
-from tests.helpers import REPOSITORY, free_port, migrate_with_cli, start_host, stop_host
+from tests.helpers import (
+    REPOSITORY,
+    free_port,
+    metric_families,
+    metric_value,
+    migrate_with_cli,
+    start_host,
+    stop_host,
+)
 from tests.test_redis import open_client, post_alerts
 
 # What an operator's dashboards and alert rules use (README, Operations).
@@ -42,25 +50,12 @@ def scrape(port: int) -> tuple[str, dict[str, Any]]:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         worker = response.headers["X-Sigmax-Worker"]
         text = response.read().decode()
-    families = {}
-    for family in text_string_to_metric_families(text):
-        samples = {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for sample in family.samples
-        }
-        families[family.name] = (family.type, family.documentation, samples)
-    return worker, families
+    return worker, metric_families(text)
 
 
-def value(families: dict[str, Any], name: str, sample: str | None = None, **labels: str) -> float:
-    """The sum of `name`'s samples (`sample`: e.g. its `_total`) whose labels include `labels`."""
-    _, _, samples = families[name]
-    wanted = sample or name
-    return sum(
-        v
-        for (sample_name, sample_labels), v in samples.items()
-        if sample_name == wanted and set(labels.items()) <= set(sample_labels)
-    )
+def get_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.load(response)
 
 
 async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_path):
@@ -81,7 +76,9 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
     }
     migrate_with_cli(env)
     port = free_port()
-    host = start_host(port, 2, env)
+    log_path = tmp_path / "host.log"
+    log = log_path.open("wb")  # noqa: SIM115 - the host writes it until it is stopped
+    host = start_host(port, 2, env, log)
     clients = []
     try:
         workers: dict[str, int] = {}
@@ -106,10 +103,12 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
                 break
             worker, families = await asyncio.to_thread(scrape, port)
             answered_by.add(worker)
-            assert value(families, "sigmax_ws_connections") == len(clients)
-            deliveries = value(families, "sigmax_ws_deliveries", "sigmax_ws_deliveries_total")
+            assert metric_value(families, "sigmax_ws_connections") == len(clients)
+            deliveries = metric_value(
+                families, "sigmax_ws_deliveries", "sigmax_ws_deliveries_total"
+            )
             assert deliveries == 40 * len(clients)
-            published = value(
+            published = metric_value(
                 families, "sigmax_events_published", "sigmax_events_published_total", type="alert"
             )
             assert published == 40  # once, not once per worker
@@ -120,7 +119,7 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
             for name, (_, documentation, _) in families.items():
                 if name.startswith("sigmax_"):
                     assert documentation, f"{name} has no HELP"
-        ingest = value(
+        ingest = metric_value(
             families,
             "sigmax_http_request_duration_seconds",
             "sigmax_http_request_duration_seconds_count",
@@ -129,10 +128,23 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
         )
         assert ingest == 1
         assert answered_by == set(workers)
+
+        # /api/health and every log line name the worker.
+        healthy_from = set()
+        for _ in range(200):  # bounded: until both workers have answered
+            health = await asyncio.to_thread(get_json, port, "/api/health")
+            healthy_from.add(health["worker"])
+            if healthy_from == set(workers):
+                break
+        assert healthy_from == set(workers)
     finally:
         for client in clients:
             await client.ws.close()
         stop_host(host)
+        log.close()
+    lines = [line for line in log_path.read_text().splitlines() if " app." in line]
+    pids = {worker.rsplit(":", 1)[1] for worker in workers}
+    assert lines and all(re.search(r" \[(\d+)\] ", line)[1] in pids for line in lines), lines
 
 
 def test_the_shipped_alert_rules_ask_only_for_metrics_the_gateway_exports():
