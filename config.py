@@ -65,6 +65,11 @@ class Config:
     EVENT_HISTORY_SIZE: int = positive(10_000)
     EVENT_HISTORY_MAX_AGE: float = positive(600.0)
 
+    # Every stream event is archived in the database (resume past the hot history, replay,
+    # GET /api/events), kept this many seconds and at most this many events, oldest dropped first.
+    EVENT_ARCHIVE_MAX_AGE: float = positive(7 * 86400.0)
+    EVENT_ARCHIVE_MAX_EVENTS: int = positive(10_000_000)
+
     # SQLite file (default, no server needed) or postgresql://user@host:5432/db.
     DATABASE_URL: str = "sqlite:///sigmax.db"
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 from typing_extensions import TypeAliasType
 
-from app.services.events import EVENT_TOPICS
+from app.services.events import EVENT_TOPICS, PUBLISHABLE_TOPICS
 
 MAX_BATCH_EVENTS = 10_000
 # The smallest proposal size: sizes are kept to 8 decimals.
@@ -139,6 +139,65 @@ class IngestEvent(BaseModel):
         description="delivered to clients exactly as sent: a list for "
         "market_update, an object otherwise"
     )
+
+
+POSITION = (
+    "A seq (events after it) or an RFC 3339 time (events at or after it, for `since`; at or "
+    "before it, to the millisecond, for `until`)"
+)
+POSITION_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "string", "pattern": "^[0-9]{1,18}$"},
+            {"type": "string", "format": "date-time"},
+        ]
+    }
+)
+_TOPIC_NAMES = "|".join(sorted(PUBLISHABLE_TOPICS))
+TOPIC_LIST_PATTERN = f"^({_TOPIC_NAMES})(,({_TOPIC_NAMES}))*$"
+_SYMBOL = SYMBOL_PATTERN.strip("^$")
+SYMBOL_LIST_PATTERN = f"^{_SYMBOL}(,{_SYMBOL})*$"
+EXPORT_LIMIT = 1_000_000
+
+
+class EventQuery(BaseModel):
+    since: Annotated[str, POSITION_SCHEMA] | None = Field(
+        default=None,
+        description=f"{POSITION}; left out: from the oldest archived event",
+        examples=["1200"],
+    )
+    until: Annotated[str, POSITION_SCHEMA] | None = Field(
+        default=None,
+        description=f"{POSITION}; left out: up to the newest archived event",
+        examples=["2026-12-03T10:00:00Z"],
+    )
+    topic: str | None = Field(
+        default=None,
+        description="Only events of these topics, comma-separated (the event's own topic)",
+        examples=["market,alerts"],
+        json_schema_extra={"pattern": TOPIC_LIST_PATTERN},
+    )
+    symbol: str | None = Field(
+        default=None,
+        description="Only events carrying one of these symbols, comma-separated (BASE/QUOTE)",
+        examples=["BTC/USDT"],
+        json_schema_extra={"pattern": SYMBOL_LIST_PATTERN},
+    )
+    limit: int = Field(
+        default=10_000, ge=1, le=EXPORT_LIMIT, description="At most this many events, oldest first"
+    )
+
+
+class ArchivedEvent(BaseModel):
+    """One line of `GET /api/events`: an archived stream event."""
+
+    seq: int = Field(description="Its place in the stream, as live delivery gave it")
+    stream_id: str = Field(description="The stream it was published in")
+    type: str
+    topic: str
+    symbol: str | None
+    timestamp: str = Field(description="When it was published, UTC ISO 8601")
+    data: Any
 
 
 class EventBatch(BaseModel):

@@ -1092,18 +1092,51 @@ async def test_resumes_on_another_worker(redis_prefix, tmp_path, clients):
         assert balancer.connections == 2
 
 
+async def forget_archived(server: RunningGateway, where: str) -> None:
+    """Delete archived events (as the archive's retention does), once every one is written."""
+    await until_archived(server)
+    async with server.gateway.db.connection() as connection:
+        await connection.execute(f"DELETE FROM events WHERE {where}")
+
+
+async def until_archived(server: RunningGateway) -> None:
+    head = server.gateway.bus.head
+    async with asyncio.timeout(10):
+        while await server.gateway.archive.head() < head:
+            await asyncio.sleep(0.05)
+
+
+async def away_while_published(server, proxy, client) -> tuple[Collector, list[int], list[int]]:
+    """The client gets 3 events, then is cut off (reconnects refused) while 20 are published:
+    more than the hot history of 5 keeps."""
+    await client.connect(proxy.url)
+    await client.subscribe(topics=["alerts"])
+    collector = Collector(client)
+    first = await publish_alerts(server, 3)
+    await collector.wait_for(3)
+    proxy.refusing = True
+    proxy.cut()
+    return collector, first, await publish_alerts(server, 20, start=3)
+
+
+async def test_the_archive_resumes_past_the_hot_history(gateway_factory, clients):
+    async with gateway_factory(EVENT_HISTORY_SIZE=5) as server, TcpProxy(server.port) as proxy:
+        client = clients(**FAST)
+        collector, first, missed = await away_while_published(server, proxy, client)
+        await until_archived(server)
+        proxy.refusing = False
+        await until(lambda: client.reconnects == 1 and client.is_connected())
+        after = await publish_alerts(server, 3, start=23)
+        await collector.wait_for(3 + 20 + 3)
+    assert collector.seqs == first + missed + after
+    assert {e.type for e in collector.events} == {"alert"}
+
+
 async def test_resync_required_when_history_no_longer_reaches_back(gateway_factory, clients):
     async with gateway_factory(EVENT_HISTORY_SIZE=5) as server, TcpProxy(server.port) as proxy:
         client = clients(**FAST)
-        await client.connect(proxy.url)
-        await client.subscribe(topics=["alerts"])
-        collector = Collector(client)
-        first = await publish_alerts(server, 3)
-        await collector.wait_for(3)
-        proxy.refusing = True
-        proxy.cut()
-        missed = await publish_alerts(server, 20, start=3)  # history keeps the last 5
-        await asyncio.sleep(0.2)
+        collector, first, missed = await away_while_published(server, proxy, client)
+        await forget_archived(server, "TRUE")  # nor has the archive kept them
         proxy.refusing = False
         await until(lambda: client.reconnects == 1 and client.is_connected())
         after = await publish_alerts(server, 3, start=23)
@@ -1117,7 +1150,7 @@ async def test_resync_required_when_history_no_longer_reaches_back(gateway_facto
     assert resync.data["topics"] == ["alerts"] and "reload" in resync.data["reason"]
 
 
-async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(tmp_path, clients):
+async def test_a_restarted_gateway_numbers_on_and_is_resumed_from_the_archive(tmp_path, clients):
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
     port = free_port()
@@ -1128,21 +1161,23 @@ async def test_a_restarted_gateway_with_a_new_sequence_is_followed_after_resync(
         collector = Collector(client)
         before = await publish_alerts(first, 10)
         await collector.wait_for(10)
-    # in-memory bus: the seq starts from 1 again
+    # A new in-memory stream, numbered on after the archive's newest seq.
     async with running_gateway(port=port, DATABASE_URL=database) as second:
+        early = await publish_alerts(second, 2)  # before the client is back
         await until(lambda: client.reconnects == 1 and client.is_connected(), timeout=10)
         after = await publish_alerts(second, 3)
-        await collector.wait_for(13)
-    assert after == [1, 2, 3]
-    assert collector.seqs == before + after
+        await collector.wait_for(15)
+    assert early == [11, 12] and after == [13, 14, 15]
+    assert collector.seqs == before + early + after
     notices = [e for e in collector.events if e.seq is None]
-    assert [e.type for e in notices if e.type != "status_change"] == [RESYNC_REQUIRED]
+    assert [e.type for e in notices if e.type != "status_change"] == []
     # Each gateway said it was shutting down before it closed the connection.
     assert {e.data["status"] for e in notices if e.type == "status_change"} == {"shutting_down"}
 
 
 async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(tmp_path, clients):
-    """The new gateway's seq 4.. are other events than the old one's: the stream id tells."""
+    """The old gateway's last events never reached the archive (as when it is killed): the new
+    one's seq 2.. are other events than the old one's, and the stream id tells."""
     database = f"sqlite:///{tmp_path}/gateway.db"
     await migrate(database)
     port = free_port()
@@ -1153,15 +1188,16 @@ async def test_a_restarted_gateway_already_past_the_clients_seq_is_not_mistaken(
         collector = Collector(client)
         before = await publish_alerts(first, 3)
         await collector.wait_for(3)
+        await forget_archived(first, "seq > 1")
     async with running_gateway(port=port, DATABASE_URL=database) as second:
         early = await publish_alerts(second, 10)  # before the client is back
         await until(lambda: client.reconnects == 1 and client.is_connected(), timeout=10)
         after = await publish_alerts(second, 2)
         await collector.wait_for(3 + 2)
-    assert before == [1, 2, 3] and early == list(range(1, 11)) and after == [11, 12]
+    assert before == [1, 2, 3] and early == list(range(2, 12)) and after == [12, 13]
     events = [e for e in collector.events if e.type != "status_change"]
     assert [e.type for e in events] == ["alert"] * 3 + [RESYNC_REQUIRED] + ["alert"] * 2
-    assert [e.seq for e in events if e.seq is not None] == [1, 2, 3, 11, 12]
+    assert [e.seq for e in events if e.seq is not None] == [1, 2, 3, 12, 13]
 
 
 async def reset_redis(server: RunningGateway, url: str) -> str:
@@ -1472,21 +1508,15 @@ async def test_cli_reconnects_across_a_restart(tmp_path):
             await publish_alerts(first, 2)
             events = [json.loads(await read_line(process.stdout)) for _ in range(2)]
             await first_gateway.aclose()
-            # A new gateway on the same port, with a new (in-memory) sequence: the CLI comes
-            # back, says that it must resync, and prints the new events.
+            # A new gateway on the same port, with a new (in-memory) stream numbered on after
+            # the archive: the CLI comes back, resumes, and prints the new events.
             async with running_gateway(port=port, DATABASE_URL=database) as second:
                 await read_until(process.stderr, "resubscribed to alerts from seq 2")
                 await publish_alerts(second, 2)
-                while [e["seq"] for e in events][-2:] != [1, 2] or len(events) < 4:
+                while len([e for e in events if e["type"] != "status_change"]) < 4:
                     events.append(json.loads(await read_line(process.stdout)))
     kinds = [(e["type"], e["seq"]) for e in events if e["type"] != "status_change"]
-    assert kinds == [
-        ("alert", 1),
-        ("alert", 2),
-        (RESYNC_REQUIRED, None),
-        ("alert", 1),
-        ("alert", 2),
-    ]
+    assert kinds == [("alert", 1), ("alert", 2), ("alert", 3), ("alert", 4)]
 
 
 async def test_cli_reports_what_went_wrong_without_a_traceback(server):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.routing import Rule
 
@@ -58,6 +59,8 @@ RETRY_AFTER = {
 _ERROR_STATUSES = "_sigmax_error_statuses"
 REQUIRED_SCOPE_ATTRIBUTE = "_sigmax_required_scope"  # set by access.requires
 OPTIONAL_BODY_ATTRIBUTE = "_sigmax_optional_body"  # set by access.optional_body
+_NDJSON_ATTRIBUTE = "_sigmax_ndjson"
+NDJSON = "application/x-ndjson"
 
 
 def errors(*statuses: int) -> Callable[[View], View]:
@@ -66,6 +69,16 @@ def errors(*statuses: int) -> Callable[[View], View]:
 
     def decorator(view: View) -> View:
         setattr(view, _ERROR_STATUSES, (*getattr(view, _ERROR_STATUSES, ()), *statuses))
+        return view
+
+    return decorator
+
+
+def ndjson(model: type[BaseModel]) -> Callable[[View], View]:
+    """Document that the view answers 200 with newline-delimited JSON, one `model` per line."""
+
+    def decorator(view: View) -> View:
+        setattr(view, _NDJSON_ATTRIBUTE, model)
         return view
 
     return decorator
@@ -114,6 +127,15 @@ class RestOpenAPIProvider(OpenAPIProvider):
                     if status not in operation["responses"]
                 },
             }
+            line = getattr(view, _NDJSON_ATTRIBUTE, None)
+            if line is not None:
+                operation["responses"][200] = {
+                    "description": f"Newline-delimited JSON: one {line.__name__} per line",
+                    "content": {
+                        NDJSON: {"schema": {"$ref": f"#/components/schemas/{line.__name__}"}}
+                    },
+                }
+                components[line.__name__] = line.model_json_schema()
         components[ErrorResponse.__name__] = ErrorResponse.model_json_schema()
         return paths, components
 

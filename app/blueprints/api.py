@@ -20,13 +20,14 @@ from quart_schema import (
 )
 from werkzeug.routing import BaseConverter
 
-from app.apidocs.openapi import errors
+from app.apidocs.openapi import NDJSON, errors, ndjson
 from app.blueprints.access import optional_body, requires
 from app.errors import GatewayError
 from app.logs import worker_id
 from app.models import (
     ActionHeaders,
     AnalysisData,
+    ArchivedEvent,
     BulkDecision,
     BulkItem,
     BulkResult,
@@ -37,6 +38,7 @@ from app.models import (
     ErrorResponse,
     EventBatch,
     EventBatchDocument,
+    EventQuery,
     Health,
     IngestHeaders,
     IngestResult,
@@ -52,6 +54,7 @@ from app.models import (
     TradePage,
 )
 from app.services import commands, metrics
+from app.services.archive import event_filter
 from app.services.engines import Caller
 from app.services.gateway import Gateway
 from app.services.ingest import ingest_event
@@ -120,6 +123,19 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
         last_seq=published.last_seq,
         repeated=published.repeated,
     ), 202
+
+
+@api_bp.get("/api/events")
+@tag(["ingest"])
+@requires("read")
+@validate_querystring(EventQuery)
+@ndjson(ArchivedEvent)
+async def get_events(query_args: EventQuery) -> Response:
+    """Export archived stream events as NDJSON, oldest first, streamed page by page (memory stays
+    bounded however many there are). Page on with `since` set to the last line's seq."""
+    wanted = event_filter(query_args.since, query_args.until, query_args.topic, query_args.symbol)
+    body = _gateway().archive.export(wanted, query_args.limit)
+    return Response(body, content_type=NDJSON)  # type: ignore[arg-type]
 
 
 @api_bp.get("/metrics")

@@ -84,6 +84,9 @@ class EventBus(Protocol):
     def add_listener(self, listener: Listener) -> None:
         """Receive every published event, in seq order, exactly once, in batches."""
 
+    def raise_floor(self, seq: int) -> None:
+        """Before start: no event is given `seq` or a lower one (they are archived)."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -124,6 +127,9 @@ class MemoryBus:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def raise_floor(self, seq: int) -> None:
+        self._seq = max(self._seq, seq)
 
     async def start(self) -> None:
         pass

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from app.errors import GatewayError, error_event
 from app.services import metrics
+from app.services.archive import Archive, resume_history
 from app.services.bus import EventBus, StreamReset
 from app.services.events import (
     PER_SYMBOL_LIST_TYPES,
@@ -457,6 +458,8 @@ class ConnectionManager:
         max_per_key: int = 0,
     ) -> None:
         self.bus = bus
+        # Where a resume reaches past the hot history (set by the gateway; None: nowhere).
+        self.archive: Archive | None = None
         self.max_connections = max_connections
         self.queue_size = queue_size
         self.heartbeat_interval = heartbeat_interval
@@ -620,17 +623,19 @@ class ConnectionManager:
         stream_id: str | None = None,
     ) -> None:
         """Add `keys`; with `since`, replay the missed events that match the subscription and
-        that this connection did not get live, then continue live. A `since` of another
-        stream (`stream_id`) cannot be resumed: nothing is replayed, and recovered is false.
+        that this connection did not get live, then continue live: from the hot history, and
+        from the archive where the hot history does not reach back to `since` or the client's
+        stream (`stream_id`) is an earlier one (see `resume_history`). Without the events in
+        either, nothing is replayed and recovered is false.
 
         Replay and live delivery meet at exactly one seq: live events are held from the moment
         this worker's head is read, and history is read up to that head, never further (the
         stream may be ahead of this worker; those events come live).
 
         `acknowledge(replayed, recovered)` queues the reply, so that it precedes the replay."""
-        if since is None or (stream_id is not None and stream_id != self.bus.stream_id):
+        if since is None:
             self.index.add(conn, keys)
-            acknowledge(0, since is None)
+            acknowledge(0, True)
             return
         before = set(conn.keys)
         joined = conn.joined_seq
@@ -638,7 +643,9 @@ class ConnectionManager:
         conn.hold()
         self.index.add(conn, keys)
         try:
-            history, recovered = await self.bus.history(since, held_from)
+            history, recovered = await resume_history(
+                self.archive, self.bus.history, since, held_from, stream_id, self.bus.stream_id
+            )
         except BaseException:
             conn.release(())
             raise

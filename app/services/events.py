@@ -198,7 +198,8 @@ class Event:
 
     @classmethod
     def from_history(cls, entry: HistoryEntry) -> Event:
-        """The event again, for a replay; its data is parsed only if a view needs it."""
+        """The event again, for a replay; its data is parsed only if a view needs it. An entry
+        without its frame (from the archive) gets it built here."""
         event = cls.__new__(cls)
         (
             event.seq,
@@ -212,6 +213,8 @@ class Event:
         ) = entry
         event.data = None
         event.timestamp = utc_timestamp(event.created)
+        if not event.frame:
+            event.frame = event.render(event.data_json)
         event.wire = b""
         event.conflation_key = _conflation_key(event.type, event.symbols)
         return event

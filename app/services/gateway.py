@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from app.logs import worker_id
+from app.services.archive import Archive
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
 from app.services.commands import ACTIONS, COMMANDS
@@ -110,6 +111,17 @@ class Gateway:
         # followers' price feed and, with a remote engine, its read model.
         self.bus.add_listener(self.manager.fan_out)
         self.bus.add_listener(self._follow_prices)
+        self.archive = Archive(
+            db, max_age=config.EVENT_ARCHIVE_MAX_AGE, max_events=config.EVENT_ARCHIVE_MAX_EVENTS
+        )
+        self.manager.archive = self.archive
+        self.bus.add_listener(self._archive)
+        # With Redis, one worker of the deployment archives: the holder of this lease.
+        self.archivist_lease = (
+            LeaderLease(config.REDIS_URL, f"{config.REDIS_PREFIX}:archivist", config.LEADER_TTL)
+            if self.lease is not None
+            else None
+        )
         self.metrics = MetricsSync(self, config.METRICS_INTERVAL)
         self.loop_lag = LoopLagMonitor()
         self.garbage = GarbageCollector(config.GC_INTERVAL)
@@ -121,6 +133,7 @@ class Gateway:
         self._terminating = False
 
     async def start(self) -> None:
+        self.bus.raise_floor(await self.archive.head())  # a seq names one event for good
         await self.bus.start()
         await self.engine.start()
         await self.simulation.restore()
@@ -132,7 +145,16 @@ class Gateway:
             asyncio.create_task(self.manager.run_heartbeat()),
             asyncio.create_task(self.loop_lag.run()),
             asyncio.create_task(self.garbage.run()),
+            asyncio.create_task(self.archive.run(self.bus.history, lambda: self.bus.stream_id)),
         ]
+        if self.archivist_lease is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self.archivist_lease.run(self.archive.elected, self._archivist_deposed)
+                )
+            )
+        else:
+            await self.archive.elected()
         if self.config.SIMULATION:
             if self.lease is not None:
                 self._tasks.append(
@@ -193,6 +215,21 @@ class Gateway:
         await _cancel(self._producers)
         self._producers = []
 
+    def _archive(self, events: list[Event]) -> None:
+        self.archive.observe(events, self.bus.stream_id)
+
+    async def _archivist_deposed(self) -> None:
+        self.archive.writing = False  # what it holds is written when the worker stops
+
+    async def _archive_pending(self) -> None:
+        """A stopping worker writes what it had not archived yet (bounded: the database may be
+        what is failing)."""
+        try:
+            async with asyncio.timeout(PRODUCER_STOP_TIMEOUT):
+                await self.archive.flush(self.bus.history, lambda: self.bus.stream_id)
+        except Exception:
+            log.exception("event archive: the last events were not written")
+
     def _follow_prices(self, events: list[Event]) -> None:
         """Followers price approvals with what the leader's feed says, and keep its history
         (a follower that becomes leader analyses from it)."""
@@ -244,6 +281,7 @@ class Gateway:
             self._tasks.append(self.manager.shutdown_watch)
         await _cancel(self._tasks)
         await self._stop_producers()
+        await self._archive_pending()
         self._tasks.clear()
         self.garbage.release()
         await self.engine.close()

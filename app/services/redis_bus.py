@@ -187,6 +187,11 @@ class RedisBus:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def raise_floor(self, seq: int) -> None:
+        # Part of the floor every sync raises the counter to: a Redis that lost its data
+        # does not number again what the archive holds.
+        self._last_given = max(self._last_given, seq)
+
     async def start(self) -> None:
         try:
             await self._sync()
