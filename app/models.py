@@ -64,6 +64,28 @@ class SubscriptionData(Strict):
     stream_id: str | None = Field(default=None, description="the stream `since` belongs to")
 
 
+class ReplayData(Strict):
+    """`data` of `replay`: archived events between two positions (a seq, or an RFC 3339 time),
+    of some topics and symbols, paced at `speed` times their original spacing."""
+
+    since: int | str | None = Field(
+        default=None, description="after this seq, or at or after this time; default: the oldest"
+    )
+    until: int | str | None = Field(
+        default=None, description="up to this seq or time; default: the newest archived"
+    )
+    topics: list[str] = Field(default_factory=list, description="the events' own topics; none: all")
+    symbols: list[str] = Field(default_factory=list, description="events carrying one of these")
+    speed: float = Field(
+        default=0, ge=0, le=1_000_000, description="times the original pace; 0: as fast as read"
+    )
+
+
+class ReplayCompleteData(BaseModel):
+    count: int = Field(description="events replayed")
+    last_seq: int | None = Field(description="the seq of the last one (null: none)")
+
+
 class CommandData(Strict):
     """`data` of `command`: the command's name; every other field is an argument."""
 

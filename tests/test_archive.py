@@ -248,3 +248,118 @@ async def test_export_of_100k_events_keeps_memory_bounded(database_url):
         # The export is far larger than what the gateway held at once to send it.
         assert size > 8_000_000
         assert peak < size / 4, (peak, size)
+
+
+# -- replay -------------------------------------------------------------------------------------
+
+
+async def replay(client, request_id: str = "replay-1", **data: Any) -> list[dict[str, Any]]:
+    """Send a replay; every message of it (its events, then replay_complete or error)."""
+    await client.send({"type": "replay", "data": data, "request_id": request_id})
+    return await replayed(client, request_id)
+
+
+async def replayed(client, request_id: str) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    async with asyncio.timeout(30):
+        while True:
+            message = await client.recv_event()
+            if message.get("request_id") != request_id:
+                continue
+            messages.append(message)
+            if message["type"] in ("replay_complete", "error"):
+                return messages
+
+
+async def test_replay_streams_archived_events_apart_from_live_delivery(server):
+    await publish_alerts(server, 0, 10)
+    await server.publish("market_update", [{"symbol": "BTC/USDT", "price": 1.0}])
+    await server.publish(
+        "market_update",
+        [{"symbol": "BTC/USDT", "price": 2.0}, {"symbol": "ETH/USDT", "price": 3.0}],
+    )
+    await archived_through(server, 12)
+    archived = {e.seq: e for e in await server.gateway.archive.read(EventFilter())}
+    async with server.subscribed(["market"]) as client:
+        messages = await replay(client, since=3, until=10, topics=["alerts"])
+        *events, complete = messages
+        assert [e["seq"] for e in events] == list(range(4, 11))
+        for event in events:  # as delivered live, tagged with the replay's request_id
+            assert event == {**json.loads(archived[event["seq"]].frame), "request_id": "replay-1"}
+        assert complete["type"] == "replay_complete"
+        assert complete["data"] == {"count": 7, "last_seq": 10}
+        # By symbol: per-symbol lists restricted to the symbols asked for.
+        *by_symbol, _ = await replay(client, "replay-2", symbols=["eth/usdt"])
+        assert [(e["seq"], e["data"]) for e in by_symbol] == [
+            (12, [{"symbol": "ETH/USDT", "price": 3.0}])
+        ]
+        # The live subscription goes on beside it, untagged.
+        await server.publish("market_update", [{"symbol": "SOL/USDT", "price": 4.0}])
+        live = await client.next_of("market_update")
+        assert live["seq"] == 13 and "request_id" not in live
+
+
+async def test_replay_refuses_bad_positions_and_a_second_replay(server):
+    await publish_alerts(server, 0, 3)
+    await archived_through(server, 3)
+    async with server.subscribed() as client:
+        for data, code in (
+            ({"since": "yesterday"}, "INVALID_POSITION"),
+            ({"topics": ["nope"]}, "INVALID_TOPIC"),
+            ({"symbols": ["BTCUSDT"]}, "INVALID_SYMBOL"),
+            ({"speed": -1}, "MESSAGE_PROCESSING_ERROR"),
+        ):
+            (error,) = await replay(client, **data)
+            assert (error["type"], error["data"]["code"]) == ("error", code), data
+        # Slowly paced (0.001x): the next one is refused while it runs.
+        await client.send({"type": "replay", "data": {"speed": 0.001}, "request_id": "slow"})
+        (refused,) = await replay(client, "second")
+        assert refused["data"]["code"] == "REPLAY_IN_PROGRESS"
+
+
+async def test_replay_pacing_follows_the_requested_speed(server):
+    for n in range(21):  # 20 gaps of 50 ms: a second of original time
+        await publish_alerts(server, n, 1)
+        await asyncio.sleep(0.05)
+    await archived_through(server, 21)
+    archived = await server.gateway.archive.read(EventFilter())
+    original = archived[-1].created - archived[0].created
+    async with server.subscribed() as client:
+        for speed in (2, 0.8):
+            await client.send(
+                {"type": "replay", "data": {"speed": speed}, "request_id": f"at-{speed}"}
+            )
+            arrivals = []
+            async with asyncio.timeout(10):
+                while len(arrivals) < 21:
+                    message = await client.recv_event()
+                    if message.get("request_id") == f"at-{speed}" and "seq" in message:
+                        arrivals.append(time.monotonic())
+            taken = arrivals[-1] - arrivals[0]
+            assert abs(taken / (original / speed) - 1) < 0.05, (speed, taken, original)
+            assert (await client.next_of("replay_complete"))["data"]["count"] == 21
+
+
+async def test_a_slow_reader_slows_its_replay_instead_of_being_closed(gateway_factory):
+    async with gateway_factory(WS_SEND_QUEUE_SIZE=20) as server:
+        note = "x" * 4000  # 4,000 events of 4 KB: more than the sockets' buffers hold
+        for first in range(0, 4000, 500):
+            await server.gateway.bus.publish(
+                [
+                    Event("alert", {"level": "info", "message": note, "n": n})
+                    for n in range(first, first + 500)
+                ]
+            )
+        await archived_through(server, 4000)
+        async with server.subscribed() as client:
+            await client.send({"type": "replay", "data": {}, "request_id": "all"})
+            (conn,) = server.gateway.manager.connections.values()
+            deepest = 0
+            for _ in range(50):  # 1 s of not reading: the replay waits for room in the queue
+                deepest = max(deepest, conn.queue_depth)
+                await asyncio.sleep(0.02)
+            # Held back, not closed: at most half the queue waiting, and most of the replay
+            # still to come (what was sent is in the sockets' buffers and the client's).
+            assert not conn.closing and deepest <= 10 and conn.sent < 3000
+            seqs = [m["seq"] for m in await replayed(client, "all") if m["type"] == "alert"]
+            assert seqs == list(range(1, 4001))

@@ -1531,3 +1531,44 @@ async def test_cli_reports_what_went_wrong_without_a_traceback(server):
     assert process.returncode == 2
     assert "invalid subscription: Invalid subscription topic [INVALID_TOPIC]" in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+async def test_replay_iterates_archived_events_and_goes_on_after_a_lost_connection(
+    gateway_factory, clients
+):
+    async with gateway_factory() as server, TcpProxy(server.port) as proxy:
+        published = []
+        for n in range(200):  # 5 ms apart: a replay at speed 1 takes a second
+            published += await publish_alerts(server, 1, start=n)
+            await asyncio.sleep(0.005)
+        await server.publish("market_update", [{"symbol": "BTC/USDT", "price": 1.0}])
+        await until_archived(server)
+        client = clients(**FAST)
+        await client.connect(proxy.url)
+        seqs = []
+        async for event in client.replay(since=published[99], topics="alerts", speed=1):
+            seqs.append(event.seq)
+            if len(seqs) == 30:
+                proxy.cut()  # the client reconnects; the replay goes on after seq 130
+        assert seqs == published[100:]
+        assert client.reconnects == 1
+        with pytest.raises(ValueError, match="INVALID_POSITION"):
+            async for _ in client.replay(since="yesterday"):
+                pass
+
+
+async def test_cli_replay_prints_archived_events(server):
+    await publish_alerts(server, 5)
+    await until_archived(server)
+    process = await run_cli(
+        "replay", "--url", server.url, "--since", "2", "--topics", "alerts", "--json"
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, stderr.decode()
+    assert [json.loads(line)["seq"] for line in stdout.decode().splitlines()] == [3, 4, 5]
+    assert "replaying alerts from 2 to the newest at full speed" in stderr.decode()
+
+    process = await run_cli("replay", "--url", server.url, "--until", "soon")
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert "invalid replay: Invalid until [INVALID_POSITION]" in stderr.decode()

@@ -14,6 +14,8 @@ from app.models import (
     CommandResultData,
     ConnectedData,
     ErrorData,
+    ReplayCompleteData,
+    ReplayData,
     StreamResetData,
     SubscribedData,
     SubscriptionData,
@@ -49,6 +51,15 @@ CLIENT_MESSAGES: dict[str, tuple[str, type[BaseModel] | None]] = {
     ),
     "get_status": ("Answered by a `system_status` message.", None),
     "get_subscriptions": ("Answered by `subscriptions`.", None),
+    "replay": (
+        "Stream archived events (since/until: a seq or an RFC 3339 time; topics; symbols) in "
+        "seq order with their original seq and timestamps, each carrying this request's "
+        "`request_id`, paced at `speed` times their original spacing (0: as fast as the "
+        "client reads), then `replay_complete`. Apart from the live subscriptions; one at a "
+        "time per connection (REPLAY_IN_PROGRESS); a slow reader slows it down. Errors: "
+        "INVALID_POSITION, INVALID_TOPIC, INVALID_SYMBOL.",
+        ReplayData,
+    ),
 }
 
 REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
@@ -62,6 +73,7 @@ REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
         "Server heartbeat every WS_HEARTBEAT_INTERVAL seconds; answer with `pong` (or any message)",
         None,
     ),
+    "replay_complete": ("The end of a replay: how many events it sent", ReplayCompleteData),
     "error": ("A message could not be processed, or the server is about to close", ErrorData),
     "stream_reset": (
         "Redis lost the event stream and the worker moved to a new one, to every "

@@ -133,9 +133,19 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
 async def get_events(query_args: EventQuery) -> Response:
     """Export archived stream events as NDJSON, oldest first, streamed page by page (memory stays
     bounded however many there are). Page on with `since` set to the last line's seq."""
-    wanted = event_filter(query_args.since, query_args.until, query_args.topic, query_args.symbol)
+    wanted = event_filter(
+        query_args.since,
+        query_args.until,
+        _listed(query_args.topic),
+        _listed(query_args.symbol),
+    )
     body = _gateway().archive.export(wanted, query_args.limit)
     return Response(body, content_type=NDJSON)  # type: ignore[arg-type]
+
+
+def _listed(value: str | None) -> list[str]:
+    """A comma-separated query parameter's items (none when it is left out)."""
+    return value.split(",") if value is not None else []
 
 
 @api_bp.get("/metrics")

@@ -7,6 +7,7 @@ A bad message gets an `error` event and the connection stays open.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +20,8 @@ from quart_schema.mixins import SchemaValidationError
 
 from app.errors import GatewayError, describe_validation_error, error_event, excerpt, quoted
 from app.logs import worker_id
-from app.models import ClientMessage, CommandData, SubscriptionData
+from app.models import ClientMessage, CommandData, ReplayData, SubscriptionData
+from app.services.archive import event_filter
 from app.services.commands import COMMANDS, parse_symbol
 from app.services.connections import Connection, ConnectionLimitExceeded
 from app.services.engines import Caller
@@ -33,6 +35,7 @@ from app.services.events import (
 )
 from app.services.gateway import Gateway
 from app.services.ratelimit import TokenBucket
+from app.services.replay import start_replay
 from app.services.transport import Disconnected, WebSocket, asgi_websocket, open_writer
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ MESSAGE_TYPES = (
     "command",
     "get_status",
     "get_subscriptions",
+    "replay",
 )
 
 
@@ -131,6 +135,8 @@ async def gateway_socket(app: Quart, socket: WebSocket) -> None:
     finally:
         conn.detach()
         gateway.manager.forget(conn)
+        if conn.replay is not None:  # cancelled: let it finish the database read it is in
+            await asyncio.wait([conn.replay])
 
 
 def _origin_allowed(socket: WebSocket, allowed: tuple[str, ...]) -> bool:
@@ -380,6 +386,24 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
     )
 
 
+async def _replay(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    data: ReplayData = _load(message.data or {}, ReplayData)
+    wanted = event_filter(
+        None if data.since is None else str(data.since),
+        None if data.until is None else str(data.until),
+        [topic for topic in data.topics if topic != "all"],
+        data.symbols,
+    )
+    start_replay(
+        gateway.archive,
+        conn,
+        wanted,
+        data.speed,
+        message.request_id,
+        gateway.config.WS_SEND_QUEUE_SIZE,
+    )
+
+
 Handler = Callable[[Gateway, Connection, ClientMessage], Awaitable[None]]
 HANDLERS: dict[str, Handler] = {
     "subscribe": _subscribe,
@@ -389,4 +413,5 @@ HANDLERS: dict[str, Handler] = {
     "command": _command,
     "get_status": _get_status,
     "get_subscriptions": _get_subscriptions,
+    "replay": _replay,
 }

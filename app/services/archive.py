@@ -21,7 +21,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 from app.errors import GatewayError, quoted
 from app.services.events import (
     PUBLISHABLE_TOPICS,
+    ErrorCode,
     Event,
     HistoryEntry,
     dumps,
@@ -125,7 +126,7 @@ def parse_position(name: str, value: str | None) -> tuple[int | None, float | No
         return None, moment.timestamp()
     except (ValueError, OverflowError):
         raise GatewayError(
-            "INVALID_POSITION",
+            ErrorCode.INVALID_POSITION,
             f"Invalid {name}",
             f"{name}={quoted(value)} is neither a seq (a whole number) nor an RFC 3339 time "
             "such as 2026-12-03T10:00:00Z",
@@ -133,26 +134,31 @@ def parse_position(name: str, value: str | None) -> tuple[int | None, float | No
 
 
 def event_filter(
-    since: str | None, until: str | None, topics: str | None, symbols: str | None
+    since: str | None,
+    until: str | None,
+    topics: Sequence[str] = (),
+    symbols: Sequence[str] = (),
 ) -> EventFilter:
-    """The filter of an export or replay request: positions (seq or time) and comma-separated
-    topics and symbols, each checked."""
+    """The filter of an export or replay request: positions (seq or time), topics and
+    symbols, each checked."""
     since_seq, since_time = parse_position("since", since)
     until_seq, until_time = parse_position("until", until)
-    topic_names = tuple(topics.split(",")) if topics is not None else ()
+    topic_names = tuple(topics)
     for topic in topic_names:
         if topic not in PUBLISHABLE_TOPICS:
             raise GatewayError(
-                "INVALID_TOPIC",
+                ErrorCode.INVALID_TOPIC,
                 "Invalid topic",
                 f"topic {quoted(topic)} is not one of {', '.join(sorted(PUBLISHABLE_TOPICS))}",
             )
     symbol_names = []
-    for text in symbols.split(",") if symbols is not None else ():
+    for text in symbols:
         symbol = normalize_symbol(text) if _ANY_CASE_SYMBOL.fullmatch(text) else None
         if symbol is None:
             raise GatewayError(
-                "INVALID_SYMBOL", "Invalid symbol", f"symbol {quoted(text)} is not BASE/QUOTE"
+                ErrorCode.INVALID_SYMBOL,
+                "Invalid symbol",
+                f"symbol {quoted(text)} is not BASE/QUOTE",
             )
         symbol_names.append(symbol)
     return EventFilter(
@@ -320,11 +326,14 @@ class Archive:
         while left is None or left > 0:
             page = READ_PAGE if left is None else min(READ_PAGE, left)
             where, values = EventFilter(**{**wanted.__dict__, "since": since}).where()
-            async with self._db.connection() as connection:
-                rows = await connection.fetch_all(
-                    f"SELECT {_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT {page}",
-                    values,
-                )
+            read = asyncio.ensure_future(self._fetch(where, values, page))
+            try:
+                rows = await asyncio.shield(read)
+            except asyncio.CancelledError:
+                # (a replay whose client left) A read cut short would leave its database
+                # connection opening or open: it finishes, and the connection is closed.
+                await asyncio.wait([read])
+                raise
             if not rows:
                 return
             yield rows
@@ -333,6 +342,15 @@ class Archive:
                 left -= len(rows)
             if len(rows) < page:
                 return
+
+    async def _fetch(self, where: str, values: dict[str, Any], limit: int) -> list[Any]:
+        async with self._db.connection() as connection:
+            return list(
+                await connection.fetch_all(
+                    f"SELECT {_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT {limit}",
+                    values,
+                )
+            )
 
 
 async def resume_history(

@@ -104,6 +104,7 @@ class Connection:
         "_held",
         "_replay_backlog",
         "_has_through",
+        "replay",
     )
 
     def __init__(
@@ -148,6 +149,7 @@ class Connection:
         # The client has every stream event up to this seq (it resumed from another worker
         # that was ahead of this one): those still to come here live are not sent again.
         self._has_through = 0
+        self.replay: asyncio.Task[None] | None = None  # a `replay` request running
 
     @property
     def closing(self) -> bool:
@@ -194,6 +196,8 @@ class Connection:
         handler task (it refers back to this connection through its frame)."""
         if self._writer is not None:
             self._writer.cancel()
+        if self.replay is not None:
+            self.replay.cancel()  # the handler awaits its end
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None

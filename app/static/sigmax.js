@@ -58,6 +58,27 @@ function backoffDelay(attempt, baseMs, capMs, random = Math.random) {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 32));
   return ceiling / 2 + random() * ceiling / 2;
 }
+var ReplayInbox = class {
+  constructor(socket) {
+    this.socket = socket;
+  }
+  socket;
+  messages = [];
+  wake = null;
+  push(message) {
+    this.messages.push(message);
+    this.wake?.();
+    this.wake = null;
+  }
+  async next() {
+    while (this.messages.length === 0) {
+      await new Promise((resolve) => {
+        this.wake = resolve;
+      });
+    }
+    return this.messages.shift();
+  }
+};
 var SigmaxWebSocket = class {
   autoReconnect;
   maxReconnectDelayMs;
@@ -78,6 +99,7 @@ var SigmaxWebSocket = class {
   handlers = /* @__PURE__ */ new Map();
   stateHandlers = /* @__PURE__ */ new Set();
   pending = /* @__PURE__ */ new Map();
+  replays = /* @__PURE__ */ new Map();
   waiters = /* @__PURE__ */ new Set();
   requestCounter = 0;
   subscribedTopics = [];
@@ -264,6 +286,48 @@ var SigmaxWebSocket = class {
     void data;
   }
   // -- requests -----------------------------------------------------------------------------
+  /**
+   * Archived events, oldest first, with their original seq and timestamps: after `since` up
+   * to `until`, of `topics` and carrying one of `symbols`, paced at `speed` times their
+   * original spacing. Apart from the live subscriptions (no handler sees them); ends with the
+   * replay. A replay cut by a lost connection goes on after the last event given, on the next
+   * connection.
+   *
+   *     for await (const event of client.replay({ since: '2026-12-03T09:00:00Z', speed: 10 })) ...
+   */
+  async *replay(options = {}) {
+    let position = options.since;
+    for (; ; ) {
+      const socket = await this.connectedSocket("replay", now() + this.requestTimeoutMs);
+      const requestId = String(++this.requestCounter);
+      const inbox = new ReplayInbox(socket);
+      this.replays.set(requestId, inbox);
+      try {
+        const data = {
+          topics: options.topics ?? [],
+          symbols: options.symbols ?? [],
+          speed: options.speed ?? 0
+        };
+        if (position !== void 0) data.since = position;
+        if (options.until !== void 0) data.until = options.until;
+        sendQuietly(socket, { type: "replay", request_id: requestId, data });
+        for (; ; ) {
+          const message = await inbox.next();
+          if (message === null) break;
+          if (message.type === "replay_complete") return;
+          if (message.type === "error") throw errorReply("replay", message);
+          const event = toEvent(message);
+          if (event.seq !== null) position = event.seq;
+          yield event;
+        }
+      } finally {
+        this.replays.delete(requestId);
+      }
+      if (!this.autoReconnect || this.closing) {
+        throw new SigmaxError("connection lost during a replay", ClientErrorCode.CONNECTION_LOST);
+      }
+    }
+  }
   async subscribeNow(topics, symbols, since) {
     const data = { topics: [...topics], symbols: [...symbols] };
     if (since !== void 0) data.since = since;
@@ -399,6 +463,9 @@ var SigmaxWebSocket = class {
   failPending(error, socket) {
     for (const request of [...this.pending.values()]) {
       if (socket === void 0 || request.socket === socket) request.fail(error);
+    }
+    for (const inbox of this.replays.values()) {
+      if (socket === void 0 || inbox.socket === socket) inbox.push(null);
     }
     if (socket === void 0) {
       for (const waiter of [...this.waiters]) waiter.reject(error);
@@ -689,6 +756,11 @@ var SigmaxWebSocket = class {
     const { type } = message;
     const requestId = message.request_id;
     if (requestId !== void 0 && requestId !== null) {
+      const replay = this.replays.get(String(requestId));
+      if (replay !== void 0) {
+        replay.push(message);
+        return;
+      }
       const request = this.pending.get(String(requestId));
       if (request !== void 0) {
         request.settle(message);
@@ -723,13 +795,7 @@ var SigmaxWebSocket = class {
       this.lastSeqSeen = seq;
       this.positionStream = this.serverStream;
     }
-    this.deliver({
-      type,
-      data: message.data,
-      timestamp: typeof message.timestamp === "string" ? message.timestamp : (/* @__PURE__ */ new Date()).toISOString(),
-      seq,
-      connection_id: typeof message.connection_id === "string" ? message.connection_id : null
-    });
+    this.deliver(toEvent(message));
   }
   deliver(event) {
     for (const key of [event.type, "*"]) {
@@ -779,6 +845,16 @@ function decode(raw) {
   } catch {
     return null;
   }
+}
+function toEvent(message) {
+  const { seq } = message;
+  return {
+    type: message.type,
+    data: message.data,
+    timestamp: typeof message.timestamp === "string" ? message.timestamp : (/* @__PURE__ */ new Date()).toISOString(),
+    seq: typeof seq === "number" && Number.isInteger(seq) ? seq : null,
+    connection_id: typeof message.connection_id === "string" ? message.connection_id : null
+  };
 }
 function errorReply(type, reply) {
   const data = isRecord(reply.data) ? reply.data : {};
@@ -861,6 +937,7 @@ var SERVER_EVENT_TYPES = [
   "command_result",
   "pong",
   "ping",
+  "replay_complete",
   "error",
   "stream_reset",
   "analysis_update",

@@ -10,6 +10,8 @@ again with `since` = the last seq seen, so the application gets every event once
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import inspect
 import itertools
 import json
@@ -49,8 +51,17 @@ REPLY_TYPES = frozenset(
 DIRECT_REPLY_TYPES = frozenset({"error", "system_status", "portfolio_update", "health_update"})
 # Error codes that make a subscribe or unsubscribe a ValueError (the request itself is wrong).
 SUBSCRIPTION_ERROR_CODES = frozenset(
-    {"INVALID_TOPIC", "INVALID_SYMBOL", "TOO_MANY_SUBSCRIPTIONS", "MESSAGE_PROCESSING_ERROR"}
+    {
+        "INVALID_TOPIC",
+        "INVALID_SYMBOL",
+        "TOO_MANY_SUBSCRIPTIONS",
+        "MESSAGE_PROCESSING_ERROR",
+        "INVALID_POSITION",  # a replay's since or until
+    }
 )
+# Replayed events read but not yet taken by the `replay()` iterator; past it the reader waits,
+# and so the gateway slows the replay down.
+REPLAY_BUFFER = 1000
 # A connection that stayed up this long starts the next reconnect from the shortest delay.
 STABLE_AFTER = 10.0
 CLOSE_TIMEOUT = 2.0
@@ -135,6 +146,7 @@ class SigmaxWebSocketClient:
         self._callback_events: EventBuffer | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._resume_since: dict[str, int] = {}  # request_id of a subscribe with since -> since
+        self._replays: dict[str, _ReplayInbox] = {}  # request_id of a running replay -> inbox
         self._request_ids = itertools.count(1)
         self._waiting_callers = 0
         self._topics: list[str] = []
@@ -256,6 +268,56 @@ class SigmaxWebSocketClient:
         if data.get("success") is False:
             raise RequestError(f"command {name!r} failed: {data.get('result')!r}")
         return data.get("result")
+
+    async def replay(
+        self,
+        since: int | str | None = None,
+        until: int | str | None = None,
+        *,
+        topics: str | Iterable[str] = (),
+        symbols: str | Iterable[str] = (),
+        speed: float = 0,
+    ) -> AsyncIterator[WSEvent]:
+        """Archived events, oldest first, with their original seq and timestamps: after
+        `since` up to `until` (each a seq or an RFC 3339 time; default: the whole archive), of
+        `topics` and carrying one of `symbols` (default: all), paced at `speed` times their
+        original spacing (0: as fast as they are read). Apart from the live subscriptions;
+        the iterator ends at the replay's end. A replay cut by a lost connection goes on
+        after the last event given, on the next connection.
+
+            async for event in client.replay(since="2026-12-03T09:00:00Z", speed=10):
+                ...
+        """
+        position = since
+        loop = asyncio.get_running_loop()
+        while True:
+            ws = await self._connection(loop.time() + self.request_timeout)
+            request_id = str(next(self._request_ids))
+            inbox = self._replays[request_id] = _ReplayInbox(ws)
+            data: dict[str, Any] = {
+                "topics": _names(topics),
+                "symbols": _names(symbols),
+                "speed": speed,
+            }
+            data.update({k: v for k, v in (("since", position), ("until", until)) if v is not None})
+            try:
+                with contextlib.suppress(ConnectionClosed):  # then the inbox says it is lost
+                    await ws.send(
+                        json.dumps({"type": "replay", "request_id": request_id, "data": data})
+                    )
+                while (message := await inbox.get()) is not None:
+                    kind = message.get("type")
+                    if kind == "replay_complete":
+                        return
+                    if kind == "error":
+                        raise _error_reply("replay", message)
+                    event = WSEvent.from_message(message)
+                    position = event.seq
+                    yield event
+            finally:
+                self._replays.pop(request_id, None)
+            if not self.auto_reconnect or self._closing:
+                raise SigmaxConnectionError(f"connection lost during a replay: {self._lost_reason}")
 
     def listen(self) -> AsyncIterator[WSEvent]:
         """The events, in order, each once, across reconnects. Ends after `disconnect()`;
@@ -592,6 +654,9 @@ class SigmaxWebSocketClient:
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(SigmaxConnectionError(lost))
+            for inbox in self._replays.values():
+                if inbox.ws is ws:
+                    inbox.lost()
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         """Ping every ping_interval; with no traffic within ping_timeout after a ping, abort
@@ -644,6 +709,10 @@ class SigmaxWebSocketClient:
         kind = message.get("type")
         request_id = message.get("request_id")
         if request_id is not None:
+            inbox = self._replays.get(str(request_id))
+            if inbox is not None:
+                await inbox.put(message)
+                return
             future = self._pending.get(str(request_id))
             if future is not None:
                 since = self._resume_since.get(str(request_id))
@@ -821,12 +890,44 @@ def _close_text(ws: ClientConnection) -> str:
     return f"connection closed with code {ws.close_code}{reason}"
 
 
+class _ReplayInbox:
+    """What the reader hands a running replay: its messages, at most REPLAY_BUFFER waiting
+    (then the reader waits), and None once its connection is lost."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._messages: collections.deque[dict[str, Any] | None] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, message: dict[str, Any]) -> None:
+        await self._room.wait()
+        self._messages.append(message)
+        self._arrived.set()
+        if len(self._messages) >= REPLAY_BUFFER:
+            self._room.clear()
+
+    def lost(self) -> None:
+        self._messages.append(None)
+        self._arrived.set()
+
+    async def get(self) -> dict[str, Any] | None:
+        while not self._messages:
+            self._arrived.clear()
+            await self._arrived.wait()
+        message = self._messages.popleft()
+        if len(self._messages) < REPLAY_BUFFER:
+            self._room.set()
+        return message
+
+
 def _error_reply(message_type: str, reply: dict[str, Any]) -> SigmaxError:
     data = reply.get("data")
     data = data if isinstance(data, dict) else {}
     code, details = data.get("code"), data.get("details")
     text = f"{data.get('error', 'error')} [{code}]: {details}"
-    if message_type in ("subscribe", "unsubscribe") and code in SUBSCRIPTION_ERROR_CODES:
+    if message_type in ("subscribe", "unsubscribe", "replay") and code in SUBSCRIPTION_ERROR_CODES:
         return InvalidSubscriptionError(text, code=code, details=details)
     return RequestError(f"{message_type}: {text}", code=code, details=details)
 

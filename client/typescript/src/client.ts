@@ -144,6 +144,41 @@ interface ConnectionWaiter {
 
 type RequestData = Record<string, unknown>;
 
+/** What `replay()` asks for: see the gateway's `replay` message. */
+export interface ReplayOptions {
+  /** After this seq, or at or after this RFC 3339 time (default: the oldest archived event). */
+  since?: number | string;
+  /** Up to this seq or time (default: the newest archived event). */
+  until?: number | string;
+  /** The events' own topics (default: all). */
+  topics?: string[];
+  /** Events carrying one of these symbols (default: any). */
+  symbols?: string[];
+  /** Times the original pace (1: as it happened); 0, the default: as fast as they come. */
+  speed?: number;
+}
+
+/** The messages of one running replay, handed over by the reader; null once its connection is lost. */
+class ReplayInbox {
+  private readonly messages: (ServerMessage | null)[] = [];
+  private wake: (() => void) | null = null;
+
+  constructor(readonly socket: WebSocket) {}
+
+  push(message: ServerMessage | null): void {
+    this.messages.push(message);
+    this.wake?.();
+    this.wake = null;
+  }
+
+  async next(): Promise<ServerMessage | null> {
+    while (this.messages.length === 0) {
+      await new Promise<void>((resolve) => { this.wake = resolve; });
+    }
+    return this.messages.shift() as ServerMessage | null;
+  }
+}
+
 export class SigmaxWebSocket {
   private readonly autoReconnect: boolean;
   private readonly maxReconnectDelayMs: number;
@@ -166,6 +201,7 @@ export class SigmaxWebSocket {
   private readonly handlers = new Map<string, Set<(event: SigmaxEvent) => void>>();
   private readonly stateHandlers = new Set<StateHandler>();
   private readonly pending = new Map<string, PendingRequest>();
+  private readonly replays = new Map<string, ReplayInbox>();
   private readonly waiters = new Set<ConnectionWaiter>();
   private requestCounter = 0;
 
@@ -382,6 +418,47 @@ export class SigmaxWebSocket {
 
   // -- requests -----------------------------------------------------------------------------
 
+  /**
+   * Archived events, oldest first, with their original seq and timestamps: after `since` up
+   * to `until`, of `topics` and carrying one of `symbols`, paced at `speed` times their
+   * original spacing. Apart from the live subscriptions (no handler sees them); ends with the
+   * replay. A replay cut by a lost connection goes on after the last event given, on the next
+   * connection.
+   *
+   *     for await (const event of client.replay({ since: '2026-12-03T09:00:00Z', speed: 10 })) ...
+   */
+  async *replay(options: ReplayOptions = {}): AsyncGenerator<SigmaxEvent> {
+    let position = options.since;
+    for (;;) {
+      const socket = await this.connectedSocket('replay', now() + this.requestTimeoutMs);
+      const requestId = String(++this.requestCounter);
+      const inbox = new ReplayInbox(socket);
+      this.replays.set(requestId, inbox);
+      try {
+        const data: RequestData = {
+          topics: options.topics ?? [], symbols: options.symbols ?? [], speed: options.speed ?? 0,
+        };
+        if (position !== undefined) data.since = position;
+        if (options.until !== undefined) data.until = options.until;
+        sendQuietly(socket, { type: 'replay', request_id: requestId, data });
+        for (;;) {
+          const message = await inbox.next();
+          if (message === null) break;
+          if (message.type === 'replay_complete') return;
+          if (message.type === 'error') throw errorReply('replay', message);
+          const event = toEvent(message);
+          if (event.seq !== null) position = event.seq;
+          yield event;
+        }
+      } finally {
+        this.replays.delete(requestId);
+      }
+      if (!this.autoReconnect || this.closing) {
+        throw new SigmaxError('connection lost during a replay', ClientErrorCode.CONNECTION_LOST);
+      }
+    }
+  }
+
   private async subscribeNow(topics: string[], symbols: string[],
                              since: number | undefined): Promise<SubscribedData> {
     const data: RequestData = { topics: [...topics], symbols: [...symbols] };
@@ -513,6 +590,9 @@ export class SigmaxWebSocket {
   private failPending(error: SigmaxError, socket?: WebSocket): void {
     for (const request of [...this.pending.values()]) {
       if (socket === undefined || request.socket === socket) request.fail(error);
+    }
+    for (const inbox of this.replays.values()) {
+      if (socket === undefined || inbox.socket === socket) inbox.push(null);
     }
     if (socket === undefined) {
       for (const waiter of [...this.waiters]) waiter.reject(error);
@@ -799,6 +879,11 @@ export class SigmaxWebSocket {
     const { type } = message;
     const requestId = message.request_id;
     if (requestId !== undefined && requestId !== null) {
+      const replay = this.replays.get(String(requestId));
+      if (replay !== undefined) {
+        replay.push(message);
+        return;
+      }
       const request = this.pending.get(String(requestId));
       if (request !== undefined) {
         request.settle(message);
@@ -835,13 +920,7 @@ export class SigmaxWebSocket {
       this.lastSeqSeen = seq;
       this.positionStream = this.serverStream;
     }
-    this.deliver({
-      type: type as EventType,
-      data: message.data,
-      timestamp: typeof message.timestamp === 'string' ? message.timestamp : new Date().toISOString(),
-      seq,
-      connection_id: typeof message.connection_id === 'string' ? message.connection_id : null,
-    } as SigmaxEvent);
+    this.deliver(toEvent(message));
   }
 
   private deliver(event: SigmaxEvent): void {
@@ -897,6 +976,17 @@ function decode(raw: unknown): ServerMessage | null {
   } catch {
     return null;
   }
+}
+
+function toEvent(message: ServerMessage): SigmaxEvent {
+  const { seq } = message;
+  return {
+    type: message.type as EventType,
+    data: message.data,
+    timestamp: typeof message.timestamp === 'string' ? message.timestamp : new Date().toISOString(),
+    seq: typeof seq === 'number' && Number.isInteger(seq) ? seq : null,
+    connection_id: typeof message.connection_id === 'string' ? message.connection_id : null,
+  } as SigmaxEvent;
 }
 
 function errorReply(type: string, reply: ServerMessage): SigmaxError {

@@ -38,6 +38,23 @@ export interface CommandData {
   [field: string]: unknown;
 }
 
+/**
+ * `data` of `replay`: archived events between two positions (a seq, or an RFC 3339 time),
+ * of some topics and symbols, paced at `speed` times their original spacing.
+ */
+export interface ReplayData {
+  /** after this seq, or at or after this time; default: the oldest */
+  since?: number | string | null;
+  /** up to this seq or time; default: the newest archived */
+  until?: number | string | null;
+  /** the events' own topics; none: all */
+  topics?: string[];
+  /** events carrying one of these */
+  symbols?: string[];
+  /** times the original pace; 0: as fast as read */
+  speed?: number;
+}
+
 /** Every server message. `seq` is on stream events; `request_id` on replies that had one. */
 export interface ServerEvent {
   type: string;
@@ -138,6 +155,13 @@ export interface CommandResultData {
   success: boolean;
   /** approve_proposal: {proposal, trade} (trade null while paused); reject_proposal, create_proposal: {proposal}; pause, resume: {status, changed}; analyze: the analysis_update data. get_status, get_portfolio and get_health answer with their event instead */
   result: DecisionResult | ProposalResult | EngineState | AnalysisData;
+}
+
+export interface ReplayCompleteData {
+  /** events replayed */
+  count: number;
+  /** the seq of the last one (null: none) */
+  last_seq: number | null;
 }
 
 export interface ErrorData {
@@ -297,6 +321,8 @@ export interface ServerEventDataMap {
   pong: Record<string, unknown>;
   /** Server heartbeat every WS_HEARTBEAT_INTERVAL seconds; answer with `pong` (or any message) */
   ping: Record<string, unknown>;
+  /** The end of a replay: how many events it sent */
+  replay_complete: ReplayCompleteData;
   /** A message could not be processed, or the server is about to close */
   error: ErrorData;
   /** Redis lost the event stream and the worker moved to a new one, to every connection: resume with its `stream_id` from now on */
@@ -340,6 +366,7 @@ export const SERVER_EVENT_TYPES = [
   "command_result",
   "pong",
   "ping",
+  "replay_complete",
   "error",
   "stream_reset",
   "analysis_update",
@@ -409,6 +436,8 @@ export interface ClientMessageDataMap {
   get_status: Record<string, unknown>;
   /** Answered by `subscriptions`. */
   get_subscriptions: Record<string, unknown>;
+  /** Stream archived events (since/until: a seq or an RFC 3339 time; topics; symbols) in seq order with their original seq and timestamps, each carrying this request's `request_id`, paced at `speed` times their original spacing (0: as fast as the client reads), then `replay_complete`. Apart from the live subscriptions; one at a time per connection (REPLAY_IN_PROGRESS); a slow reader slows it down. Errors: INVALID_POSITION, INVALID_TOPIC, INVALID_SYMBOL. */
+  replay: ReplayData;
 }
 
 export type ClientMessageType = keyof ClientMessageDataMap;

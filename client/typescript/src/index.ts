@@ -10,6 +10,7 @@ export type {
   EventDataMap,
   EventHandler,
   EventType,
+  ReplayOptions,
   ResyncRequiredData,
   SigmaxEvent,
   SigmaxOptions,

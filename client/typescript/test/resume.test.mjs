@@ -1,11 +1,12 @@
 // Reconnect and resume across a gateway that is killed and started again on the same port:
 // with Redis, history survives and the client gets every event once, in order; in memory, the
-// stream is a new one and the client says so (resync_required, recovered: false).
+// stream is a new one, numbered on after the archive, and the client resumes from the archive or,
+// when the archive lacks its events, says so (resync_required, recovered: false).
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import {
-  alerts, deleteRedisKeys, Gateway, loadClient, migratedDatabase, recordStates, REDIS_URL,
+  alerts, deleteRedisKeys, forgetArchived, Gateway, loadClient, migratedDatabase, recordStates, REDIS_URL,
   redisReachable, seqsOf, sleep, skipWithout, waitFor,
 } from './helpers/gateway.mjs';
 
@@ -137,7 +138,9 @@ test('Redis loses its data: the client follows the new stream and resumes in it'
   assert.equal(resumed[0][1].recovered, true, 'resumed in the new stream');
 });
 
-test('in memory, a restarted gateway is a new stream: resync_required, recovered false', async () => {
+/** A client with 3 alerts from an in-memory gateway that is then killed, and whose archive then
+ * holds them (or, `forget`, not). The gateway is started again on the same port. */
+async function killedAfterThreeAlerts({ forget }) {
   const gateway = await startGateway();
   const client = newClient();
   const states = recordStates(client);
@@ -149,11 +152,32 @@ test('in memory, a restarted gateway is a new stream: resync_required, recovered
   await gateway.publish(alerts(3));
   await waitFor(() => events.length === 3, { what: 'the first alerts' });
   assert.equal(client.lastSeq, 3);
-
-  await gateway.restart();
+  await waitFor(async () => (await (await fetch(`${gateway.httpUrl}/api/events?since=2`)).text()) !== '',
+                { what: 'the archive' });
+  await gateway.kill();
+  if (forget) forgetArchived(gateway.databaseUrl);
+  await gateway.run();
   await waitFor(() => client.state === 'connected' && client.reconnects === 1,
                 { timeoutMs: 15_000, what: 'the reconnect' });
   assert.notEqual(client.streamId, streamId);
+  return { gateway, client, states, events };
+}
+
+test('in memory, a restarted gateway numbers on after its archive: the client resumes', async () => {
+  const { gateway, client, states, events } = await killedAfterThreeAlerts({ forget: false });
+  const resumed = states.find(([state, detail]) => state === 'connected' && detail.resumed);
+  assert.deepEqual(resumed[1], { resumed: true, recovered: true, replayed: 0 });
+  const published = await gateway.publish(alerts(2, 3));
+  assert.deepEqual(seqsOf([published]), [4, 5]);
+  const alertSeqs = () => events.filter((event) => event.type === 'alert').map((event) => event.seq);
+  await waitFor(() => alertSeqs().length === 5, { what: 'the new alerts' });
+  assert.deepEqual(alertSeqs(), [1, 2, 3, 4, 5]);
+  assert.equal(events.filter((event) => event.type === 'resync_required').length, 0);
+  await client.disconnect();
+});
+
+test('in memory, a restarted gateway without the events in its archive: resync_required', async () => {
+  const { gateway, client, states, events } = await killedAfterThreeAlerts({ forget: true });
   const resumed = states.find(([state, detail]) => state === 'connected' && detail.resumed);
   assert.deepEqual(resumed[1], { resumed: true, recovered: false, replayed: 0 });
   const resync = events.find((event) => event.type === 'resync_required');

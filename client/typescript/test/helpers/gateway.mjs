@@ -87,6 +87,17 @@ export function migratedDatabase(name = 'gateway') {
   return databaseUrl;
 }
 
+/** Delete archived events of a SQLite database, as the archive's retention (or a killed gateway
+ * that had not written them yet) leaves it. */
+export function forgetArchived(databaseUrl) {
+  const script = 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); '
+    + 'c.execute("DELETE FROM events"); c.commit()';
+  execFileSync(gatewayPython(), ['-c', script, databaseUrl.slice('sqlite:///'.length)], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    timeout: 30_000,
+  });
+}
+
 export class Gateway {
   /** Start a gateway (SIMULATION off: the tests publish every event) and wait until it is ready. */
   static async start({ env = {}, port, databaseUrl } = {}) {
