@@ -75,6 +75,21 @@ async def test_every_event_is_archived_once_with_its_routing(database_url):
         assert rows[2]["stream_id"] == server.gateway.bus.stream_id != rows[0]["stream_id"]
 
 
+async def test_retention_drops_the_oldest_by_age_and_by_count(database_url):
+    async with running_gateway(
+        DATABASE_URL=database_url, EVENT_ARCHIVE_MAX_AGE=0.5, EVENT_ARCHIVE_MAX_EVENTS=4
+    ) as server:
+        archive = server.gateway.archive
+        await publish_alerts(server, 0, 3)
+        await archived_through(server, 3)
+        await asyncio.sleep(0.6)  # older than the age now
+        await publish_alerts(server, 3, 6)
+        await archived_through(server, 9)
+        await archive.prune()
+        # 1-3 by age; of 4-9, the newest 4 are kept.
+        assert [e.seq for e in await archive.read(EventFilter())] == [6, 7, 8, 9]
+
+
 async def subscribe_since(client, since: int, stream_id: str | None = None) -> dict[str, Any]:
     await client.greeting()
     data: dict[str, Any] = {"topics": ["alerts"], "since": since}

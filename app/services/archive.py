@@ -194,7 +194,6 @@ class Archive:
         self.writing = False  # this worker is the archivist
         self._pending: list[tuple[str, HistoryEntry]] = []
         self._through = 0  # the newest seq this archivist wrote or found written
-        self._wake = asyncio.Event()
         self.written = 0  # events written by this worker since start
         self.dropped = 0  # events dropped from a full queue (then taken from the hot history)
 
@@ -247,7 +246,7 @@ class Archive:
         pending, self._pending = self._pending, []
         try:
             first = pending[0][1][0] if pending else None
-            if first is not None and first > self._through + 1 and self._through > 0:
+            if first is not None and first > self._through + 1:
                 missed, _ = await history(self._through, first - 1)
                 current = stream_id()
                 pending[:0] = [(current, event.to_history()) for event in missed]
@@ -265,10 +264,10 @@ class Archive:
         self._through = rows[-1]["seq"]
         self.written += len(rows)
 
-    async def prune(self) -> int:
-        """Drop events older than `max_age` and beyond the newest `max_events`."""
+    async def prune(self) -> None:
+        """Drop events older than `max_age` and beyond the newest `max_events` (both by index:
+        no count of the table)."""
         async with self._db.connection() as connection:
-            before = await _count(connection)
             await connection.execute(
                 "DELETE FROM events WHERE created_at < :cutoff",
                 {"cutoff": time.time() - self.max_age},
@@ -279,10 +278,6 @@ class Archive:
                     "DELETE FROM events WHERE seq <= :bound",
                     {"bound": int(newest) - self.max_events},
                 )
-            pruned = before - await _count(connection)
-        if pruned:
-            log.info("event archive: pruned %d events", pruned)
-        return pruned
 
     # -- reading (any worker) -----------------------------------------------------------------
 
@@ -420,7 +415,3 @@ def _event(row: Any) -> Event:
             "",
         )
     )
-
-
-async def _count(connection: Any) -> int:
-    return int(await connection.fetch_val("SELECT COUNT(*) FROM events") or 0)
