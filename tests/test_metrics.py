@@ -41,6 +41,8 @@ EXPECTED = {
     "sigmax_leader": "gauge",
     "sigmax_worker_receiving": "gauge",
     "sigmax_engine_reachable": "gauge",
+    "sigmax_archive_written": "counter",
+    "sigmax_archive_behind_events": "gauge",
 }
 
 
@@ -128,6 +130,18 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
         )
         assert ingest == 1
         assert answered_by == set(workers)
+
+        # The archive wrote each event once for the deployment (one archivist of two workers).
+        archived = 0.0
+        for _ in range(100):  # bounded: 10 s for a flush and a metrics copy
+            _, families = await asyncio.to_thread(scrape, port)
+            archived = metric_value(
+                families, "sigmax_archive_written", "sigmax_archive_written_total"
+            )
+            if archived >= 40:
+                break
+            await asyncio.sleep(0.1)
+        assert archived == 40
 
         # /api/health and every log line name the worker.
         healthy_from = set()

@@ -233,6 +233,10 @@ class Archive:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, ARCHIVE_RETRY_DELAYS[1])
 
+    def behind(self, head: int) -> int:
+        """Events up to `head` (the bus's) that this archivist has not written yet."""
+        return max(0, head - self._through) if self.writing else 0
+
     async def elected(self) -> None:
         """This worker is now the archivist: it writes on from the archive's newest seq."""
         self._through = await self.head()

@@ -105,6 +105,19 @@ PROPOSALS = Counter(
     "Proposal events published, by what happened: created, approved, rejected, expired.",
     ["event"],
 )
+ARCHIVE_WRITTEN = Counter(
+    "sigmax_archive_written", "Events written to the event archive (by the archivist)."
+)
+ARCHIVE_DROPPED = Counter(
+    "sigmax_archive_dropped",
+    "Events dropped from the archivist's full queue while the database was away (taken back "
+    "from the hot history when it still has them).",
+)
+ARCHIVE_BEHIND = Gauge(
+    "sigmax_archive_behind_events",
+    "Events the archivist has delivered but not yet written to the archive (0 on other workers).",
+    multiprocess_mode="livemax",
+)
 STREAM_LAG = Gauge(
     "sigmax_redis_stream_lag_events",
     "Events between the Redis stream's head and what the most lagging worker delivered.",
@@ -225,6 +238,10 @@ class MetricsSync:
         for key, count in manager.index.counts().items():
             if key in TOPICS:  # symbols are the clients' choice: no label for each
                 TOPIC_SUBSCRIBERS.labels(key).set(count)
+        archive = self.gateway.archive
+        self._increase(ARCHIVE_WRITTEN, "archive_written", archive.written)
+        self._increase(ARCHIVE_DROPPED, "archive_dropped", archive.dropped)
+        ARCHIVE_BEHIND.set(archive.behind(self.gateway.bus.head))
         health = self.gateway.health()
         LEADER.set(1 if health["leader"] else 0)
         ENGINE_REACHABLE.set(0 if health["engine_reachable"] is False else 1)
