@@ -5,6 +5,7 @@ no duplicate at either seam, and the NDJSON export."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -378,3 +379,92 @@ async def test_a_slow_reader_slows_its_replay_instead_of_being_closed(gateway_fa
             assert not conn.closing and deepest <= 10 and conn.sent < 3000
             seqs = [m["seq"] for m in await replayed(client, "all") if m["type"] == "alert"]
             assert seqs == list(range(1, 4001))
+
+
+async def test_two_workers_on_redis_archive_once_and_resume_across_the_seams(
+    redis_prefix, tmp_path
+):
+    url, prefix = redis_prefix
+    sqlite_url = f"sqlite:///{tmp_path}/gateway.db"
+    await migrate(sqlite_url)
+    settings = dict(
+        REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, LEADER_TTL=1.0, **SMALL_HISTORY
+    )
+    async with running_gateway(**settings) as a, running_gateway(**settings) as b:
+        async with asyncio.timeout(10):  # one of them holds the archivist lease
+            while not (a.gateway.archive.writing or b.gateway.archive.writing):
+                await asyncio.sleep(0.05)
+        archivist, other = (a, b) if a.gateway.archive.writing else (b, a)
+        assert not other.gateway.archive.writing
+        await publish_alerts(archivist, 0, 200, batch=10)
+        await archived_through(other, 200)
+        stop = asyncio.Event()
+
+        async def publish_meanwhile() -> None:  # bounded: until the resumes are done, 30 s at most
+            deadline = time.monotonic() + 30
+            n = 200
+            while not stop.is_set() and time.monotonic() < deadline:
+                await publish_alerts(other, n, 10, batch=10)
+                n += 10
+                await asyncio.sleep(0.05)  # 200 events/s
+
+        publisher = asyncio.create_task(publish_meanwhile())
+        try:
+            for since, server in ((20, other), (150, archivist)):
+                async with server.client(close_timeout=0.2) as client:
+                    reply = await subscribe_since(client, since)
+                    assert reply["recovered"] is True
+                    seqs = await receive_seqs(client, reply["replayed"] + 20)
+                    assert seqs == list(range(since + 1, since + 1 + len(seqs)))
+        finally:
+            stop.set()
+            await publisher
+        head = archivist.gateway.bus.head
+        await archived_through(other, head)
+        async with other.gateway.db.connection() as connection:
+            rows = await connection.fetch_all("SELECT seq FROM events ORDER BY seq")
+        assert [row["seq"] for row in rows] == list(range(1, head + 1))  # each once, no gap
+        assert other.gateway.archive.written == 0  # only the archivist wrote
+
+
+async def test_the_archive_has_no_gap_when_the_archivist_goes_away(redis_prefix, tmp_path):
+    url, prefix = redis_prefix
+    sqlite_url = f"sqlite:///{tmp_path}/gateway.db"
+    await migrate(sqlite_url)
+    settings = dict(REDIS_URL=url, REDIS_PREFIX=prefix, DATABASE_URL=sqlite_url, LEADER_TTL=1.0)
+    first_stack = contextlib.AsyncExitStack()
+    first = await first_stack.enter_async_context(running_gateway(**settings))
+    try:
+        async with asyncio.timeout(10):
+            while not first.gateway.archive.writing:
+                await asyncio.sleep(0.05)
+        async with running_gateway(**settings) as second:
+            assert not second.gateway.archive.writing
+            n = 0
+
+            async def publish_some() -> None:
+                nonlocal n
+                await publish_alerts(second, n, 10, batch=10)
+                n += 10
+                await asyncio.sleep(0.02)  # about 400 events/s
+
+            for _ in range(20):
+                await publish_some()
+            # The archivist stops while the stream flows; the second takes the lease over and
+            # takes what it did not see itself from the hot history.
+            stopping = asyncio.create_task(first_stack.aclose())
+            deadline = time.monotonic() + 15  # bounded: the lease runs out within LEADER_TTL
+            while not second.gateway.archive.writing and time.monotonic() < deadline:
+                await publish_some()
+            assert second.gateway.archive.writing
+            await stopping
+            for _ in range(5):
+                await publish_some()
+            head = second.gateway.bus.head
+            await archived_through(second, head)
+            async with second.gateway.db.connection() as connection:
+                rows = await connection.fetch_all("SELECT seq FROM events ORDER BY seq")
+            assert [row["seq"] for row in rows] == list(range(1, head + 1))
+            assert second.gateway.archive.written > 0
+    finally:
+        await first_stack.aclose()
