@@ -101,34 +101,40 @@ async def subscribe_since(client, since: int, stream_id: str | None = None) -> d
     return reply["data"]
 
 
+async def resume_while_publishing(publisher, resumes) -> None:
+    """Each (since, server) of `resumes` in turn, while `publisher` publishes 200 alerts/s after
+    the first 200: each resume is recovered and its seqs run on from `since`, archive, hot
+    history and live alike, each once."""
+    stop = asyncio.Event()
+
+    async def publish_meanwhile() -> None:  # bounded: until the resumes are done, 30 s at most
+        deadline = time.monotonic() + 30
+        n = 200
+        while not stop.is_set() and time.monotonic() < deadline:
+            await publish_alerts(publisher, n, 10, batch=10)
+            n += 10
+            await asyncio.sleep(0.05)
+
+    publishing = asyncio.create_task(publish_meanwhile())
+    try:
+        for since, server in resumes:
+            # (close_timeout: a client that stopped reading a flowing stream closes at once)
+            async with server.client(close_timeout=0.2) as client:
+                reply = await subscribe_since(client, since)
+                assert reply["recovered"] is True
+                seqs = await receive_seqs(client, reply["replayed"] + 20)
+                assert seqs == list(range(since + 1, since + 1 + len(seqs)))
+                assert reply["replayed"] > 200 - since
+    finally:
+        stop.set()
+        await publishing
+
+
 async def test_resume_runs_from_the_archive_through_the_hot_history_into_live(gateway_factory):
     async with gateway_factory(**SMALL_HISTORY) as server:
         await publish_alerts(server, 0, 200, batch=10)
         await archived_through(server, 200)
-        stop = asyncio.Event()
-
-        async def publish_meanwhile() -> None:  # bounded: until the resumes are done, 30 s at most
-            deadline = time.monotonic() + 30
-            n = 200
-            while not stop.is_set() and time.monotonic() < deadline:
-                await publish_alerts(server, n, 10, batch=10)
-                n += 10
-                await asyncio.sleep(0.05)  # 200 events/s
-
-        publisher = asyncio.create_task(publish_meanwhile())
-        try:
-            for since in (10, 60, 120, 190):
-                # (close_timeout: a client that stopped reading a flowing stream closes at once)
-                async with server.client(close_timeout=0.2) as client:
-                    reply = await subscribe_since(client, since)
-                    assert reply["recovered"] is True
-                    # The archive's events, then the hot history's, then live ones: each once.
-                    seqs = await receive_seqs(client, reply["replayed"] + 20)
-                    assert seqs == list(range(since + 1, since + 1 + len(seqs)))
-                    assert reply["replayed"] > 200 - since
-        finally:
-            stop.set()
-            await publisher
+        await resume_while_publishing(server, [(since, server) for since in (10, 60, 120, 190)])
 
 
 async def test_resume_across_a_restart_of_the_gateway(tmp_path):
@@ -398,27 +404,7 @@ async def test_two_workers_on_redis_archive_once_and_resume_across_the_seams(
         assert not other.gateway.archive.writing
         await publish_alerts(archivist, 0, 200, batch=10)
         await archived_through(other, 200)
-        stop = asyncio.Event()
-
-        async def publish_meanwhile() -> None:  # bounded: until the resumes are done, 30 s at most
-            deadline = time.monotonic() + 30
-            n = 200
-            while not stop.is_set() and time.monotonic() < deadline:
-                await publish_alerts(other, n, 10, batch=10)
-                n += 10
-                await asyncio.sleep(0.05)  # 200 events/s
-
-        publisher = asyncio.create_task(publish_meanwhile())
-        try:
-            for since, server in ((20, other), (150, archivist)):
-                async with server.client(close_timeout=0.2) as client:
-                    reply = await subscribe_since(client, since)
-                    assert reply["recovered"] is True
-                    seqs = await receive_seqs(client, reply["replayed"] + 20)
-                    assert seqs == list(range(since + 1, since + 1 + len(seqs)))
-        finally:
-            stop.set()
-            await publisher
+        await resume_while_publishing(other, [(20, other), (150, archivist)])
         head = archivist.gateway.bus.head
         await archived_through(other, head)
         async with other.gateway.db.connection() as connection:
