@@ -124,7 +124,7 @@ async def resume_while_publishing(publisher, resumes) -> None:
                 assert reply["recovered"] is True
                 seqs = await receive_seqs(client, reply["replayed"] + 20)
                 assert seqs == list(range(since + 1, since + 1 + len(seqs)))
-                assert reply["replayed"] > 200 - since
+                assert reply["replayed"] >= 200 - since  # the archive's part at least
     finally:
         stop.set()
         await publishing
