@@ -18,6 +18,7 @@ whole life, across restarts of the gateway and of Redis.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -27,11 +28,11 @@ from datetime import datetime
 from typing import Any
 
 from app.errors import GatewayError, quoted
+from app.services.bus import EventBus
 from app.services.events import (
     PUBLISHABLE_TOPICS,
     ErrorCode,
     Event,
-    HistoryEntry,
     dumps,
     normalize_symbol,
     utc_timestamp,
@@ -187,33 +188,37 @@ def ndjson_line(row: Any) -> bytes:
 
 
 class Archive:
-    def __init__(self, db: Any, *, max_age: float, max_events: int) -> None:
+    """The archive of `bus`'s stream in `db`."""
+
+    def __init__(self, db: Any, bus: EventBus, *, max_age: float, max_events: int) -> None:
         self._db = db
+        self._bus = bus
         self.max_age = max_age
         self.max_events = max_events
         self.writing = False  # this worker is the archivist
-        self._pending: list[tuple[str, HistoryEntry]] = []
+        # Each event with the stream it came in (read when it arrives, not when written).
+        self._pending: list[tuple[str, Event]] = []
         self._through = 0  # the newest seq this archivist wrote or found written
         self.written = 0  # events written by this worker since start
         self.dropped = 0  # events dropped from a full queue (then taken from the hot history)
 
     # -- writing (the archivist) --------------------------------------------------------------
 
-    def observe(self, events: list[Event], stream_id: str) -> None:
+    def observe(self, events: list[Event]) -> None:
         """The bus listener: keep each event for the next batch (nothing else on the fan-out
         path)."""
         if not self.writing:
             return
-        self._pending.extend((stream_id, event.to_history()) for event in events)
+        stream_id = self._bus.stream_id
+        self._pending.extend((stream_id, event) for event in events)
         overflow = len(self._pending) - ARCHIVE_QUEUE_LIMIT
         if overflow > 0:
             del self._pending[:overflow]
             self.dropped += overflow
 
-    async def run(self, history: History, stream_id: Callable[[], str]) -> None:
+    async def run(self) -> None:
         """Archive while this worker is the archivist (call `elected` first): write batches,
-        prune by age and count, retry a failed write with backoff. `history(since, until)` is
-        the bus's hot history, read for what this worker did not see itself."""
+        prune by age and count, retry a failed write with backoff."""
         delay = ARCHIVE_RETRY_DELAYS[0]
         next_prune = time.monotonic()
         while True:
@@ -221,7 +226,7 @@ class Archive:
             if not self.writing:
                 continue
             try:
-                await self.flush(history, stream_id)
+                await self.flush()
                 if time.monotonic() >= next_prune:
                     await self.prune()
                     next_prune = time.monotonic() + ARCHIVE_PRUNE_INTERVAL
@@ -244,17 +249,22 @@ class Archive:
         self.writing = True
         log.info("this worker is the archivist: it archives events after seq %d", self._through)
 
-    async def flush(self, history: History, stream_id: Callable[[], str]) -> None:
+    async def deposed(self) -> None:
+        """Another worker holds the lease now; what this one holds is written when it stops."""
+        self.writing = False
+
+    async def flush(self) -> None:
         """Write what is pending, after what the hot history has between the last seq written
-        and the first pending one. A failed write leaves it all pending."""
+        and the first pending one (what this worker did not see itself). A failed write leaves
+        it all pending."""
         pending, self._pending = self._pending, []
         try:
-            first = pending[0][1][0] if pending else None
+            first = pending[0][1].seq if pending else None
             if first is not None and first > self._through + 1:
-                missed, _ = await history(self._through, first - 1)
-                current = stream_id()
-                pending[:0] = [(current, event.to_history()) for event in missed]
-            rows = [_row(stream, entry) for stream, entry in pending if entry[0] > self._through]
+                missed, _ = await self._bus.history(self._through, first - 1)
+                current = self._bus.stream_id
+                pending[:0] = [(current, event) for event in missed]
+            rows = [_row(stream, event) for stream, event in pending if event.seq > self._through]
             if not rows:
                 return
             async with self._db.connection() as connection:
@@ -324,7 +334,7 @@ class Archive:
         left = limit
         while left is None or left > 0:
             page = READ_PAGE if left is None else min(READ_PAGE, left)
-            where, values = EventFilter(**{**wanted.__dict__, "since": since}).where()
+            where, values = dataclasses.replace(wanted, since=since).where()
             read = asyncio.ensure_future(self._fetch(where, values, page))
             try:
                 rows = await asyncio.shield(read)
@@ -391,17 +401,16 @@ async def resume_history(
         await asyncio.sleep(ARCHIVE_FLUSH_INTERVAL)
 
 
-def _row(stream_id: str, entry: HistoryEntry) -> dict[str, Any]:
-    seq, created, type_, topic, symbol, symbols, data_json, _ = entry
+def _row(stream_id: str, event: Event) -> dict[str, Any]:
     return {
-        "seq": seq,
+        "seq": event.seq,
         "stream_id": stream_id,
-        "type": type_,
-        "topic": topic,
-        "symbol": symbol,
-        "symbols": " ".join(symbols),
-        "created_at": created,
-        "data": data_json,
+        "type": event.type,
+        "topic": event.topic,
+        "symbol": event.symbol,
+        "symbols": " ".join(event.symbols),
+        "created_at": event.created,
+        "data": event.data_json,
     }
 
 

@@ -112,10 +112,13 @@ class Gateway:
         self.bus.add_listener(self.manager.fan_out)
         self.bus.add_listener(self._follow_prices)
         self.archive = Archive(
-            db, max_age=config.EVENT_ARCHIVE_MAX_AGE, max_events=config.EVENT_ARCHIVE_MAX_EVENTS
+            db,
+            self.bus,
+            max_age=config.EVENT_ARCHIVE_MAX_AGE,
+            max_events=config.EVENT_ARCHIVE_MAX_EVENTS,
         )
         self.manager.archive = self.archive
-        self.bus.add_listener(self._archive)
+        self.bus.add_listener(self.archive.observe)
         # With Redis, one worker of the deployment archives: the holder of this lease.
         self.archivist_lease = (
             LeaderLease(config.REDIS_URL, f"{config.REDIS_PREFIX}:archivist", config.LEADER_TTL)
@@ -145,12 +148,12 @@ class Gateway:
             asyncio.create_task(self.manager.run_heartbeat()),
             asyncio.create_task(self.loop_lag.run()),
             asyncio.create_task(self.garbage.run()),
-            asyncio.create_task(self.archive.run(self.bus.history, lambda: self.bus.stream_id)),
+            asyncio.create_task(self.archive.run()),
         ]
         if self.archivist_lease is not None:
             self._tasks.append(
                 asyncio.create_task(
-                    self.archivist_lease.run(self.archive.elected, self._archivist_deposed)
+                    self.archivist_lease.run(self.archive.elected, self.archive.deposed)
                 )
             )
         else:
@@ -215,18 +218,12 @@ class Gateway:
         await _cancel(self._producers)
         self._producers = []
 
-    def _archive(self, events: list[Event]) -> None:
-        self.archive.observe(events, self.bus.stream_id)
-
-    async def _archivist_deposed(self) -> None:
-        self.archive.writing = False  # what it holds is written when the worker stops
-
     async def _archive_pending(self) -> None:
         """A stopping worker writes what it had not archived yet (bounded: the database may be
         what is failing)."""
         try:
             async with asyncio.timeout(PRODUCER_STOP_TIMEOUT):
-                await self.archive.flush(self.bus.history, lambda: self.bus.stream_id)
+                await self.archive.flush()
         except Exception:
             log.exception("event archive: the last events were not written")
 
