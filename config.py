@@ -33,7 +33,15 @@ class Config:
     WORKER_CLASS: str = "asyncio"
 
     # Redis URL for the shared event stream across workers and hosts; empty = in-memory bus.
+    # With REDIS_CLUSTER, any node of the cluster; with REDIS_SENTINELS, only its password and
+    # database number are used (the master's address comes from the sentinels).
     REDIS_URL: str = ""
+    # Redis under Sentinel: host:port of each sentinel, and the name of the master they monitor.
+    # Every worker follows a promoted master without a restart.
+    REDIS_SENTINELS: tuple[str, ...] = ()
+    REDIS_SENTINEL_MASTER: str = "mymaster"
+    # REDIS_URL names a node of a Redis Cluster: the deployment's keys share one hash slot.
+    REDIS_CLUSTER: bool = False
     # Names of the Redis keys (stream, counter, leader lease): one prefix per deployment.
     REDIS_PREFIX: str = "sigmax"
     # Seconds after which a dead leader's lease runs out and another worker takes over.
@@ -128,6 +136,9 @@ class Config:
     # effect within this time, and WebSockets no longer admitted (keyless once the gateway is
     # keyed, or with a revoked key) are closed.
     API_KEY_REFRESH_INTERVAL: float = positive(5.0)
+    # Seconds the stored keys as last read stay in force while the database is unreachable;
+    # past it a stored key is refused until the database answers (API_KEYS are not affected).
+    API_KEY_CACHE_MAX_AGE: float = positive(3600.0)
 
     CORS_ORIGINS: tuple[str, ...] = ("http://localhost:3000", "http://localhost:5173")
 
@@ -158,14 +169,18 @@ class Config:
                 raise ValueError(f"{f.name}={raw!r}: {error}") from None
         return cls(**values)
 
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.REDIS_URL or self.REDIS_SENTINELS)
+
     def hypercorn_settings(self) -> dict[str, Any]:
         """The Hypercorn settings that follow from this configuration."""
-        if self.WORKERS > 1 and not self.REDIS_URL:
+        if self.WORKERS > 1 and not self.uses_redis:
             # Each worker would have its own in-memory stream: clients on different workers
             # would see different events and different seq numbers.
             raise SystemExit(
-                f"WORKERS={self.WORKERS} needs REDIS_URL: without Redis every "
-                "worker is an island. Set REDIS_URL or run one worker."
+                f"WORKERS={self.WORKERS} needs REDIS_URL or REDIS_SENTINELS: without Redis "
+                "every worker is an island. Set one, or run one worker."
             )
         return {
             "bind": [f"{self.HOST}:{self.PORT}"],
@@ -193,5 +208,13 @@ class Config:
             raise ValueError(
                 f"MARKET_FEED must be simulated or ccxt:<exchange id>, got {self.MARKET_FEED!r}"
             )
+        if self.REDIS_CLUSTER and (self.REDIS_SENTINELS or not self.REDIS_URL):
+            raise ValueError(
+                "REDIS_CLUSTER needs REDIS_URL (any node of the cluster) and no REDIS_SENTINELS"
+            )
+        for sentinel in self.REDIS_SENTINELS:
+            host, _, port = sentinel.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"REDIS_SENTINELS entries are host:port, got {sentinel!r}")
         if self.GC_INTERVAL < 0:
             raise ValueError(f"GC_INTERVAL must be 0 or positive, got {self.GC_INTERVAL!r}")

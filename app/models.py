@@ -259,8 +259,16 @@ class IngestResult(BaseModel):
     )
 
 
+class Liveness(BaseModel):
+    """The worker's event loop serves: never failed for a dependency."""
+
+    status: Literal["ok"]
+    worker: str = Field(description="the worker that answered: host and process id")
+    uptime_seconds: float
+
+
 class Health(BaseModel):
-    """Liveness (the worker answers) and readiness (status ok: its event stream works)."""
+    """Readiness: status ok while the worker's event stream works and its database answers."""
 
     status: Literal["ok", "degraded"]
     version: str
@@ -272,7 +280,10 @@ class Health(BaseModel):
     bus_backend: str
     last_seq: int
     leader: bool = Field(description="this worker runs the simulated producers")
-    redis_connected: bool | None = Field(default=None, description="with REDIS_URL only")
+    redis_mode: str | None = Field(
+        default=None, description="with Redis only: standalone, sentinel or cluster"
+    )
+    redis_connected: bool | None = Field(default=None, description="with Redis only")
     stream_lag: int | None = Field(default=None, description="events behind the stream head")
     receiving: bool | None = Field(
         default=None, description="false: behind the stream head for too long (deaf worker)"
@@ -281,6 +292,17 @@ class Health(BaseModel):
         default=None,
         description="the remote engine (ENGINE_URL) answers; null with the paper engine. "
         "Not part of `status`: the stream is served while the engine is away",
+    )
+    database_backend: str = Field(description="sqlite or postgresql")
+    database_available: bool | None = Field(
+        default=None,
+        description="the database answered when last used (null: not used yet); false: "
+        "requests that need it answer 503 DATABASE_UNAVAILABLE",
+    )
+    api_keys_age_seconds: float | None = Field(
+        default=None,
+        description="seconds since the stored API keys were last read: they stay in force "
+        "while the database is away, for API_KEY_CACHE_MAX_AGE at most",
     )
     reason: str | None = None
 

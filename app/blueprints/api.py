@@ -5,6 +5,8 @@ each error an operation can answer with (RestOpenAPIProvider)."""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel
@@ -42,6 +44,7 @@ from app.models import (
     Health,
     IngestHeaders,
     IngestResult,
+    Liveness,
     MarketSnapshot,
     NewProposal,
     PageQuery,
@@ -85,9 +88,25 @@ def _register_converters(state: Any) -> None:
 @validate_response(Health, 200)
 @validate_response(Health, 503)
 async def get_health() -> tuple[Health, int]:
-    """Liveness and readiness of this worker: 503 while its event stream does not work."""
+    """Readiness of this worker: 503 while its event stream does not work or its database
+    does not answer. A load balancer sends new clients elsewhere meanwhile; a liveness probe
+    asks `/api/health/live` instead."""
     health = Health(**_gateway().health())
     return health, 200 if health.status == "ok" else 503
+
+
+@api_bp.get("/api/health/live")
+@tag(["system"])
+@validate_response(Liveness, 200)
+async def get_liveness() -> Liveness:
+    """Liveness of this worker: 200 whenever its event loop answers, whatever its
+    dependencies do (restarting it would not bring them back; it would cut its clients)."""
+    gateway = _gateway()
+    return Liveness(
+        status="ok",
+        worker=worker_id(),
+        uptime_seconds=round(time.time() - gateway.started, 3),
+    )
 
 
 @api_bp.get("/api/ws/stats")
@@ -116,7 +135,7 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
         ingest_event(position, item.type, item.topic, item.symbol, item.data)
         for position, item in enumerate(data.events)
     ]
-    published = await _gateway().bus.publish(events, headers.idempotency_key)
+    published = await _gateway().publisher.publish(events, headers.idempotency_key)
     return IngestResult(
         accepted=published.accepted,
         first_seq=published.first_seq,
@@ -130,6 +149,7 @@ async def post_events(data: EventBatch, headers: IngestHeaders) -> tuple[IngestR
 @requires("read")
 @validate_querystring(EventQuery)
 @ndjson(ArchivedEvent)
+@errors(503)
 async def get_events(query_args: EventQuery) -> Response:
     """Export archived stream events as NDJSON, oldest first, streamed page by page (memory stays
     bounded however many there are). Page on with `since` set to the last line's seq."""
@@ -139,8 +159,16 @@ async def get_events(query_args: EventQuery) -> Response:
         _listed(query_args.topic),
         _listed(query_args.symbol),
     )
-    body = _gateway().archive.export(wanted, query_args.limit)
-    return Response(body, content_type=NDJSON)  # type: ignore[arg-type]
+    pages = _gateway().archive.export(wanted, query_args.limit)
+    # The first page is read before the 200 is sent: a database outage is still a 503.
+    first = await anext(pages, b"")
+    return Response(_after(first, pages), content_type=NDJSON)  # type: ignore[arg-type]
+
+
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for page in rest:
+        yield page
 
 
 def _listed(value: str | None) -> list[str]:
@@ -193,6 +221,7 @@ async def get_portfolio() -> dict[str, Any]:
 @requires("read")
 @validate_querystring(ProposalQuery)
 @validate_response(ProposalPage)
+@errors(503)
 async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
     """Proposals, newest first, filtered by status and symbol, paged."""
     symbol = commands.parse_symbol(query_args.symbol) if query_args.symbol is not None else None
@@ -211,7 +240,7 @@ async def get_proposals(query_args: ProposalQuery) -> ProposalPage:
 @tag(["proposals"])
 @requires("read")
 @validate_response(ProposalOut, 200)
-@errors(404)
+@errors(404, 503)
 async def get_proposal(proposal_id: str) -> ProposalOut:
     """One proposal."""
     return ProposalOut(**await _gateway().engine.proposal(proposal_id))
@@ -222,6 +251,7 @@ async def get_proposal(proposal_id: str) -> ProposalOut:
 @requires("read")
 @validate_querystring(PageQuery)
 @validate_response(TradePage)
+@errors(503)
 async def get_trades(query_args: PageQuery) -> TradePage:
     """Executed trades, newest first, paged."""
     trades, total = await _gateway().engine.trades(limit=query_args.limit, offset=query_args.offset)

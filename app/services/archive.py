@@ -29,6 +29,7 @@ from typing import Any
 
 from app.errors import GatewayError, quoted
 from app.services.bus import EventBus
+from app.services.database import DatabaseUnavailable
 from app.services.events import (
     PUBLISHABLE_TOPICS,
     ErrorCode,
@@ -379,6 +380,22 @@ async def resume_history(
         events, recovered = await history(since, until)
         if recovered or archive is None:
             return events, recovered
+    try:
+        return await _resume_from_archive(archive, history, since, until, stream_id, same_stream)
+    except DatabaseUnavailable:
+        # The archive is out of reach: the client is told it was not recovered (as when the
+        # archive lacks the events) rather than refused; it reloads state and goes on live.
+        return ([], False) if not same_stream else await history(since, until)
+
+
+async def _resume_from_archive(
+    archive: Archive | None,
+    history: History,
+    since: int,
+    until: int,
+    stream_id: str | None,
+    same_stream: bool,
+) -> tuple[list[Event], bool]:
     if archive is None or not await archive.holds(since, stream_id):
         return ([], False) if not same_stream else await history(since, until)
     if since >= until:  # nothing after the client's last event yet, or it comes live

@@ -43,12 +43,14 @@ class Published:
 
 @dataclass(frozen=True)
 class StreamReset:
-    """The stream this worker delivered was replaced (Redis lost its data): the new stream's
-    id, the seq it continues after, and whether this worker's clients missed nothing."""
+    """The stream this worker delivered was replaced (Redis lost its data), or goes on after a
+    gap (a failover lost its newest events): the stream's id, the seq it continues after,
+    whether this worker's clients missed nothing, and why."""
 
     stream_id: str
     last_seq: int
     recovered: bool
+    reason: str = ""
 
 
 class IdempotencyConflict(GatewayError):
@@ -76,6 +78,9 @@ class EventBus(Protocol):
     # Names this stream: a `since` from another stream (a restarted in-memory gateway, a Redis
     # emptied by a restart) means nothing here.
     stream_id: str
+    # Since when (epoch seconds; 0: ever) the bus remembers every idempotency key it was given:
+    # a bus that started, or a Redis that lost data, since then has forgotten earlier ones.
+    keys_remembered_since: float
 
     @property
     def head(self) -> int:
@@ -112,6 +117,7 @@ class MemoryBus:
 
     def __init__(self, history_size: int, history_max_age: float) -> None:
         self.stream_id = uuid.uuid4().hex
+        self.keys_remembered_since = time.time()
         self._history: deque[HistoryEntry] = deque(maxlen=history_size)
         self._history_max_age = history_max_age
         self._seq = 0

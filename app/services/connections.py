@@ -698,15 +698,17 @@ class ConnectionManager:
             conn.send_direct(envelope(type_, data, conn.id))
 
     def stream_reset(self, reset: StreamReset) -> None:
-        """Redis lost the stream and this worker moved to a new one: every client learns its
-        id (to resume from it) and, unless nothing was missed, to reload its state."""
+        """Redis lost the stream and this worker moved to a new one, or a failover lost events:
+        every client learns the stream's id (to resume from it) and, unless nothing was
+        missed, to reload its state."""
         self.notify_all(
             "stream_reset",
             {
                 "stream_id": reset.stream_id,
                 "last_seq": reset.last_seq,
                 "recovered": reset.recovered,
-                "reason": "the event stream was re-established after Redis lost its data; "
+                "reason": reset.reason
+                or "the event stream was re-established after Redis lost its data; "
                 + (
                     "no event was missed"
                     if reset.recovered

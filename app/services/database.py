@@ -3,17 +3,30 @@
 Migrations are their own step (`python -m app migrate`), run before any worker starts: several
 workers migrating one SQLite file at once would lock each other out. A worker refuses to start on a
 database that is not at the latest migration.
+
+A served worker reaches the database through `Database`, which tells an outage from any other
+error: while the server is unreachable every use raises `DatabaseUnavailable` (503, with
+Retry-After) instead of the driver's error, the outage is logged once when it begins and once
+when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from quart import Quart
 from quart_db import QuartDB
+
+from app.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 STATE_TABLE = "schema_migration"
@@ -27,11 +40,110 @@ def latest_migration() -> int:
     return max(int(path.stem) for path in MIGRATIONS.glob("[0-9]*.py"))
 
 
-def attach_database(app: Quart, url: str) -> QuartDB:
+# How long taking a connection may wait: a server that does not answer is an outage, not a
+# request that waits for the driver's own minute.
+ACQUIRE_TIMEOUT = 5.0
+# Told to clients as Retry-After while the database is unreachable.
+RETRY_AFTER = 5.0
+# Connection-level failures: the server is down, restarting, or the connection broke. Any other
+# error (a constraint, a bad query) is the caller's and passes through as it is.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+class DatabaseUnavailable(GatewayError):
+    def __init__(self, details: str) -> None:
+        super().__init__(
+            "DATABASE_UNAVAILABLE",
+            "Database unavailable",
+            details,
+            retry_after=RETRY_AFTER,
+        )
+
+
+def is_outage(error: BaseException) -> bool:
+    if isinstance(error, DatabaseUnavailable | _OUTAGES):
+        return True
+    # asyncpg's InterfaceError also says "connection is closed" or "pool is closing"; its
+    # DataError and ClientConfigurationError are the caller's.
+    return isinstance(error, asyncpg.InterfaceError) and not isinstance(error, ValueError)
+
+
+class Database:
+    """The served app's database (QuartDB's `connection()`, the one call the services make),
+    with outages told apart and followed."""
+
+    def __init__(self, db: QuartDB, backend: str) -> None:
+        self._db = db
+        self.backend = backend
+        self.available: bool | None = None  # unknown until first used
+        self.down_since: float | None = None  # time.time() when the outage began
+        self.last_error = ""
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        try:
+            async with asyncio.timeout(ACQUIRE_TIMEOUT):
+                connection = await self._db.acquire()
+        except Exception as error:
+            if is_outage(error):
+                raise self._unavailable(error) from error
+            raise
+        try:
+            yield connection
+        except Exception as error:
+            if is_outage(error):
+                raise self._unavailable(error) from error
+            raise
+        finally:
+            try:
+                await self._db.release(connection)
+            except Exception as error:
+                if not is_outage(error):
+                    raise
+        self._reachable()
+
+    async def probe(self) -> bool:
+        """Whether the database answers now (readiness, and how an outage's end is seen)."""
+        try:
+            async with self.connection() as connection:
+                await connection.fetch_val("SELECT 1")
+        except DatabaseUnavailable:
+            return False
+        return True
+
+    def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
+        if isinstance(error, DatabaseUnavailable):
+            return error
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        if self.available is not False:
+            self.available, self.down_since, self.last_error = False, time.time(), reason
+            log.warning(
+                "the database is unreachable (%s): requests that need it answer 503 "
+                "DATABASE_UNAVAILABLE until it is back; WebSockets, ingest and remote-engine "
+                "actions go on",
+                reason,
+            )
+        return DatabaseUnavailable(f"The database is unreachable ({reason}); retry later")
+
+    def _reachable(self) -> None:
+        if self.available:
+            return
+        if self.available is False and self.down_since is not None:
+            log.info("the database is reachable again after %.1f s", time.time() - self.down_since)
+        self.available, self.down_since, self.last_error = True, None, ""
+
+
+def attach_database(app: Quart, url: str) -> Database:
     """Connect the app to the database; migrations are not run here."""
     db = QuartDB(app, url=url, migrations_folder=None, auto_request_connection=False)
     app.before_serving(_check_migrated(db))
-    return db
+    return Database(db, "postgresql" if url.startswith("postgres") else "sqlite")
 
 
 def _check_migrated(db: QuartDB):  # type: ignore[no-untyped-def]

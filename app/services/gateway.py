@@ -13,12 +13,14 @@ import signal
 import time
 from typing import Any
 
+from app.errors import GatewayError
 from app.logs import worker_id
 from app.services.archive import Archive
 from app.services.auth import ApiKeys
 from app.services.bus import EventBus, MemoryBus
 from app.services.commands import ACTIONS, COMMANDS
 from app.services.connections import ConnectionManager
+from app.services.database import Database
 from app.services.engine import RiskRules, TradingEngine
 from app.services.engines import Engine, PaperEngine
 from app.services.events import (
@@ -32,12 +34,14 @@ from app.services.health import (
     LoopLagMonitor,
     process_rss,
 )
+from app.services.idempotency import IdempotentPublisher
 from app.services.leader import LeaderLease
 from app.services.market import prices_in
 from app.services.market_feed import open_market
 from app.services.metrics import MetricsSync
 from app.services.read_model import ReadModel
 from app.services.redis_bus import RedisBus
+from app.services.redis_client import RedisTarget
 from app.services.remote_engine import RemoteEngine
 from app.services.simulation import Simulation
 from config import Config
@@ -48,15 +52,16 @@ PRODUCER_STOP_TIMEOUT = 5.0
 
 
 class Gateway:
-    def __init__(self, config: Config, db: Any, bus: EventBus | None = None) -> None:
+    def __init__(self, config: Config, db: Database, bus: EventBus | None = None) -> None:
         self.config = config
         self.db = db
         self.lease: LeaderLease | None = None
         if bus is not None:
             self.bus = bus
-        elif config.REDIS_URL:
+        elif config.uses_redis:
+            redis = redis_target(config)
             redis_bus = RedisBus(
-                config.REDIS_URL,
+                redis,
                 prefix=config.REDIS_PREFIX,
                 history_size=config.EVENT_HISTORY_SIZE,
                 history_max_age=config.EVENT_HISTORY_MAX_AGE,
@@ -64,9 +69,7 @@ class Gateway:
             )
             redis_bus.on_link_change = self._on_link_change
             self.bus = redis_bus
-            self.lease = LeaderLease(
-                config.REDIS_URL, f"{config.REDIS_PREFIX}:leader", config.LEADER_TTL
-            )
+            self.lease = LeaderLease(redis, lease_key(config, "leader"), config.LEADER_TTL)
         else:
             self.bus = MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
         self.manager = ConnectionManager(
@@ -81,7 +84,9 @@ class Gateway:
         )
         if isinstance(self.bus, RedisBus):
             self.bus.on_stream_reset = self.manager.stream_reset
-        self.api_keys = ApiKeys(config.API_KEYS, db, config.API_KEY_REFRESH_INTERVAL)
+        self.api_keys = ApiKeys(
+            config.API_KEYS, db, config.API_KEY_REFRESH_INTERVAL, config.API_KEY_CACHE_MAX_AGE
+        )
         symbols = [normalize_symbol(s) for s in config.SYMBOLS]
         if None in symbols or not symbols:
             raise ValueError(f"SYMBOLS must be BASE/QUOTE pairs, got {config.SYMBOLS!r}")
@@ -118,10 +123,12 @@ class Gateway:
             max_events=config.EVENT_ARCHIVE_MAX_EVENTS,
         )
         self.manager.archive = self.archive
+        # Ingest's idempotency keys, also kept where a Redis that loses its data cannot lose them.
+        self.publisher = IdempotentPublisher(self.bus, db, config.EVENT_HISTORY_MAX_AGE)
         self.bus.add_listener(self.archive.observe)
         # With Redis, one worker of the deployment archives: the holder of this lease.
         self.archivist_lease = (
-            LeaderLease(config.REDIS_URL, f"{config.REDIS_PREFIX}:archivist", config.LEADER_TTL)
+            LeaderLease(redis_target(config), lease_key(config, "archivist"), config.LEADER_TTL)
             if self.lease is not None
             else None
         )
@@ -149,6 +156,7 @@ class Gateway:
             asyncio.create_task(self.loop_lag.run()),
             asyncio.create_task(self.garbage.run()),
             asyncio.create_task(self.archive.run()),
+            asyncio.create_task(self.publisher.run()),
         ]
         if self.archivist_lease is not None:
             self._tasks.append(
@@ -183,14 +191,14 @@ class Gateway:
 
     async def _watch_keys(self) -> None:
         """Look at the stored keys every API_KEY_REFRESH_INTERVAL; when they changed, close the
-        WebSockets they no longer admit."""
+        WebSockets they no longer admit. The same look tells readiness whether the database
+        answers (its outage is logged once, by the database)."""
         admitted_by = self.api_keys.stored
         while True:
             await asyncio.sleep(self.api_keys.refresh_interval)
             try:
                 await self.api_keys.refresh()
-            except Exception:  # the database is away: the keys as last read stay in force
-                log.exception("could not read the API keys")
+            except GatewayError:  # the database is away: the keys as last read stay in force
                 continue
             if self.api_keys.stored != admitted_by:
                 admitted_by = self.api_keys.stored
@@ -218,14 +226,15 @@ class Gateway:
         await _cancel(self._producers)
         self._producers = []
 
-    async def _archive_pending(self) -> None:
-        """A stopping worker writes what it had not archived yet (bounded: the database may be
-        what is failing)."""
+    async def _write_pending(self) -> None:
+        """A stopping worker writes what it had not archived yet, and the idempotency keys it
+        gave (bounded: the database may be what is failing)."""
         try:
             async with asyncio.timeout(PRODUCER_STOP_TIMEOUT):
                 await self.archive.flush()
-        except Exception:
-            log.exception("event archive: the last events were not written")
+                await self.publisher.flush()
+        except Exception as error:
+            log.error("stopping: events or idempotency keys not written (%s)", error)
 
     def _follow_prices(self, events: list[Event]) -> None:
         """Followers price approvals with what the leader's feed says, and keep its history
@@ -278,7 +287,7 @@ class Gateway:
             self._tasks.append(self.manager.shutdown_watch)
         await _cancel(self._tasks)
         await self._stop_producers()
-        await self._archive_pending()
+        await self._write_pending()
         self._tasks.clear()
         self.garbage.release()
         await self.engine.close()
@@ -295,9 +304,11 @@ class Gateway:
         }
 
     def health(self) -> dict[str, Any]:
-        """This worker's liveness and readiness: degraded while its event stream does not work
-        (Redis unreachable, or the worker not receiving the stream)."""
+        """This worker's readiness: degraded while its event stream does not work (Redis
+        unreachable, or the worker not receiving the stream) or its database does not answer.
+        (Liveness is GET /api/health/live: a dependency's outage is no reason to restart.)"""
         bus = self.bus
+        keys_age = self.api_keys.age
         health: dict[str, Any] = {
             "status": "ok",
             "version": SERVER_VERSION,
@@ -308,13 +319,29 @@ class Gateway:
             "last_seq": bus.head,
             "leader": self.is_leader,
             "engine_reachable": self.engine.reachable,
+            "database_backend": self.db.backend,
+            "database_available": self.db.available,
+            "api_keys_age_seconds": None if keys_age is None else round(keys_age, 3),
         }
+        reasons = []
         if isinstance(bus, RedisBus):
-            health.update(redis_connected=bus.connected, stream_lag=bus.lag, receiving=not bus.deaf)
+            health.update(
+                redis_mode=bus.mode,
+                redis_connected=bus.connected,
+                stream_lag=bus.lag,
+                receiving=not bus.deaf,
+            )
             if not bus.connected:
-                health.update(status="degraded", reason=f"Redis unavailable: {bus.last_error}")
+                reasons.append(f"Redis unavailable: {bus.last_error}")
             elif bus.deaf:
-                health.update(status="degraded", reason="not receiving the event stream")
+                reasons.append("not receiving the event stream")
+        if self.db.available is False:
+            reasons.append(
+                f"database unreachable for {time.time() - (self.db.down_since or 0):.0f} s "
+                f"({self.db.last_error}); API keys as read {keys_age or 0:.0f} s ago"
+            )
+        if reasons:
+            health.update(status="degraded", reason="; ".join(reasons))
         return health
 
     def system_status(self) -> dict[str, Any]:
@@ -352,6 +379,16 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def redis_target(config: Config) -> RedisTarget:
+    return RedisTarget(
+        config.REDIS_URL, config.REDIS_SENTINELS, config.REDIS_SENTINEL_MASTER, config.REDIS_CLUSTER
+    )
+
+
+def lease_key(config: Config, name: str) -> str:
+    return f"{redis_target(config).key_prefix(config.REDIS_PREFIX)}:{name}"
 
 
 def risk_rules(config: Config) -> RiskRules:

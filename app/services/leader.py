@@ -11,8 +11,9 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from app.services.redis_client import RedisTarget
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ return 0
 
 
 class LeaderLease:
-    def __init__(self, url: str, key: str, ttl: float) -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    def __init__(self, target: RedisTarget, key: str, ttl: float) -> None:
+        self._redis = target.connect(socket_timeout=5, socket_connect_timeout=5)
         self._key = key
         self._ttl_ms = int(ttl * 1000)
         self._interval = ttl / 3

@@ -123,16 +123,28 @@ STREAM_LAG = Gauge(
     "Events between the Redis stream's head and what the most lagging worker delivered.",
     multiprocess_mode="livemax",
 )
+# The health gauges have a label so that a worker still starting exports none of them: an
+# unlabelled gauge reads 0 from the moment it is made, which would page "unreachable".
 REDIS_CONNECTED = Gauge(
     "sigmax_redis_connected",
-    "1 when every worker reaches Redis, 0 when one does not (1 without REDIS_URL).",
+    "1 when every worker reaches Redis, 0 when one does not (1 without Redis), by mode: "
+    "memory (no Redis), standalone, sentinel or cluster. Absent until the worker knows.",
+    ["mode"],
     multiprocess_mode="livemin",
 )
 WORKER_RECEIVING = Gauge(
     "sigmax_worker_receiving",
     "1 while the worker receives the event stream, 0 for a deaf one (behind the head for "
-    "longer than REDIS_DEAF_AFTER), by worker pid.",
+    "longer than REDIS_DEAF_AFTER), by worker pid and bus backend.",
+    ["bus"],
     multiprocess_mode="liveall",
+)
+DATABASE_UP = Gauge(
+    "sigmax_database_up",
+    "1 while every worker reaches the database, 0 while one does not (requests that need it "
+    "answer 503 DATABASE_UNAVAILABLE), by backend: sqlite or postgresql.",
+    ["backend"],
+    multiprocess_mode="livemin",
 )
 LEADER = Gauge(
     "sigmax_leader",
@@ -142,7 +154,8 @@ LEADER = Gauge(
 ENGINE_REACHABLE = Gauge(
     "sigmax_engine_reachable",
     "1 while the remote engine (ENGINE_URL) answers every worker, 0 when it does not "
-    "(always 1 with the paper engine).",
+    "(always 1 with the paper engine), by engine: paper or remote.",
+    ["engine"],
     multiprocess_mode="livemin",
 )
 
@@ -244,11 +257,22 @@ class MetricsSync:
         ARCHIVE_BEHIND.set(archive.behind(self.gateway.bus.head))
         health = self.gateway.health()
         LEADER.set(1 if health["leader"] else 0)
-        ENGINE_REACHABLE.set(0 if health["engine_reachable"] is False else 1)
+        # A health gauge is set once known (a remote engine not yet probed is not).
+        engine = self.gateway.engine
+        if engine.mode == "paper" or engine.reachable is not None:
+            ENGINE_REACHABLE.labels(engine.mode).set(0 if engine.reachable is False else 1)
         # Without Redis the worker's own bus always receives, and there is no Redis to miss.
         STREAM_LAG.set(health.get("stream_lag", 0))
-        REDIS_CONNECTED.set(0 if health.get("redis_connected") is False else 1)
-        WORKER_RECEIVING.set(0 if health.get("receiving") is False else 1)
+        if health.get("redis_connected", True) is not None:
+            connected = health.get("redis_connected") is not False
+            REDIS_CONNECTED.labels(health.get("redis_mode", "memory")).set(1 if connected else 0)
+        WORKER_RECEIVING.labels(health["bus_backend"]).set(
+            0 if health.get("receiving") is False else 1
+        )
+        if health["database_available"] is not None:
+            DATABASE_UP.labels(health["database_backend"]).set(
+                1 if health["database_available"] else 0
+            )
 
     def _increase(self, metric: Any, name: str, value: int) -> None:
         increase = value - self._copied[name]

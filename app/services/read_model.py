@@ -19,9 +19,12 @@ from typing import Any
 import orjson
 
 from app.errors import GatewayError, quoted
+from app.services.database import DatabaseUnavailable
 from app.services.events import Event
 
 log = logging.getLogger(__name__)
+
+RETRY_DELAYS = (0.5, 5.0)  # first and longest wait for the database, while it is away
 
 PROPOSAL_EVENTS = frozenset(
     {"proposal_created", "proposal_approved", "proposal_rejected", "proposal_expired"}
@@ -79,17 +82,29 @@ class ReadModel:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            try:
-                async with self._db.connection() as connection:
-                    for event, stream_id in batch:
-                        try:
-                            await self.apply(connection, event, stream_id)
-                        except Exception:  # this event's: the others are still written
-                            log.exception("read model: event seq %d not written", event.seq)
-            except Exception:
-                log.exception("read model: %d events not written", len(batch))
-            for _ in batch:
-                self._queue.task_done()
+            delay = RETRY_DELAYS[0]
+            while batch:
+                try:
+                    async with self._db.connection() as connection:
+                        while batch:
+                            event, stream_id = batch[0]
+                            try:
+                                await self.apply(connection, event, stream_id)
+                            except DatabaseUnavailable:
+                                raise
+                            except Exception:  # this event's: the others are still written
+                                log.exception("read model: event seq %d not written", event.seq)
+                            batch.pop(0)
+                            self._queue.task_done()
+                except DatabaseUnavailable:
+                    # Written once the database is back (the outage is logged once, there).
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_DELAYS[1])
+                except Exception:
+                    log.exception("read model: %d events not written", len(batch))
+                    for _ in batch:
+                        self._queue.task_done()
+                    batch = []
 
     async def written(self) -> None:
         """Until what was queued is written (a stopping worker waits for it)."""

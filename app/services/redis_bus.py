@@ -15,6 +15,14 @@ to see the loss starts a new stream and, for SETTLE_SECONDS, nobody may publish:
 worker raises the counter above every seq it saw or gave (each does so at least once a second),
 so no seq is ever used twice. Each worker then moves its clients to the new stream and tells them
 its id and whether they missed anything (`StreamReset`).
+
+If Redis fails over (Sentinel or a cluster promotes a replica, or it restarts from a snapshot),
+the server that answers may lack the newest writes: its counter and stream can be behind what
+workers saw or gave. Every script names the server it runs on (its run id) and compares it with
+the one the stream was last confirmed on (`epoch`): on another server it settles the stream as
+above, with the same stream id, before anyone publishes. Events that only the old server had are
+skipped, never numbered again; a worker whose reader finds such a gap tells its clients what
+they missed (`StreamReset`, same stream, `recovered: false`), never silently.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.errors import GatewayError
@@ -39,66 +46,104 @@ from app.services.bus import (
     batch_fingerprint,
 )
 from app.services.events import Event
+from app.services.redis_client import RedisTarget
 
 log = logging.getLogger(__name__)
 
-# KEYS: stream, counter, stream id, settling flag[, idempotency key]. ARGV: the stream id the
-# worker publishes to, its floor (no seq at or below it may be given), the stream's length bound,
-# the batch's fingerprint, the idempotency key's lifetime in ms, then (routing, data) per event.
-_PUBLISH = """
+# Whether this script runs on another server than the stream was last confirmed on (a promoted
+# replica, a restart from a snapshot): then the stream settles, and the server is confirmed.
+# KEYS[5]: the epoch (that server's run id); settles for `settle_ms`. KEYS[6]: since when this
+# Redis remembers every idempotency key (a server that may lack writes may lack keys too).
+_FENCE = """
+local function forgot_keys()
+  redis.call('SET', KEYS[6], redis.call('TIME')[1])
+end
+local function fence(settle_ms)
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local epoch = redis.call('GET', KEYS[5])
+  if epoch == run_id then
+    return false
+  end
+  redis.call('SET', KEYS[5], run_id)
+  if epoch and redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('SET', KEYS[4], '1', 'PX', settle_ms)
+    forgot_keys()
+    return true
+  end
+  return false
+end
+"""
+
+# KEYS: stream, counter, stream id, settling flag, epoch, keys since[, idempotency key].
+# ARGV: the stream id the worker publishes to, its floor (no seq at or below it may be given),
+# the stream's length bound, the batch's fingerprint, the idempotency key's lifetime in ms, how
+# long a fenced stream settles (ms), then (routing, data) per event.
+_PUBLISH = (
+    _FENCE
+    + """
 local stream_id = redis.call('GET', KEYS[3])
 if stream_id ~= ARGV[1] then
   return {'moved', stream_id or ''}
 end
+fence(ARGV[6])
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {'settling', redis.call('PTTL', KEYS[4])}
 end
-if KEYS[5] then
-  local earlier = redis.call('GET', KEYS[5])
+if KEYS[7] then
+  local earlier = redis.call('GET', KEYS[7])
   if earlier then
     return {'repeated', earlier}
   end
 end
-local count = (#ARGV - 5) / 2
+local count = (#ARGV - 6) / 2
 local last = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[2])) + count
 redis.call('SET', KEYS[2], last)
 for i = 1, count do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], (last - count + i) .. '-0',
-             'm', ARGV[4 + 2 * i], 'd', ARGV[5 + 2 * i], 's', ARGV[1])
+             'm', ARGV[5 + 2 * i], 'd', ARGV[6 + 2 * i], 's', ARGV[1])
 end
-if KEYS[5] then
-  redis.call('SET', KEYS[5], (last - count + 1) .. ' ' .. last .. ' ' .. ARGV[4], 'PX', ARGV[5])
+if KEYS[7] then
+  redis.call('SET', KEYS[7], (last - count + 1) .. ' ' .. last .. ' ' .. ARGV[4], 'PX', ARGV[5])
 end
 return {'ok', last}
 """
+)
 
-# KEYS: counter, stream id, settling flag, stream. ARGV: the worker's floor, a new stream id to
-# use if the stream is gone, how long a new stream settles (ms; 0 for a deployment's first
-# start). Returns the stream id, the counter (raised to the floor), the settling time left (ms,
-# <= 0 when settled), whether this call started the stream, and the stream's first seq (0: none).
-_SYNC = """
-local stream_id = redis.call('GET', KEYS[2])
+# KEYS: stream, counter, stream id, settling flag, epoch, keys since. ARGV: the worker's floor,
+# a new stream id to use if the stream is gone, how long a new stream settles (ms; 0 for a
+# deployment's first start), how long a fenced one settles. Returns the stream id, the counter
+# (raised to the floor), the settling time left (ms, <= 0 when settled), whether this call
+# started the stream, the stream's first seq (0: none), and since when idempotency keys are
+# remembered (0: ever).
+_SYNC = (
+    _FENCE
+    + """
+fence(ARGV[4])
+local stream_id = redis.call('GET', KEYS[3])
 local created = 0
 if not stream_id then
   stream_id = ARGV[2]
   created = 1
-  redis.call('SET', KEYS[2], stream_id)
+  redis.call('SET', KEYS[3], stream_id)
+  forgot_keys()
   if tonumber(ARGV[3]) > 0 then
-    redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+    redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
   end
 end
-local counter = tonumber(redis.call('GET', KEYS[1]) or '0')
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0')
 if counter < tonumber(ARGV[1]) then
   counter = tonumber(ARGV[1])
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[1])
 end
-local first = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local first_seq = 0
 if #first > 0 then
   first_seq = tonumber(string.match(first[1][1], '^%d+'))
 end
-return {stream_id, counter, redis.call('PTTL', KEYS[3]), created, first_seq}
+local keys_since = tonumber(redis.call('GET', KEYS[6]) or '0')
+return {stream_id, counter, redis.call('PTTL', KEYS[4]), created, first_seq, keys_since}
 """
+)
 
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
@@ -122,24 +167,35 @@ class RedisBus:
 
     def __init__(
         self,
-        url: str,
+        target: RedisTarget,
         *,
         prefix: str,
         history_size: int,
         history_max_age: float,
         deaf_after: float = 10.0,
     ) -> None:
-        self._redis = aioredis.from_url(
-            url,
+        self.mode = target.mode
+        self._redis = target.connect(
             socket_timeout=READ_BLOCK_MS / 1000 + 5,
             socket_connect_timeout=5,
             health_check_interval=10,
         )
+        prefix = target.key_prefix(prefix)
         self._prefix = prefix
         self._stream = f"{prefix}:events"
         self._counter = f"{prefix}:seq"
         self._stream_key = f"{prefix}:stream-id"
         self._settling_key = f"{prefix}:stream-settling"
+        # Every script's first keys, in this order (see _FENCE).
+        self._keys = [
+            self._stream,
+            self._counter,
+            self._stream_key,
+            self._settling_key,
+            f"{prefix}:epoch",
+            f"{prefix}:keys-since",
+        ]
+        self.keys_remembered_since = time.time()  # until the first sync says
         self.stream_id = ""
         self._history_size = history_size
         self._history_max_age = history_max_age
@@ -211,7 +267,7 @@ class RedisBus:
     async def publish(self, events: list[Event], idempotency_key: str | None = None) -> Published:
         if not events:
             return Published(None, None)
-        keys = [self._stream, self._counter, self._stream_key, self._settling_key]
+        keys = list(self._keys)
         if idempotency_key is not None:
             keys.append(f"{self._prefix}:published:{idempotency_key}")
         fingerprint = batch_fingerprint(events) if idempotency_key is not None else ""
@@ -223,6 +279,7 @@ class RedisBus:
                 self._history_size,
                 fingerprint,
                 int(self._history_max_age * 1000),
+                int(SETTLE_SECONDS * 1000),
                 *parts,
             ]
             try:
@@ -238,7 +295,8 @@ class RedisBus:
                 return Published(int(first), int(last), repeated=True)
             if outcome == b"settling":
                 raise BusUnavailable(
-                    "the event stream is being re-established after Redis lost its data",
+                    "the event stream is being re-established after Redis lost its data or "
+                    "failed over",
                     retry_after=max(int(value), 0) / 1000,
                 )
             # moved: Redis lost the stream, or another worker replaced it before we knew
@@ -271,7 +329,8 @@ class RedisBus:
         events = [self._event(entry_id, fields) for entry_id, fields in entries]
         cutoff = time.time() - self._history_max_age
         fresh = [e for e in events if e.created >= cutoff]
-        recovered = bool(fresh) and fresh[0].seq == since + 1
+        # Gap free from since to until: a failover can leave a hole, or lose the newest.
+        recovered = bool(fresh) and fresh[0].seq == since + 1 and len(fresh) == until - since
         return fresh, recovered
 
     # -- the stream's identity ----------------------------------------------------------------
@@ -290,12 +349,14 @@ class RedisBus:
 
     async def _sync_once(self) -> None:
         known = bool(self.stream_id) or self._floor() > 0
-        stream_id, counter, settling_ms, created, first_seq = await self._sync_script(
-            keys=[self._counter, self._stream_key, self._settling_key, self._stream],
-            args=[self._floor(), uuid.uuid4().hex, int(SETTLE_SECONDS * 1000) if known else 0],
+        settle_ms = int(SETTLE_SECONDS * 1000)
+        stream_id, counter, settling_ms, created, first_seq, keys_since = await self._sync_script(
+            keys=self._keys,
+            args=[self._floor(), uuid.uuid4().hex, settle_ms if known else 0, settle_ms],
         )
         stream_id, counter = stream_id.decode(), int(counter)
         self.stream_head = counter
+        self.keys_remembered_since = float(keys_since)
         if stream_id == self.stream_id:
             return
         if not self.stream_id:  # starting: nothing delivered yet, nobody to tell
@@ -370,10 +431,35 @@ class RedisBus:
         events = [self._event(entry_id, fields) for entry_id, fields in entries]
         if self._head != head:  # moved to a new stream meanwhile, after its first seq
             events = [e for e in events if e.seq > self._head]
+        if events and events[0].seq > self._head + 1:
+            self._gap(events[0].seq)
         if events:
             self._head = events[-1].seq
             for listener in self._listeners:
                 listener(events)
+
+    def _gap(self, next_seq: int) -> None:
+        """The stream goes on after a gap: the seqs between this worker's head and `next_seq`
+        will never come (a failover to a server without them, or trimmed before this worker
+        read them). Its clients are told before they get the events after it."""
+        missing = f"{self._head + 1}" + (
+            f"-{next_seq - 1}" if next_seq - 1 > self._head + 1 else ""
+        )
+        log.warning(
+            "the event stream goes on at seq %d: events %s never reached this worker "
+            "(Redis failed over to a server without them, or trimmed them first)",
+            next_seq,
+            missing,
+        )
+        if self.on_stream_reset is not None:
+            self.on_stream_reset(
+                StreamReset(
+                    self.stream_id,
+                    next_seq - 1,
+                    False,
+                    f"events {missing} were lost when Redis failed over: reload state over REST",
+                )
+            )
 
     async def _watch(self) -> None:
         """Compare this worker's head with the stream's, apart from the reading itself: a

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
+from app.errors import GatewayError
 from app.services import store
 from app.services.analysis import Analysis, analyze
 from app.services.engine import TradingEngine
@@ -120,6 +121,10 @@ def _periodic(
                 if failing:
                     log.info("%s producer recovered", name)
                 failing = False
+            except GatewayError as error:  # a dependency is away (logged where it is seen)
+                if not failing:
+                    log.warning("%s producer paused: %s", name, error.details or error.error)
+                failing = True
             except Exception:
                 if not failing:  # once per outage, not once per tick
                     log.exception("%s producer failed; retrying every %.1f s", name, interval)

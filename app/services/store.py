@@ -366,19 +366,16 @@ async def revoke_api_key(connection: Connection, key_id: str, at: float) -> bool
     return row is not None
 
 
-async def select_api_key(connection: Connection, key_hash: str) -> tuple[str, str] | None:
-    """(id, scopes) of an active key with this hash."""
-    row = await connection.fetch_first(
-        "SELECT id, scopes FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL",
-        {"key_hash": key_hash},
-    )
-    return (row["id"], row["scopes"]) if row is not None else None
-
-
-async def api_key_state(connection: Connection) -> tuple[frozenset[str], bool]:
-    """The ids of the active keys, and whether any key (active or revoked) is stored."""
-    rows = await connection.fetch_all("SELECT id, revoked_at FROM api_keys")
-    return frozenset(row["id"] for row in rows if row["revoked_at"] is None), bool(rows)
+async def api_key_state(
+    connection: Connection,
+) -> tuple[dict[str, tuple[str, str]], bool]:
+    """The active keys (hash -> (id, scopes)), and whether any key (active or revoked) is
+    stored."""
+    rows = await connection.fetch_all("SELECT id, key_hash, scopes, revoked_at FROM api_keys")
+    active = {
+        row["key_hash"]: (row["id"], row["scopes"]) for row in rows if row["revoked_at"] is None
+    }
+    return active, bool(rows)
 
 
 async def delete_revoked_api_keys(connection: Connection) -> int | None:
