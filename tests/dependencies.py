@@ -17,17 +17,18 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
-from tests.helpers import REQUIRE_SERVICES, free_socket
+from tests.helpers import REQUIRE_SERVICES, free_port, free_socket
 
 LOOPBACK = "127.0.0.1"
 
 
-def _missing(what: str) -> None:
+def _missing(what: str) -> NoReturn:
     message = f"{what} is not installed"
     if REQUIRE_SERVICES:
         pytest.fail(f"{message}, and SIGMAX_REQUIRE_SERVICES=1 requires it")
@@ -40,7 +41,6 @@ def _binary(name: str) -> str:
     path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/bin"]))
     if path is None:
         _missing(name)
-    assert path is not None
     return path
 
 
@@ -54,6 +54,10 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+class ServerExited(RuntimeError):
+    """A server a test waits for has exited: waiting on is pointless."""
+
+
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     """Poll `check` every 20 ms until it returns True; raises TimeoutError saying `what` was not
     reached (and the last error `check` raised, e.g. connection refused) after `timeout` s."""
@@ -65,6 +69,8 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str
                     if await check():
                         return
                     last_error = None
+                except ServerExited:
+                    raise
                 except Exception as error:  # not there yet: refused, loading, reset
                     last_error = error
                 await asyncio.sleep(0.02)
@@ -96,14 +102,13 @@ class OwnPostgres:
     same port and data (crash recovery). The tools run in a thread: the test's event loop keeps
     serving its other tasks meanwhile."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, initdb: str, pg_ctl: str) -> None:
         self.directory = directory
         self.port = port
         self.data = directory / "data"
         self.log_path = directory / "postgres.log"
-        self._initdb = _binary("initdb")
-        self._pg_ctl = _binary("pg_ctl")
-        _binary("postgres")  # pg_ctl runs the one next to it: say so when it is missing
+        self._initdb = initdb
+        self._pg_ctl = pg_ctl
 
     @property
     def url(self) -> str:
@@ -117,6 +122,7 @@ class OwnPostgres:
     def _run(self, *command: str, timeout: float) -> None:
         done = subprocess.run(
             [*_as_postgres(), *command],
+            cwd=self.directory,  # one the postgres user may enter
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -199,19 +205,16 @@ class OwnPostgres:
             timeout=30,
         )
 
-    def cleanup(self) -> None:
-        """Stop the server if it runs, SIGKILL what is left of it, remove its files."""
-        try:
-            if (self.data / "postmaster.pid").exists():
-                with contextlib.suppress(OSError, subprocess.SubprocessError, RuntimeError):
-                    self._stop_immediate()
-            pid = self._postmaster_pid()
-            if pid is not None:  # still there: pg_ctl could not stop it
-                # pg_ctl starts the postmaster in a session of its own, with its backends
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-        finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
+    def kill(self) -> None:
+        """Stop the server if it runs (immediate), and SIGKILL what is left of it."""
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(OSError, subprocess.SubprocessError, RuntimeError):
+                self._stop_immediate()
+        pid = self._postmaster_pid()
+        if pid is not None:  # still there: pg_ctl could not stop it
+            # pg_ctl starts the postmaster in a session of its own, with its backends
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
     def _postmaster_pid(self) -> int | None:
         try:
@@ -223,6 +226,8 @@ class OwnPostgres:
 @asynccontextmanager
 async def own_postgres() -> AsyncIterator[OwnPostgres]:
     """A fresh PostgreSQL server for one test (about 1 s to start), removed afterwards."""
+    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
+    _binary("postgres")  # pg_ctl runs the one next to it: say so when it is missing
     owner: pwd.struct_passwd | None = None
     if os.geteuid() == 0:
         try:
@@ -231,19 +236,17 @@ async def own_postgres() -> AsyncIterator[OwnPostgres]:
             _missing("the postgres OS user (PostgreSQL refuses to run as root)")
     # Under /tmp, which the postgres user can reach (TMPDIR may not be), and short enough for
     # the Unix socket's path.
-    directory = Path(tempfile.mkdtemp(prefix="sigmax-postgres-", dir="/tmp"))
-    try:
+    with tempfile.TemporaryDirectory(
+        prefix="sigmax-postgres-", dir="/tmp", ignore_cleanup_errors=True
+    ) as folder:
         if owner is not None:
-            os.chown(directory, owner.pw_uid, owner.pw_gid)
-        postgres = OwnPostgres(directory, _free_ports(1)[0])
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    try:
-        await postgres.create()
-        yield postgres
-    finally:
-        postgres.cleanup()
+            os.chown(folder, owner.pw_uid, owner.pw_gid)
+        postgres = OwnPostgres(Path(folder), free_port(), initdb, pg_ctl)
+        try:
+            await postgres.create()
+            yield postgres
+        finally:
+            postgres.kill()
 
 
 # -- Redis --------------------------------------------------------------------------------------
@@ -299,9 +302,9 @@ class _RedisProcesses:
     """redis-server processes by port, with their files in `directory`; `kill_all` ends every
     one that is left."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
         self.directory = directory
-        self.binary = _binary("redis-server")
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(
@@ -316,7 +319,7 @@ class _RedisProcesses:
         command += ["--dir", str(directory or self.directory), "--logfile", str(log)]
         command += ["--repl-diskless-sync-delay", "0"]
         self.processes[port] = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
 
     def alive(self) -> list[int]:
@@ -328,7 +331,7 @@ class _RedisProcesses:
         async def answers(port: int) -> None:
             async def pong() -> bool:
                 if self.processes[port].poll() is not None:
-                    raise RuntimeError(f"redis-server on {port} exited" + self.log_tail(port))
+                    raise ServerExited(f"redis-server on {port} exited" + self.log_tail(port))
                 return await _command(port, "PING") == "PONG"
 
             await _until(pong, timeout, f"answering on port {port}")
@@ -363,8 +366,8 @@ class SentinelDeployment:
 
     master_name = "sigmax"
 
-    def __init__(self, directory: Path) -> None:
-        self.redis = _RedisProcesses(directory)
+    def __init__(self, redis_server: str, directory: Path) -> None:
+        self.redis = _RedisProcesses(redis_server, directory)
         self.first_master_port, *self.replica_ports = _free_ports(3)
         self.sentinel_ports = _free_ports(3)
 
@@ -454,20 +457,23 @@ class SentinelDeployment:
 
         await asyncio.gather(
             *(
-                _until(lambda port=port: knows_all(port), timeout, f"Sentinel {port} ready")
+                _until(partial(knows_all, port), timeout, f"Sentinel {port} ready")
                 for port in self.sentinel_ports
             )
         )
 
+    async def _master_named_by(self, sentinel_port: int) -> int:
+        _host, port = await _command(
+            sentinel_port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
+        )
+        return int(port)
+
     async def master_port(self) -> int:
         """The port of the master, as the first Sentinel that answers names it."""
         errors = []
-        for port in self.sentinel_ports:
+        for sentinel_port in self.sentinel_ports:
             try:
-                _, master = await _command(
-                    port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
-                )
-                return int(master)
+                return await self._master_named_by(sentinel_port)
             except Exception as error:
                 errors.append(error)
         raise RuntimeError(f"no Sentinel named the master: {errors}")
@@ -485,14 +491,7 @@ class SentinelDeployment:
 
         async def failed_over() -> bool:
             nonlocal new_port
-            named = {
-                int(
-                    (await _command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name))[
-                        1
-                    ]
-                )
-                for port in self.sentinel_ports
-            }
+            named = {await self._master_named_by(port) for port in self.sentinel_ports}
             if len(named) != 1 or old_port in named:
                 return False
             new_port = named.pop()
@@ -505,21 +504,25 @@ class SentinelDeployment:
 @asynccontextmanager
 async def own_sentinel() -> AsyncIterator[SentinelDeployment]:
     """A Sentinel deployment of the test's own, ready to fail over (about 0.3 s to start)."""
-    deployment = SentinelDeployment(Path(tempfile.mkdtemp(prefix="sigmax-sentinel-")))
-    try:
-        await deployment.start()
-        yield deployment
-    finally:
-        deployment.redis.kill_all()
-        shutil.rmtree(deployment.redis.directory, ignore_errors=True)
+    redis_server = _binary("redis-server")
+    with tempfile.TemporaryDirectory(
+        prefix="sigmax-sentinel-", ignore_cleanup_errors=True
+    ) as folder:
+        deployment = SentinelDeployment(redis_server, Path(folder))
+        try:
+            await deployment.start()
+            yield deployment
+        finally:
+            deployment.redis.kill_all()
 
 
 class ClusterDeployment:
     """A Redis Cluster of 3 masters with a replica each (node timeout 1 s): kill a master and
     its replica takes over its slots within seconds."""
 
-    def __init__(self, directory: Path) -> None:
-        self.redis = _RedisProcesses(directory)
+    def __init__(self, redis_server: str, redis_cli: str, directory: Path) -> None:
+        self.redis = _RedisProcesses(redis_server, directory)
+        self.redis_cli = redis_cli
         ports = _free_ports(12)
         # The cluster bus is set apart: port + 10000, its default, may be taken or past 65535.
         self.ports, self.bus_ports = ports[:6], ports[6:]
@@ -549,7 +552,7 @@ class ClusterDeployment:
         done = await asyncio.to_thread(
             subprocess.run,
             [
-                _binary("redis-cli"),
+                self.redis_cli,
                 "--cluster",
                 "create",
                 *(f"{LOOPBACK}:{port}" for port in self.ports),
@@ -567,29 +570,37 @@ class ClusterDeployment:
         await self.wait_ready()
 
     async def wait_ready(self, timeout: float = 30) -> None:
-        """Until every node says cluster_state:ok and knows all 3 masters, each with its
-        replica, and every master has its replica in sync: the replica of a master killed
-        then takes over (the other masters vote only for a replica they know)."""
+        """Until every node says cluster_state:ok and knows all 6 nodes, connected and none
+        failing: 3 masters with slots, each with a replica in sync. Only then does the replica of
+        a master killed take over: the other masters vote only for a replica they know."""
 
         async def node_ready(port: int) -> bool:
             if _fields(await _command(port, "CLUSTER", "INFO")).get("cluster_state") != "ok":
                 return False
-            shards = await _command(port, "CLUSTER", "SLOTS")
-            return len(shards) == 3 and all(len(shard) == 4 for shard in shards)
-
-        async def master_in_sync(port: int) -> bool:
+            masters: set[str] = set()
+            replicas_of: list[str] = []  # the master of each replica
+            nodes = (await _command(port, "CLUSTER", "NODES")).splitlines()
+            for node in nodes:
+                node_id, _address, flag_list, master_id, _, _, _, link, *slots = node.split()
+                flags = set(flag_list.split(","))
+                if link != "connected" or flags & {"fail", "fail?", "handshake", "noaddr"}:
+                    return False
+                if "master" in flags and slots:
+                    masters.add(node_id)
+                elif "slave" in flags:
+                    replicas_of.append(master_id)
+            if len(nodes) != 6 or len(masters) != 3 or sorted(replicas_of) != sorted(masters):
+                return False
             replication = _fields(await _command(port, "INFO", "replication"))
-            return replication["role"] != "master" or _online_replicas(replication) == 1
+            if replication["role"] == "master":
+                return _online_replicas(replication) == 1
+            return replication.get("master_link_status") == "up"
 
         await asyncio.gather(
             *(
-                _until(lambda port=port: node_ready(port), timeout, f"cluster node {port} ready")
+                _until(partial(node_ready, port), timeout, f"cluster node {port} ready")
                 for port in self.ports
-            ),
-            *(
-                _until(lambda port=port: master_in_sync(port), timeout, f"node {port} in sync")
-                for port in self.ports
-            ),
+            )
         )
 
     async def _master_by(self, port: int, key: str) -> int:
@@ -640,12 +651,15 @@ class ClusterDeployment:
 
 @asynccontextmanager
 async def own_cluster() -> AsyncIterator[ClusterDeployment]:
-    """A Redis Cluster of the test's own, ready to fail over (about 3 s to start)."""
-    _binary("redis-cli")
-    deployment = ClusterDeployment(Path(tempfile.mkdtemp(prefix="sigmax-cluster-")))
-    try:
-        await deployment.start()
-        yield deployment
-    finally:
-        deployment.redis.kill_all()
-        shutil.rmtree(deployment.redis.directory, ignore_errors=True)
+    """A Redis Cluster of the test's own, ready to fail over (about 2 s to start: redis-cli
+    waits a second for the nodes to join)."""
+    redis_server, redis_cli = _binary("redis-server"), _binary("redis-cli")
+    with tempfile.TemporaryDirectory(
+        prefix="sigmax-cluster-", ignore_cleanup_errors=True
+    ) as folder:
+        deployment = ClusterDeployment(redis_server, redis_cli, Path(folder))
+        try:
+            await deployment.start()
+            yield deployment
+        finally:
+            deployment.redis.kill_all()

@@ -302,15 +302,18 @@ async def connect_when_up(port: int) -> Client:
 
 
 class OwnRedis:
-    """A redis-server of the test's own on `port`, which it can stop and start again."""
+    """A redis-server of the test's own on `port`, which it can stop and start again; with a
+    `directory`, it starts from the snapshot there (written by SAVE), if any."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, directory: Path | None = None) -> None:
         self.port = port
+        self.directory = directory
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
         import redis.asyncio as aioredis
 
+        snapshot = ["--dir", str(self.directory)] if self.directory is not None else []
         self.process = subprocess.Popen(
             [
                 "redis-server",
@@ -322,6 +325,7 @@ class OwnRedis:
                 "",
                 "--appendonly",
                 "no",
+                *snapshot,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -344,13 +348,20 @@ class OwnRedis:
             self.process.wait(timeout=10)
             self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: what was not saved is gone."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
 
 @asynccontextmanager
-async def own_redis():
+async def own_redis(directory: Path | None = None):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     port = free_port()
-    redis = OwnRedis(port)
+    redis = OwnRedis(port, directory)
     await redis.start()
     try:
         yield redis

@@ -16,8 +16,8 @@ from app.models import TRADED_SYMBOL, ErrorResponse
 
 View = TypeVar("View", bound=Callable[..., Any])
 
-# The engine's ingest path is not rate limited.
-NOT_RATE_LIMITED = frozenset({"/api/events"})
+# Ingest is the engine's bulk path; a probe that met 429 would take a healthy worker out.
+NOT_RATE_LIMITED = frozenset({"/api/events", "/api/health", "/api/health/live"})
 
 API_KEY_SCHEME = "ApiKey"
 API_KEY_SECURITY = {
@@ -43,7 +43,8 @@ ERROR_DESCRIPTIONS = {
     429: "Too many requests from this client (`TOO_MANY_REQUESTS`); retry after `Retry-After` "
     "seconds",
     502: "The remote engine (ENGINE_URL) answered outside its contract (`ENGINE_ERROR`)",
-    503: "Not possible now, retry: the event stream is unavailable (`BUS_UNAVAILABLE`), there "
+    503: "Not possible now, retry after `Retry-After` seconds: the event stream is unavailable "
+    "(`BUS_UNAVAILABLE`), the database is unreachable (`DATABASE_UNAVAILABLE`), there "
     "is no market price yet (`NO_PRICE`) or no portfolio from a remote engine yet "
     "(`NO_PORTFOLIO`), or the remote engine is unreachable or did not answer within "
     "ENGINE_TIMEOUT (`ENGINE_UNAVAILABLE`). A remote engine's own refusals keep its status "

@@ -117,7 +117,7 @@ class MemoryBus:
 
     def __init__(self, history_size: int, history_max_age: float) -> None:
         self.stream_id = uuid.uuid4().hex
-        self.keys_remembered_since = time.time()
+        self.keys_remembered_since = 0.0
         self._history: deque[HistoryEntry] = deque(maxlen=history_size)
         self._history_max_age = history_max_age
         self._seq = 0
@@ -136,6 +136,8 @@ class MemoryBus:
 
     def raise_floor(self, seq: int) -> None:
         self._seq = max(self._seq, seq)
+        if seq:  # a restart: the keys given before it are forgotten
+            self.keys_remembered_since = time.time()
 
     async def start(self) -> None:
         pass

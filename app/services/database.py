@@ -67,7 +67,7 @@ class DatabaseUnavailable(GatewayError):
 
 
 def is_outage(error: BaseException) -> bool:
-    if isinstance(error, DatabaseUnavailable | _OUTAGES):
+    if isinstance(error, (DatabaseUnavailable, *_OUTAGES)):
         return True
     # asyncpg's InterfaceError also says "connection is closed" or "pool is closing"; its
     # DataError and ClientConfigurationError are the caller's.
@@ -141,9 +141,18 @@ class Database:
 
 def attach_database(app: Quart, url: str) -> Database:
     """Connect the app to the database; migrations are not run here."""
-    db = QuartDB(app, url=url, migrations_folder=None, auto_request_connection=False)
+    backend = "postgresql" if url.startswith("postgres") else "sqlite"
+    db = QuartDB(
+        app,
+        url=url,
+        migrations_folder=None,
+        auto_request_connection=False,
+        # No floor of idle connections: asyncpg would keep reconnecting it in the background
+        # through an outage, with a traceback each time; connections are made when needed.
+        backend_options={"min_size": 0} if backend == "postgresql" else None,
+    )
     app.before_serving(_check_migrated(db))
-    return Database(db, "postgresql" if url.startswith("postgres") else "sqlite")
+    return Database(db, backend)
 
 
 def _check_migrated(db: QuartDB):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from app.services.redis_client import RedisTarget
+from app.services.redis_client import RedisTarget, Script
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ class LeaderLease:
         self._interval = ttl / 3
         self.holder_id = uuid.uuid4().hex
         self.is_leader = False
-        self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
+        self._renew = Script(self._redis, _RENEW)
+        self._release = Script(self._redis, _RELEASE)
 
     async def run(
         self, on_elected: Callable[[], Awaitable[None]], on_deposed: Callable[[], Awaitable[None]]

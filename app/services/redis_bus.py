@@ -46,7 +46,7 @@ from app.services.bus import (
     batch_fingerprint,
 )
 from app.services.events import Event
-from app.services.redis_client import RedisTarget
+from app.services.redis_client import RedisTarget, Script
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ if not stream_id then
   stream_id = ARGV[2]
   created = 1
   redis.call('SET', KEYS[3], stream_id)
-  forgot_keys()
   if tonumber(ARGV[3]) > 0 then
     redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
+    forgot_keys()
   end
 end
 local counter = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -199,8 +199,8 @@ class RedisBus:
         self.stream_id = ""
         self._history_size = history_size
         self._history_max_age = history_max_age
-        self._publish = self._redis.register_script(_PUBLISH)
-        self._sync_script = self._redis.register_script(_SYNC)
+        self._publish = Script(self._redis, _PUBLISH)
+        self._sync_script = Script(self._redis, _SYNC)
         self._listeners: list[Listener] = []
         self._head = 0
         # The highest seq this worker gave an event: part of its floor, with what it read.

@@ -11,6 +11,7 @@ slot, so the publish script, which touches several of them, stays atomic on one 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.connection import parse_url
+from redis.exceptions import NoScriptError
 
 # What the master's connections take from REDIS_URL under Sentinel (its address is the
 # sentinels' answer).
@@ -64,3 +66,20 @@ class RedisTarget:
         if self.cluster:
             return RedisCluster.from_url(self.url, **options)
         return aioredis.from_url(self.url, **options)
+
+
+class Script:
+    """A Lua script, run by its SHA1 and sent whole when the server lacks it: a promoted
+    replica's script cache is empty, and redis-py's own reload (SCRIPT LOAD, then EVALSHA) can
+    reach another node than the call in a cluster whose slot map is changing."""
+
+    def __init__(self, client: Any, text: str) -> None:
+        self._client = client
+        self._text = text
+        self._sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._client.eval(self._text, len(keys), *keys, *args)
