@@ -360,6 +360,15 @@ async def _role(port: int) -> str:
     return _fields(await _command(port, "INFO", "replication")).get("role", "")
 
 
+async def _one_new_master(named: set[int], old_port: int) -> int:
+    """The port all observers name as master, when it is not `old_port` and that server says
+    it is master; else 0."""
+    if len(named) != 1 or old_port in named:
+        return 0
+    (port,) = named
+    return port if await _role(port) == "master" else 0
+
+
 class SentinelDeployment:
     """A Redis master with 2 replicas, watched by 3 Sentinels as `sigmax` (quorum 2, down after
     1 s): kill the master and a replica takes over within seconds."""
@@ -492,10 +501,8 @@ class SentinelDeployment:
         async def failed_over() -> bool:
             nonlocal new_port
             named = {await self._master_named_by(port) for port in self.sentinel_ports}
-            if len(named) != 1 or old_port in named:
-                return False
-            new_port = named.pop()
-            return await _role(new_port) == "master"
+            new_port = await _one_new_master(named, old_port)
+            return bool(new_port)
 
         await _until(failed_over, timeout, f"failed over from {old_port}")
         return new_port
@@ -640,10 +647,8 @@ class ClusterDeployment:
             if any(state.get("cluster_state") != "ok" for state in states):
                 return False
             named = {await self._master_by(p, key) for p in alive}
-            if len(named) != 1 or old_port in named:
-                return False
-            new_port = named.pop()
-            return await _role(new_port) == "master"
+            new_port = await _one_new_master(named, old_port)
+            return bool(new_port)
 
         await _until(failed_over, timeout, f"failed over from {old_port}")
         return new_port

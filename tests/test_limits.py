@@ -72,7 +72,7 @@ async def test_each_limit_refuses_and_counts_by_name(gateway_factory):
             assert big.ws.close_code == 1009
 
         rest = server.app.test_client()
-        statuses = [(await rest.get("/api/health")).status_code for _ in range(4)]
+        statuses = [(await rest.get("/openapi.json")).status_code for _ in range(4)]
         assert 429 in statuses
 
         expected = {

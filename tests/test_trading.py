@@ -547,13 +547,14 @@ async def test_api_keys_from_the_cli_are_hashed_scoped_and_revocable(tmp_path):
     assert key not in stored
     listed = run_cli(url, "keys", "list")
     assert key_id in listed.stdout and key not in listed.stdout
-    async with running_gateway(DATABASE_URL=url) as server:
+    async with running_gateway(DATABASE_URL=url, API_KEY_REFRESH_INTERVAL=0.2) as server:
         async with server.client() as anonymous:
             assert (await anonymous.recv())["data"]["code"] == "AUTHENTICATION_FAILED"
         async with server.client(f"?api_key={key}") as client:
             await client.greeting()
             assert (await client.command("pause"))["data"]["code"] == "FORBIDDEN_COMMAND"
         assert run_cli(url, "keys", "revoke", key_id).returncode == 0
+        await asyncio.sleep(0.5)  # read again within API_KEY_REFRESH_INTERVAL
         async with server.client(f"?api_key={key}") as revoked:
             assert (await revoked.recv())["data"]["code"] == "AUTHENTICATION_FAILED"
     bad = run_cli(url, "keys", "create", "--scopes", "admin")

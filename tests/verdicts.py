@@ -217,3 +217,8 @@ def judge(ledgers: list[Ledger], publisher: Publisher) -> list[dict[str, Any]]:
 
 def totals(verdicts: list[dict[str, Any]], *keys: str) -> dict[str, int]:
     return {key: sum(v[key] for v in verdicts) for key in keys}
+
+
+def assert_none(verdicts: list[dict[str, Any]], *keys: str) -> None:
+    """No client lost, got twice, ... (each of `keys`) a single event."""
+    assert totals(verdicts, *keys) == dict.fromkeys(keys, 0)

@@ -104,6 +104,7 @@ class ApiKeys:
         self._read_at = float("-inf")  # monotonic time of the last successful read
         self._tried_at = float("-inf")  # and of the last attempt
         self._keyed: bool | None = None  # as last logged; None before the first look
+        self._trusted = True  # stored keys within their age, as last logged
 
     @property
     def stored(self) -> StoredKeys:
@@ -155,7 +156,18 @@ class ApiKeys:
 
     def _stored_trusted(self) -> bool:
         age = self.age
-        return age is not None and age <= self.cache_max_age
+        trusted = age is not None and age <= self.cache_max_age
+        if trusted != self._trusted and age is not None:
+            if trusted:
+                log.info("stored API keys read again: they are accepted again")
+            else:
+                log.warning(
+                    "stored API keys not read for %.0f s (API_KEY_CACHE_MAX_AGE): they are "
+                    "refused until the database answers; API_KEYS still work",
+                    age,
+                )
+            self._trusted = trusted
+        return trusted
 
     async def required(self) -> bool:
         """Whether a key is needed (the gateway is keyed)."""

@@ -200,6 +200,9 @@ class Gateway:
                 await self.api_keys.refresh()
             except GatewayError:  # the database is away: the keys as last read stay in force
                 continue
+            except Exception:
+                log.exception("could not read the API keys")
+                continue
             if self.api_keys.stored != admitted_by:
                 admitted_by = self.api_keys.stored
                 self.manager.close_unadmitted(self.api_keys.still_admits)
