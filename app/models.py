@@ -139,8 +139,11 @@ class ConnectedData(BaseModel):
 
 
 class StreamResetData(BaseModel):
-    stream_id: str = Field(description="The new stream: send it with `since` from now on")
-    last_seq: int = Field(description="The new stream continues after this seq")
+    stream_id: str = Field(
+        description="The stream (new, or the same after a failover): send it with `since` "
+        "from now on"
+    )
+    last_seq: int = Field(description="The stream continues after this seq")
     recovered: bool = Field(
         description="false: events up to `last_seq` may be missing; reload state over REST"
     )

@@ -76,7 +76,8 @@ REPLIES: dict[str, tuple[str, type[BaseModel] | None]] = {
     "replay_complete": ("The end of a replay: how many events it sent", ReplayCompleteData),
     "error": ("A message could not be processed, or the server is about to close", ErrorData),
     "stream_reset": (
-        "Redis lost the event stream and the worker moved to a new one, to every "
+        "Redis lost the event stream and the worker moved to a new one, or a Redis failover "
+        "lost events this worker had not delivered (the same `stream_id`), to every "
         "connection: resume with its `stream_id` from now on",
         StreamResetData,
     ),

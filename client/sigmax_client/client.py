@@ -771,8 +771,9 @@ class SigmaxWebSocketClient:
         )
 
     async def _stream_reset(self, data: Any) -> None:
-        """Redis lost the gateway's stream and the worker moved to a new one: resume in that
-        one from now on; when events may be missing, tell the application (resync)."""
+        """Redis lost the gateway's stream and the worker moved to a new one, or a failover
+        lost events (the same stream): resume in that one from now on; when events may be
+        missing, tell the application (resync)."""
         data = data if isinstance(data, dict) else {}
         stream = data.get("stream_id")
         if not isinstance(stream, str):

@@ -171,9 +171,9 @@ export interface ErrorData {
 }
 
 export interface StreamResetData {
-  /** The new stream: send it with `since` from now on */
+  /** The stream (new, or the same after a failover): send it with `since` from now on */
   stream_id: string;
-  /** The new stream continues after this seq */
+  /** The stream continues after this seq */
   last_seq: number;
   /** false: events up to `last_seq` may be missing; reload state over REST */
   recovered: boolean;
@@ -325,7 +325,7 @@ export interface ServerEventDataMap {
   replay_complete: ReplayCompleteData;
   /** A message could not be processed, or the server is about to close */
   error: ErrorData;
-  /** Redis lost the event stream and the worker moved to a new one, to every connection: resume with its `stream_id` from now on */
+  /** Redis lost the event stream and the worker moved to a new one, or a Redis failover lost events this worker had not delivered (the same `stream_id`), to every connection: resume with its `stream_id` from now on */
   stream_reset: StreamResetData;
   /** Stream event on topic 'analysis'. Also delivered to `symbol:X` subscribers when published with a symbol. */
   analysis_update: AnalysisData;
