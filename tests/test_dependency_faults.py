@@ -142,6 +142,9 @@ async def test_a_database_outage_locks_no_client_out(redis_prefix, tmp_path):
                 for path in ("/api/proposals", "/api/trades", "/api/events?since=0"):
                     during[path] = await get(http, path)
                 during["pause"] = await get(http, "/api/pause", method="POST")
+                during["others"] = [
+                    (await get(http, path))[0] for path in ("/api/status", "/api/portfolio")
+                ]
                 during["ready"] = [await get(http, "/api/health") for _ in range(6)]
                 during["live"] = [await get(http, "/api/health/live") for _ in range(6)]
                 during["metrics"] = metric_families((await get(http, "/metrics"))[1])
@@ -195,6 +198,7 @@ async def test_a_database_outage_locks_no_client_out(redis_prefix, tmp_path):
         assert status == 503 and "database unreachable" in body["reason"], body
         assert body["database_available"] is False and body["api_keys_age_seconds"] >= 1
     assert all(status == 200 for status, _, _ in during["live"])
+    assert all(status in (200, 503) for status in during["others"]), during["others"]
     assert metric_value(during["metrics"], "sigmax_database_up", backend="postgresql") == 0
     assert during["connects"] > 20 and churn.refused == 0
     assert doomed.resumes == 0 and doomed.position is not None
