@@ -120,3 +120,35 @@ async def test_the_gateway_switches_between_open_and_keyed_only_when_told_and_sa
         "the gateway is open",
     ]
     assert {r.levelno for r in records} == {logging.WARNING}
+
+
+async def test_a_key_without_read_receives_no_stream_event(gateway_factory):
+    """Scopes hold on the WebSocket as on REST: a publish-only key connects and publishes, but
+    may not subscribe, replay nor ask the status, and gets nothing of the stream."""
+    keys = ("pk:publish", "tk:trade", "rk:read")
+    async with gateway_factory(API_KEYS=keys) as server:
+        async with server.client(additional_headers={"X-API-Key": "pk"}) as publisher:
+            connected = await publisher.recv()
+            assert connected["type"] == "connected"
+            for type_, data in (
+                ("subscribe", {"topics": ["all"], "since": 0}),
+                ("replay", {"since": 0}),
+                ("get_status", None),
+            ):
+                refused = await publisher.request(type_, data)
+                assert refused["type"] == "error", refused
+                assert refused["data"]["code"] == "FORBIDDEN_SUBSCRIPTION", refused
+    async with gateway_factory(API_KEYS=keys) as server:
+        async with (
+            server.client(additional_headers={"X-API-Key": "rk"}) as reader,
+            server.client(additional_headers={"X-API-Key": "tk"}) as trader,
+            server.client(additional_headers={"X-API-Key": "pk"}) as publisher,
+        ):
+            await reader.greeting()
+            assert (await reader.request("subscribe", {"topics": ["all"]}))["type"] == "subscribed"
+            assert (await trader.recv())["type"] == "connected"
+            assert (await publisher.recv())["type"] == "connected"
+            await server.publish("alert", {"level": "info", "message": "for readers"})
+            assert (await reader.next_of("alert"))["data"]["message"] == "for readers"
+            await trader.no_message(0.5)  # no system_status greeting, no event
+            await publisher.no_message(0.1)

@@ -148,6 +148,8 @@ ERROR_NOTES: dict[str, str] = {
     "connections. Retry later.",
     ErrorCode.AUTHENTICATION_FAILED: "The API key is missing or invalid.",
     ErrorCode.FORBIDDEN_COMMAND: "The API key lacks the scope the command needs.",
+    ErrorCode.FORBIDDEN_SUBSCRIPTION: "The API key lacks the `read` scope: it may not "
+    "subscribe or replay, and receives no stream event.",
     ErrorCode.SLOW_CONSUMER: "The client did not read its events fast enough. Reconnect and "
     "resume with `since`.",
     ErrorCode.CONNECTION_TIMEOUT: "No message from the client for WS_CONNECTION_TIMEOUT seconds.",

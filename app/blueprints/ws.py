@@ -123,7 +123,8 @@ async def gateway_socket(app: Quart, socket: WebSocket) -> None:
             conn.id,
         )
     )
-    conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))
+    if principal.can("read"):  # the state is the read scope's
+        conn.send_direct(envelope("system_status", gateway.system_status(), conn.id))
     conn.attach()
     try:
         while True:
@@ -256,7 +257,18 @@ def _keys(topics: list[str], symbols: list[str]) -> list[str]:
     return topics + [SYMBOL_PREFIX + s for s in symbols]
 
 
+def _require_read(conn: Connection, what: str) -> None:
+    """The stream and the state are the `read` scope's, on the WebSocket as on REST."""
+    if "read" not in conn.scopes:
+        raise GatewayError(
+            ErrorCode.FORBIDDEN_SUBSCRIPTION,
+            "Not allowed",
+            f"{what} needs an API key with the 'read' scope",
+        )
+
+
 async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    _require_read(conn, "Subscribing")
     topics, symbols, data = _subscription(message)
     since = data.since
     keys = _keys(topics, symbols)
@@ -311,6 +323,7 @@ async def _pong(gateway: Gateway, conn: Connection, message: ClientMessage) -> N
 
 
 async def _get_status(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    _require_read(conn, "get_status")
     conn.send_direct(
         envelope("system_status", gateway.system_status(), conn.id, message.request_id)
     )
@@ -387,6 +400,7 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
 
 
 async def _replay(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
+    _require_read(conn, "A replay")
     data: ReplayData = _load(message.data or {}, ReplayData)
     wanted = event_filter(
         None if data.since is None else str(data.since),
