@@ -8,8 +8,9 @@ COPY client ./client
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
 
-# Listen on every interface of the container; the keys decide who gets in (API_KEYS or
-# `python -m app keys create`).
+# Listen on every interface of the container; the keys decide who gets in. Without any key
+# (API_KEYS, or one stored with `python -m app keys create`) the gateway refuses to start here,
+# unless ALLOW_OPEN_GATEWAY=true says it may serve everyone.
 ENV HOST=0.0.0.0 PORT=8000 WORKERS=2 SIGMAX_RUN_DIR=/run/sigmax
 EXPOSE 8000
 # The database to the latest migration, then the supervised workers (exec: supervisord gets

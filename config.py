@@ -132,6 +132,9 @@ class Config:
     # Comma separated `key` or `key:scope+scope`; scopes are read, trade, publish. A key without
     # scopes has all of them. Empty = no authentication (local paper trading).
     API_KEYS: tuple[str, ...] = ()
+    # A gateway on a HOST other than loopback refuses to start with no key (API_KEYS or stored)
+    # unless this says it may: whoever reaches it would have every scope, `trade` included.
+    ALLOW_OPEN_GATEWAY: bool = False
     # Seconds between looks at the database's keys: a key created or revoked with the CLI takes
     # effect within this time, and WebSockets no longer admitted (keyless once the gateway is
     # keyed, or with a revoked key) are closed.
@@ -168,6 +171,12 @@ class Config:
             except ValueError as error:
                 raise ValueError(f"{f.name}={raw!r}: {error}") from None
         return cls(**values)
+
+    @property
+    def on_loopback(self) -> bool:
+        """HOST is reachable from this machine only."""
+        host = self.HOST.strip("[]")
+        return host == "localhost" or host.startswith("127.") or host == "::1"
 
     @property
     def uses_redis(self) -> bool:

@@ -6,9 +6,11 @@ import re
 from dataclasses import fields
 
 import pytest
+import yaml
+from hypercorn.utils import LifespanFailureError
 
 from config import Config
-from tests.helpers import REPOSITORY
+from tests.helpers import REPOSITORY, running_gateway
 
 
 class TestConfig:
@@ -79,3 +81,28 @@ def test_the_readme_documents_every_setting_with_its_default():
     """config.py defines the settings once; the README's table cannot drift from it."""
     defaults = {f.name: as_written(f.default) for f in fields(Config)}
     assert readme_settings() == defaults
+
+
+async def test_a_gateway_reachable_from_the_network_refuses_to_start_keyless(tmp_path):
+    """HOST other than loopback with no key anywhere: start-up refuses, naming the ways out;
+    a key, or ALLOW_OPEN_GATEWAY, lets it start."""
+    # Hypercorn reports the start-up's failure with the gateway's message.
+    with pytest.raises(LifespanFailureError, match="API_KEYS.*ALLOW_OPEN_GATEWAY"):
+        async with running_gateway(HOST="0.0.0.0"):
+            pass
+    async with running_gateway(HOST="0.0.0.0", API_KEYS=("k:read",)) as server:
+        assert server.gateway.running
+    async with running_gateway(HOST="0.0.0.0", ALLOW_OPEN_GATEWAY=True) as server:
+        assert server.gateway.running
+    async with running_gateway(HOST="127.0.0.1") as server:  # loopback: open as ever
+        assert server.gateway.running
+
+
+def test_compose_never_publishes_a_keyless_gateway():
+    """compose.yaml publishes the gateway's port: its API_KEYS must be required (compose's
+    `${VAR:?message}` refuses to start without it), never defaulted to nothing."""
+    compose = yaml.safe_load((REPOSITORY / "compose.yaml").read_text())
+    gateway = compose["services"]["gateway"]
+    assert gateway.get("ports"), "the gateway's port is published"
+    assert re.fullmatch(r"\$\{API_KEYS:\?.+\}", gateway["environment"]["API_KEYS"])
+    assert "ALLOW_OPEN_GATEWAY" not in gateway["environment"]

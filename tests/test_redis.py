@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import urllib.request
@@ -433,3 +434,28 @@ async def test_a_resume_ahead_of_the_worker_keeps_the_other_subscriptions_live(
                 assert reply["data"]["recovered"] is True
             status = await client.next_of("status_change", timeout=10)
             assert status["data"]["n"] == 1
+
+
+async def test_a_lease_names_its_role_when_won_and_lost(redis_prefix, caplog):
+    """The archivist's lease says it is the archivist's, not the producers' leader's."""
+    from app.services.leader import LeaderLease
+    from app.services.redis_client import RedisTarget
+
+    url, prefix = redis_prefix
+    lease = LeaderLease(RedisTarget(url), f"{prefix}:archivist", 3.0, role="archivist")
+    elected = asyncio.Event()
+
+    async def won() -> None:
+        elected.set()
+
+    async def lost() -> None:
+        pass
+
+    caplog.set_level(logging.INFO, logger="app.services.leader")
+    holding = asyncio.create_task(lease.run(won, lost))
+    await asyncio.wait_for(elected.wait(), 5)
+    holding.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await holding
+    assert f"holds the archivist lease ({prefix}:archivist)" in caplog.text
+    assert "producers" not in caplog.text

@@ -154,6 +154,11 @@ class ApiKeys:
     def _is_keyed(self) -> bool:
         return bool(self._keys) or self._stored.any
 
+    @property
+    def keyed(self) -> bool:
+        """Whether a key is needed, as last read."""
+        return self._is_keyed()
+
     def _stored_trusted(self) -> bool:
         age = self.age
         trusted = age is not None and age <= self.cache_max_age

@@ -51,6 +51,16 @@ log = logging.getLogger(__name__)
 PRODUCER_STOP_TIMEOUT = 5.0
 
 
+class OpenGatewayRefused(RuntimeError):
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"HOST={host} is reachable from other machines and no API key is configured: "
+            "whoever reaches it would have every scope, trade included. Set API_KEYS (or create "
+            "a key: python -m app keys create), listen on loopback (HOST=127.0.0.1), or set "
+            "ALLOW_OPEN_GATEWAY=true to serve it open on purpose"
+        )
+
+
 class Gateway:
     def __init__(self, config: Config, db: Database, bus: EventBus | None = None) -> None:
         self.config = config
@@ -69,7 +79,9 @@ class Gateway:
             )
             redis_bus.on_link_change = self._on_link_change
             self.bus = redis_bus
-            self.lease = LeaderLease(redis, lease_key(config, "leader"), config.LEADER_TTL)
+            self.lease = LeaderLease(
+                redis, lease_key(config, "leader"), config.LEADER_TTL, role="producers' leader"
+            )
         else:
             self.bus = MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
         self.manager = ConnectionManager(
@@ -128,7 +140,12 @@ class Gateway:
         self.bus.add_listener(self.archive.observe)
         # With Redis, one worker of the deployment archives: the holder of this lease.
         self.archivist_lease = (
-            LeaderLease(redis_target(config), lease_key(config, "archivist"), config.LEADER_TTL)
+            LeaderLease(
+                redis_target(config),
+                lease_key(config, "archivist"),
+                config.LEADER_TTL,
+                role="archivist",
+            )
             if self.lease is not None
             else None
         )
@@ -149,6 +166,10 @@ class Gateway:
         await self.simulation.restore()
         self.garbage.configure()
         await self.api_keys.refresh()  # logs whether the gateway is open or keyed
+        if not self.api_keys.keyed and not self.config.on_loopback:
+            if not self.config.ALLOW_OPEN_GATEWAY:
+                raise OpenGatewayRefused(self.config.HOST)
+            log.warning("ALLOW_OPEN_GATEWAY: serving %s with no API key", self.config.HOST)
         self._tasks = [
             asyncio.create_task(self._watch_keys()),
             asyncio.create_task(self.metrics.run()),

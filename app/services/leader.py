@@ -1,6 +1,7 @@
-"""A leader lease in Redis: the simulated producers run in one worker of the deployment.
+"""A lease in Redis that one worker of the deployment holds at a time: the producers' leader (the
+simulated producers run there), the archivist (it writes the event archive).
 
-The leader renews the lease well before it expires; if it dies, the lease runs out and another
+The holder renews the lease well before it expires; if it dies, the lease runs out and another
 worker takes it within `ttl` seconds. Only the holder can renew or release it.
 """
 
@@ -32,9 +33,10 @@ return 0
 
 
 class LeaderLease:
-    def __init__(self, target: RedisTarget, key: str, ttl: float) -> None:
+    def __init__(self, target: RedisTarget, key: str, ttl: float, role: str = "leader") -> None:
         self._redis = target.connect(socket_timeout=5, socket_connect_timeout=5)
         self._key = key
+        self.role = role  # what holding it makes this worker, as its log lines say
         self._ttl_ms = int(ttl * 1000)
         self._interval = ttl / 3
         self.holder_id = uuid.uuid4().hex
@@ -51,11 +53,13 @@ class LeaderLease:
                 held = await self._try_hold()
                 if held and not self.is_leader:
                     self.is_leader = True
-                    log.info("this worker is the leader: it runs the producers")
+                    log.info("this worker holds the %s lease (%s)", self.role, self._key)
                     await on_elected()
                 elif not held and self.is_leader:
                     self.is_leader = False
-                    log.warning("leader lease lost: stopping the producers here")
+                    log.warning(
+                        "%s lease lost (%s): another worker takes over", self.role, self._key
+                    )
                     await on_deposed()
                 await asyncio.sleep(self._interval)
         finally:
