@@ -29,6 +29,10 @@ class Config:
     HOST: str = "127.0.0.1"
     PORT: int = 8000
     WORKERS: int = positive(1)
+    # Serve https:// and wss:// (Hypercorn's TLS): the certificate chain and its private key,
+    # PEM files. Empty = plain http:// and ws:// (behind a proxy that terminates TLS).
+    TLS_CERTFILE: str = ""
+    TLS_KEYFILE: str = ""
     # Hypercorn's event loop: asyncio, or uvloop (needs the uvloop package; see the README).
     WORKER_CLASS: str = "asyncio"
 
@@ -173,6 +177,10 @@ class Config:
         return cls(**values)
 
     @property
+    def tls(self) -> bool:
+        return bool(self.TLS_CERTFILE)
+
+    @property
     def on_loopback(self) -> bool:
         """HOST is reachable from this machine only."""
         host = self.HOST.strip("[]")
@@ -205,6 +213,7 @@ class Config:
             "backlog": 4096,
             # No access log: query strings can carry API keys.
             "accesslog": None,
+            **({"certfile": self.TLS_CERTFILE, "keyfile": self.TLS_KEYFILE} if self.tls else {}),
         }
 
     def __post_init__(self) -> None:
@@ -217,6 +226,8 @@ class Config:
             raise ValueError(
                 f"MARKET_FEED must be simulated or ccxt:<exchange id>, got {self.MARKET_FEED!r}"
             )
+        if bool(self.TLS_CERTFILE) != bool(self.TLS_KEYFILE):
+            raise ValueError("TLS_CERTFILE and TLS_KEYFILE go together: set both, or neither")
         if self.REDIS_CLUSTER and (self.REDIS_SENTINELS or not self.REDIS_URL):
             raise ValueError(
                 "REDIS_CLUSTER needs REDIS_URL (any node of the cluster) and no REDIS_SENTINELS"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import sys
 import time
 import urllib.error
@@ -72,11 +73,14 @@ def _health_of(config: Config, pid: int, timeout: float) -> dict[str, Any]:
     """/api/health as answered by the worker `pid` (through the shared socket: polled until
     that worker is the one that accepts), within `timeout` seconds."""
     host = "127.0.0.1" if config.HOST in ("0.0.0.0", "::", "") else config.HOST
-    url = f"http://{host}:{config.PORT}/api/health"
+    url = f"{'https' if config.tls else 'http'}://{host}:{config.PORT}/api/health"
+    # Its own workers on this host, by address: the certificate names the public host, not
+    # this address, and proves nothing here.
+    context = ssl._create_unverified_context() if config.tls else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 health: dict[str, Any] = json.load(response)
         except (urllib.error.URLError, OSError, ValueError):
             health = {}

@@ -87,6 +87,7 @@ var SigmaxWebSocket = class {
   connectTimeoutMs;
   silenceTimeoutMs;
   apiKey;
+  apiKeyIn;
   WebSocketImpl;
   currentState = "idle";
   gatewayUrl = "";
@@ -124,6 +125,7 @@ var SigmaxWebSocket = class {
   droppedDuplicates = 0;
   constructor(options = {}) {
     this.apiKey = options.apiKey;
+    this.apiKeyIn = options.apiKeyIn ?? ("document" in globalThis ? "query" : "header");
     this.autoReconnect = options.autoReconnect ?? true;
     this.maxReconnectDelayMs = positive("maxReconnectDelayMs", options.maxReconnectDelayMs ?? 3e4);
     this.reconnectDelayMs = positive("reconnectDelayMs", options.reconnectDelayMs ?? 500);
@@ -483,9 +485,10 @@ var SigmaxWebSocket = class {
       ));
     }
     let address;
+    const inHeader = this.apiKey !== void 0 && this.apiKeyIn === "header";
     try {
       const url = new URL(this.gatewayUrl);
-      if (this.apiKey) url.searchParams.set("api_key", this.apiKey);
+      if (this.apiKey && !inHeader) url.searchParams.set("api_key", this.apiKey);
       address = url.toString();
     } catch (error) {
       return Promise.reject(new SigmaxError(
@@ -498,7 +501,10 @@ var SigmaxWebSocket = class {
     return new Promise((resolve, reject) => {
       let socket;
       try {
-        socket = new Impl(address);
+        socket = inHeader ? new Impl(
+          address,
+          { headers: { "X-API-Key": this.apiKey } }
+        ) : new Impl(address);
       } catch (error) {
         reject(new SigmaxError(
           `cannot connect to ${shown}: ${String(error)}`,

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="API key (default: $SIGMAX_API_KEY)",
     )
     common.add_argument(
+        "--ca-file",
+        default=os.environ.get("SIGMAX_CA_FILE") or None,
+        help="trust a wss:// gateway's certificate from this PEM file (a private CA's, or the "
+        "gateway's own self-signed one; default: $SIGMAX_CA_FILE, else the system's CAs)",
+    )
+    common.add_argument(
         "--json", action="store_true", help="one JSON object per line: type, seq, timestamp, data"
     )
     common.add_argument("--count", type=_positive, metavar="N", help="stop after N events")
@@ -119,7 +125,7 @@ async def run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, task.cancel)
-    client = SigmaxWebSocketClient()
+    client = SigmaxWebSocketClient(ca_file=args.ca_file)
     try:
         await client.connect(args.url, api_key=args.api_key)
     except RuntimeError as error:

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
@@ -77,6 +78,17 @@ def backoff_delay(
     return ceiling / 2 + rand() * ceiling / 2
 
 
+def tls_context(
+    ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None
+) -> ssl.SSLContext | None:
+    """The TLS context of wss:// and https:// connections: `ssl_context` as given, else one that
+    trusts the certificates of `ca_file` (a private CA's, or a self-signed gateway's); None:
+    the system's trusted CAs."""
+    if ssl_context is not None:
+        return ssl_context
+    return ssl.create_default_context(cafile=ca_file) if ca_file else None
+
+
 def _names(value: str | Iterable[str] | None) -> list[str]:
     if value is None:
         return []
@@ -94,6 +106,8 @@ class SigmaxWebSocketClient:
     `ping_timeout` after it means the connection is dead. `request_timeout`: how long
     `subscribe`, `get_status`, `command`, ... wait for their reply. `queue_size`: events that
     may wait for `listen()` and for the callbacks before the client stops reading.
+    `ssl_context` or `ca_file`: whom a wss:// gateway's certificate must come from (default: the
+    system's trusted CAs). The API key travels in the X-API-Key header, never in the URL.
     """
 
     def __init__(
@@ -108,6 +122,8 @@ class SigmaxWebSocketClient:
         connect_timeout: float = 10.0,
         queue_size: int = 1000,
         max_message_size: int | None = 16 * 1024 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
     ) -> None:
         for name, value in (
             ("max_reconnect_delay", max_reconnect_delay),
@@ -130,6 +146,7 @@ class SigmaxWebSocketClient:
         self.connect_timeout = connect_timeout
         self.queue_size = queue_size
         self.max_message_size = max_message_size
+        self._tls = tls_context(ssl_context, ca_file)
 
         self.url: str | None = None
         self.connection_id: str | None = None
@@ -482,6 +499,8 @@ class SigmaxWebSocketClient:
         """Open a connection and read its greeting (`connected`, or the reason for refusal)."""
         url = self.url or DEFAULT_URL
         headers = {"X-API-Key": self._api_key} if self._api_key else None
+        # websockets refuses an SSL context for a ws:// URL.
+        tls: dict[str, Any] = {"ssl": self._tls} if url.startswith("wss:") and self._tls else {}
         try:
             ws = await open_websocket(
                 url,
@@ -494,6 +513,7 @@ class SigmaxWebSocketClient:
                 compression=None,
                 close_timeout=CLOSE_TIMEOUT,
                 max_size=self.max_message_size,
+                **tls,
             )
         except InvalidURI as error:
             raise SigmaxConnectionError(f"invalid gateway URL {url!r}: {error}") from error

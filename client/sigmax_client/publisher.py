@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import ssl
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from sigmax_client.client import backoff_delay
+from sigmax_client.client import backoff_delay, tls_context
 from sigmax_client.errors import RequestError, SigmaxConnectionError
 
 DEFAULT_BASE_URL = "http://localhost:8000"
@@ -24,7 +25,8 @@ class SigmaxPublisher:
 
     A batch is retried (`attempts` in all, with backoff) when the gateway cannot be reached,
     gives no answer, or answers 503 (its event stream is unavailable; `Retry-After` is
-    honoured). Other refusals raise RequestError with the gateway's code at once."""
+    honoured). Other refusals raise RequestError with the gateway's code at once.
+    `ssl_context` or `ca_file`: whom an https:// gateway's certificate must come from."""
 
     def __init__(
         self,
@@ -35,6 +37,8 @@ class SigmaxPublisher:
         attempts: int = 5,
         retry_delay: float = 0.5,
         max_retry_delay: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/api/events"
         self.api_key = api_key
@@ -42,6 +46,7 @@ class SigmaxPublisher:
         self.attempts = attempts
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
+        self._tls = tls_context(ssl_context, ca_file)
 
     async def publish(
         self, events: Iterable[dict[str, Any]], *, idempotency_key: str | None = None
@@ -82,7 +87,9 @@ class SigmaxPublisher:
         """(status or None when there was no answer, JSON body, Retry-After seconds)."""
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout, context=self._tls
+            ) as response:
                 return response.status, _json(response.read()), None
         except urllib.error.HTTPError as error:
             retry_after = error.headers.get("Retry-After")

@@ -25,8 +25,12 @@ import type {
 export type ConnectionState = 'idle' | 'connecting' | 'connected' | 'reconnecting' | 'closed';
 
 export interface SigmaxOptions {
-  /** Sent as `?api_key=` (browsers cannot set headers on a WebSocket). */
+  /** The API key: sent as the X-API-Key header where the WebSocket class can (Node), else as
+   * `?api_key=` (browsers cannot set headers on a WebSocket); see `apiKeyIn`. */
   apiKey?: string;
+  /** Where the key travels: 'header' (the default outside a browser) or 'query' (the default
+   * in a browser: a URL can end up in logs, so use wss:// and short-lived keys there). */
+  apiKeyIn?: 'header' | 'query';
   /** Reconnect and resume when the connection is lost (default true). */
   autoReconnect?: boolean;
   /** Longest wait between two reconnect attempts (default 30000). */
@@ -187,6 +191,7 @@ export class SigmaxWebSocket {
   private readonly connectTimeoutMs: number;
   private readonly silenceTimeoutMs: number | undefined;
   private readonly apiKey: string | undefined;
+  private readonly apiKeyIn: 'header' | 'query';
   private readonly WebSocketImpl: typeof WebSocket | undefined;
 
   private currentState: ConnectionState = 'idle';
@@ -229,6 +234,8 @@ export class SigmaxWebSocket {
 
   constructor(options: SigmaxOptions = {}) {
     this.apiKey = options.apiKey;
+    this.apiKeyIn = options.apiKeyIn
+      ?? ('document' in globalThis ? 'query' : 'header');
     this.autoReconnect = options.autoReconnect ?? true;
     this.maxReconnectDelayMs = positive('maxReconnectDelayMs', options.maxReconnectDelayMs ?? 30_000);
     this.reconnectDelayMs = positive('reconnectDelayMs', options.reconnectDelayMs ?? 500);
@@ -611,9 +618,10 @@ export class SigmaxWebSocket {
         ClientErrorCode.NO_WEBSOCKET));
     }
     let address: string;
+    const inHeader = this.apiKey !== undefined && this.apiKeyIn === 'header';
     try {
       const url = new URL(this.gatewayUrl);
-      if (this.apiKey) url.searchParams.set('api_key', this.apiKey);
+      if (this.apiKey && !inHeader) url.searchParams.set('api_key', this.apiKey);
       address = url.toString();
     } catch (error) {
       return Promise.reject(new SigmaxError(`invalid gateway URL ${this.gatewayUrl}`,
@@ -623,7 +631,11 @@ export class SigmaxWebSocket {
     return new Promise((resolve, reject) => {
       let socket: WebSocket;
       try {
-        socket = new Impl(address);
+        // Node's WebSocket (undici) and the ws package take {headers} as their second argument.
+        socket = inHeader
+          ? new (Impl as unknown as new (url: string, init: unknown) => WebSocket)(
+            address, { headers: { 'X-API-Key': this.apiKey } })
+          : new Impl(address);
       } catch (error) {
         reject(new SigmaxError(`cannot connect to ${shown}: ${String(error)}`,
                                ClientErrorCode.INVALID_URL, String(error)));

@@ -20,8 +20,9 @@ class ScriptedSocket {
   CLOSING = 2;
   CLOSED = 3;
 
-  constructor(url) {
+  constructor(url, init) {
     this.url = url;
+    this.init = init;
     this.readyState = this.CONNECTING;
     this.sent = [];
     this.onopen = this.onmessage = this.onerror = this.onclose = null;
@@ -58,10 +59,23 @@ before(async () => {
   ({ SigmaxWebSocket } = await loadClient());
 });
 
-test('the API key goes in the query string', async () => {
+test('outside a browser the API key goes in the X-API-Key header, never in the URL', async () => {
   const client = new SigmaxWebSocket({ WebSocketImpl: ScriptedSocket, apiKey: 'key with &=' });
   await client.connect(`${URL_OF_NOWHERE}?x=1`);
   const url = new URL(ScriptedSocket.latest.url);
+  assert.deepEqual(ScriptedSocket.latest.init, { headers: { 'X-API-Key': 'key with &=' } });
+  assert.equal(url.searchParams.get('api_key'), null);
+  assert.equal(url.searchParams.get('x'), '1');
+  await client.disconnect();
+});
+
+test('apiKeyIn: query puts the API key in the query string (what a browser can do)', async () => {
+  const client = new SigmaxWebSocket({
+    WebSocketImpl: ScriptedSocket, apiKey: 'key with &=', apiKeyIn: 'query',
+  });
+  await client.connect(`${URL_OF_NOWHERE}?x=1`);
+  const url = new URL(ScriptedSocket.latest.url);
+  assert.equal(ScriptedSocket.latest.init, undefined);
   assert.equal(url.searchParams.get('api_key'), 'key with &=');
   assert.equal(url.searchParams.get('x'), '1');
   assert.equal(client.connectionId, 'connection-1');
