@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -282,6 +282,43 @@ def start_host(
         stdout=output,
         stderr=output,
         start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def supervised(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m app supervise` with `env` (PORT, WORKERS, SIGMAX_RUN_DIR, ...), stopped as
+    systemd stops it (SIGTERM to the group) when done."""
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "app", "supervise"],
+        cwd=REPOSITORY,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield supervisor
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+            supervisor.wait(timeout=10)
+
+
+def rolling_restart(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m app rolling-restart` against the supervised workers of `env`."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", "rolling-restart"],
+        cwd=REPOSITORY,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

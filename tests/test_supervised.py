@@ -9,13 +9,11 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 
 import websockets
 
 from app import supervision
-from tests.helpers import REPOSITORY, Client, free_port, migrate_with_cli
+from tests.helpers import Client, free_port, migrate_with_cli, rolling_restart, supervised
 from tests.test_redis import open_client, post_alerts
 
 
@@ -50,85 +48,62 @@ async def test_a_killed_worker_costs_only_its_clients_and_comes_back_alone(redis
         "SIGMAX_RUN_DIR": str(tmp_path / "run"),
     }
     migrate_with_cli(env)
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "app", "supervise"],
-        cwd=REPOSITORY,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    clients: dict[str, list[Client]] = {}
-    seen: dict[Client, int] = {}
-    try:
-        for _ in range(300):  # bounded: until both workers hold two clients each
-            client, worker = await open_client(port)
-            clients.setdefault(worker, []).append(client)
-            if len(clients) == 2 and all(len(c) >= 2 for c in clients.values()):
-                break
-            await asyncio.sleep(0.05)
-        assert len(clients) == 2, "both supervised workers should take connections"
-        victim, survivor = sorted(clients)
-        before = await supervised_workers(env)
-        assert sorted(state for state, _ in before.values()) == ["RUNNING", "RUNNING"]
-        assert {pid for _, pid in before.values()} == {pid_of(victim), pid_of(survivor)}
-
-        await asyncio.to_thread(post_alerts, port, 0, 10)
-        for client in clients[victim] + clients[survivor]:
-            assert await alerts(client, 10, seen) == list(range(10))
-
-        os.kill(pid_of(victim), signal.SIGKILL)
-        for client in clients[victim]:
-            with contextlib.suppress(websockets.ConnectionClosed):
-                async with asyncio.timeout(10):
-                    while True:
-                        await client.ws.recv()
-        # The survivor serves on: its clients are not cut, and events published meanwhile (to
-        # the shared port: only the survivor answers) reach them.
-        await asyncio.to_thread(post_alerts, port, 10, 10)
-        for client in clients[survivor]:
-            assert await alerts(client, 10, seen) == list(range(10, 20))
-
-        # The killed worker's clients resume on whichever worker takes them: no gap.
-        resumed = []
-        for client in clients[victim]:
-            again, _ = await open_client(port, since=seen[client])
-            resumed.append(again)
-            assert await alerts(again, 10, seen) == list(range(10, 20))
-        clients[victim] = resumed
-
-        # supervisord started the victim again, alone: the survivor kept its pid.
-        async with asyncio.timeout(15):
-            while True:
-                after = await supervised_workers(env)
-                pids = {pid for state, pid in after.values() if state == "RUNNING"}
-                if len(pids) == 2 and pid_of(victim) not in pids:
-                    break
-                await asyncio.sleep(0.2)
-        assert pid_of(survivor) in pids
-
-        # A rolling restart: every worker replaced, one at a time; the clients resume.
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "app", "rolling-restart"],
-            cwd=REPOSITORY,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.count("healthy") == 2
-        restarted = {pid for _, pid in (await supervised_workers(env)).values()}
-        assert len(restarted) == 2 and not restarted & pids
-    finally:
-        for client in (c for group in clients.values() for c in group):
-            await client.ws.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(supervisor.pid, signal.SIGTERM)
+    with supervised(env):
+        clients: dict[str, list[Client]] = {}
+        seen: dict[Client, int] = {}
         try:
-            supervisor.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(supervisor.pid, signal.SIGKILL)
-            supervisor.wait(timeout=10)
+            for _ in range(300):  # bounded: until both workers hold two clients each
+                client, worker = await open_client(port)
+                clients.setdefault(worker, []).append(client)
+                if len(clients) == 2 and all(len(c) >= 2 for c in clients.values()):
+                    break
+                await asyncio.sleep(0.05)
+            assert len(clients) == 2, "both supervised workers should take connections"
+            victim, survivor = sorted(clients)
+            before = await supervised_workers(env)
+            assert sorted(state for state, _ in before.values()) == ["RUNNING", "RUNNING"]
+            assert {pid for _, pid in before.values()} == {pid_of(victim), pid_of(survivor)}
+
+            await asyncio.to_thread(post_alerts, port, 0, 10)
+            for client in clients[victim] + clients[survivor]:
+                assert await alerts(client, 10, seen) == list(range(10))
+
+            os.kill(pid_of(victim), signal.SIGKILL)
+            for client in clients[victim]:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    async with asyncio.timeout(10):
+                        while True:
+                            await client.ws.recv()
+            # The survivor serves on: its clients are not cut, and events published meanwhile (to
+            # the shared port: only the survivor answers) reach them.
+            await asyncio.to_thread(post_alerts, port, 10, 10)
+            for client in clients[survivor]:
+                assert await alerts(client, 10, seen) == list(range(10, 20))
+
+            # The killed worker's clients resume on whichever worker takes them: no gap.
+            resumed = []
+            for client in clients[victim]:
+                again, _ = await open_client(port, since=seen[client])
+                resumed.append(again)
+                assert await alerts(again, 10, seen) == list(range(10, 20))
+            clients[victim] = resumed
+
+            # supervisord started the victim again, alone: the survivor kept its pid.
+            async with asyncio.timeout(15):
+                while True:
+                    after = await supervised_workers(env)
+                    pids = {pid for state, pid in after.values() if state == "RUNNING"}
+                    if len(pids) == 2 and pid_of(victim) not in pids:
+                        break
+                    await asyncio.sleep(0.2)
+            assert pid_of(survivor) in pids
+
+            # A rolling restart: every worker replaced, one at a time; the clients resume.
+            done = await asyncio.to_thread(rolling_restart, env)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.count("healthy") == 2
+            restarted = {pid for _, pid in (await supervised_workers(env)).values()}
+            assert len(restarted) == 2 and not restarted & pids
+        finally:
+            for client in (c for group in clients.values() for c in group):
+                await client.ws.close()

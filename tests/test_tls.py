@@ -6,21 +6,26 @@ their key in a header."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sigmax_client import SigmaxConnectionError, SigmaxPublisher, connect_sigmax
 
-from tests.helpers import REPOSITORY, free_port, migrate_with_cli, start_host, stop_host
+from tests.helpers import (
+    REPOSITORY,
+    free_port,
+    migrate_with_cli,
+    rolling_restart,
+    start_host,
+    stop_host,
+    supervised,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,6 +52,19 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+def tls_env(certificate: tuple[Path, Path], folder: Path) -> dict[str, str]:
+    """A keyed gateway serving TLS with `certificate`, its database in `folder`."""
+    cert, key = certificate
+    return {
+        "TLS_CERTFILE": str(cert),
+        "TLS_KEYFILE": str(key),
+        "API_KEYS": KEY,
+        "DATABASE_URL": f"sqlite:///{folder}/gateway.db",
+        "SIMULATION": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
 async def serving_tls(port: int, cafile: Path, timeout: float = 20) -> str:
     """Until the gateway on `port` completes a TLS handshake; returns the TLS version."""
     context = ssl.create_default_context(cafile=str(cafile))
@@ -65,16 +83,9 @@ async def serving_tls(port: int, cafile: Path, timeout: float = 20) -> str:
 
 
 async def test_both_clients_over_wss_with_a_ca_file_and_the_key_in_a_header(certificate, tmp_path):
-    cert, key = certificate
+    cert, _ = certificate
     port = free_port()
-    env = {
-        "TLS_CERTFILE": str(cert),
-        "TLS_KEYFILE": str(key),
-        "API_KEYS": KEY,
-        "DATABASE_URL": f"sqlite:///{tmp_path}/tls.db",
-        "SIMULATION": "false",
-        "LOG_LEVEL": "WARNING",
-    }
+    env = tls_env(certificate, tmp_path)
     migrate_with_cli(env)
     host = start_host(port, 1, env)
     try:
@@ -154,53 +165,23 @@ def test_tls_settings_go_together_and_reach_hypercorn(certificate):
 async def test_supervised_workers_serve_tls_and_restart_one_by_one(certificate, tmp_path):
     """`python -m app supervise` (make supervise, the image, systemd) serves TLS from the same
     settings, and a rolling restart checks each new worker over https."""
-    cert, key = certificate
+    cert, _ = certificate
     port = free_port()
     env = {
-        "TLS_CERTFILE": str(cert),
-        "TLS_KEYFILE": str(key),
-        "API_KEYS": KEY,
-        "DATABASE_URL": f"sqlite:///{tmp_path}/supervised.db",
-        "SIMULATION": "false",
-        "LOG_LEVEL": "WARNING",
+        **tls_env(certificate, tmp_path),
         "PORT": str(port),
         "WORKERS": "1",
         "SIGMAX_RUN_DIR": str(tmp_path / "run"),
     }
     migrate_with_cli(env)
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "app", "supervise"],
-        cwd=REPOSITORY,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    with supervised(env):
         await serving_tls(port, cert)
         client = await connect_sigmax(
             f"wss://127.0.0.1:{port}/api/ws", api_key=KEY, ca_file=str(cert)
         )
         status = await client.get_status()
         await client.disconnect()
-        restarted = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "app", "rolling-restart"],
-            cwd=REPOSITORY,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=90,
-            check=False,
-        )
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(supervisor.pid, signal.SIGTERM)
-        try:
-            supervisor.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(supervisor.pid, signal.SIGKILL)
-            supervisor.wait(timeout=10)
+        restarted = await asyncio.to_thread(rolling_restart, env)
     assert status["status"] in ("running", "paused")
     assert restarted.returncode == 0, restarted.stderr
     assert restarted.stdout.count("healthy") == 1
