@@ -9,11 +9,19 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 
 import websockets
 
 from app import supervision
-from tests.helpers import Client, free_port, migrate_with_cli, rolling_restart, supervised
+from tests.helpers import (
+    REPOSITORY,
+    Client,
+    free_port,
+    migrate_with_cli,
+    rolling_restart,
+    supervised,
+)
 from tests.test_redis import open_client, post_alerts
 
 
@@ -107,3 +115,43 @@ async def test_a_killed_worker_costs_only_its_clients_and_comes_back_alone(redis
         finally:
             for client in (c for group in clients.values() for c in group):
                 await client.ws.close()
+
+
+async def test_every_workers_log_reaches_supervisords_standard_output(tmp_path):
+    """Where the platform collects logs (the journal, `docker logs`): supervisord's standard
+    output carries its own lines and each worker's, and nothing is left in the run directory."""
+    port = free_port()
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/logs.db",
+        "SIMULATION": "false",
+        "LOG_LEVEL": "INFO",
+        "PORT": str(port),
+        "WORKERS": "1",
+        "SIGMAX_RUN_DIR": str(tmp_path / "run"),
+    }
+    migrate_with_cli(env)
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        "supervise",
+        cwd=REPOSITORY,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,  # a pipe, as journald's and docker's are
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert supervisor.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any(" INFO app.services.archive: " in line for line in lines):
+                lines.append((await supervisor.stdout.readline()).decode())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGTERM)
+        await asyncio.wait_for(supervisor.wait(), 30)
+    spawned = next(line for line in lines if "spawned: 'sigmax_00'" in line)
+    worker_pid = spawned.rsplit("pid ", 1)[1].split()[0]
+    assert any(f"[{worker_pid}] INFO app.services.archive: " in line for line in lines), lines
+    assert not list((tmp_path / "run").glob("*.log"))
