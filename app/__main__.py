@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, TimeoutError, xmlrpc.client.Fault) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted: every worker it had stopped is started again", file=sys.stderr)
+            return 130
         return 0
 
     if args.command == "engine":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import ssl
 import sys
 import time
@@ -90,16 +91,57 @@ def _health_of(config: Config, pid: int, timeout: float) -> dict[str, Any]:
     raise TimeoutError(f"worker pid {pid} did not answer /api/health ok within {timeout:g} s")
 
 
-def rolling_restart(config: Config, report: Any = print) -> None:
+def say(line: str) -> None:
+    """A progress line, at once (a pipe would otherwise hold it until the command ends)."""
+    print(line, flush=True)
+
+
+def rolling_restart(config: Config, report: Any = say) -> None:
     """Restart the workers one at a time, each only once the one before answers /api/health:
     at every moment all but one serve. A stopped worker's clients are told and closed with
-    1001, and resume on the others."""
+    1001, and resume on the others.
+
+    However it ends (done, Ctrl-C, SIGTERM from systemd's reload timeout, a worker that does not
+    come back healthy), every worker is left started: a worker an interrupted restart had
+    stopped is started again, here or by the next run."""
     rpc = _rpc()
-    for process in workers():
-        name = f"{GROUP}:{process['name']}"
-        if process["statename"] == "RUNNING":
+    names = [f"{GROUP}:{process['name']}" for process in workers()]
+    previous = signal.signal(signal.SIGTERM, _stop_restart)
+    try:
+        start_stopped_workers(report)
+        for name in names:
+            report(f"{name}: stopping")
             rpc.stopProcess(name)  # SIGTERM; waits until it has exited
-        rpc.startProcess(name)  # waits until it has run for startsecs
-        pid = int(rpc.getProcessInfo(name)["pid"])
-        _health_of(config, pid, READY_TIMEOUT)
-        report(f"{name}: restarted, pid {pid}, healthy")
+            rpc.startProcess(name)  # waits until it has run for startsecs
+            pid = int(rpc.getProcessInfo(name)["pid"])
+            _health_of(config, pid, READY_TIMEOUT)
+            report(f"{name}: restarted, pid {pid}, healthy")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        start_stopped_workers(report)
+
+
+def _stop_restart(signum: int, frame: Any) -> None:
+    raise SystemExit(f"rolling restart stopped by signal {signum}")
+
+
+# supervisord's states of a worker that is not running and will not start by itself.
+_NOT_STARTING = frozenset({"STOPPED", "EXITED", "FATAL"})
+
+
+def start_stopped_workers(report: Any = say, timeout: float = 30.0) -> None:
+    """Start every worker that is stopped (waiting, bounded, for one still stopping)."""
+    rpc = _rpc()
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {f"{GROUP}:{p['name']}": p["statename"] for p in workers()}
+        for name, state in states.items():
+            if state in _NOT_STARTING:
+                try:
+                    rpc.startProcess(name)
+                    report(f"{name}: was {state.lower()}, started")
+                except xmlrpc.client.Fault as fault:  # started meanwhile by someone else
+                    report(f"{name}: not started ({fault.faultString})")
+        if "STOPPING" not in states.values() or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)

@@ -116,6 +116,8 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
             assert published == 40  # once, not once per worker
             receiving = families["sigmax_worker_receiving"][2]
             assert len(receiving) == 2 and set(receiving.values()) == {1.0}
+            assert metric_value(families, "sigmax_worker_up") == 2
+            assert metric_value(families, "sigmax_workers_configured") == 2
             for name, kind in EXPECTED.items():
                 assert families[name][0] == kind, name
             for name, (_, documentation, _) in families.items():

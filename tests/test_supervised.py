@@ -10,7 +10,9 @@ import contextlib
 import os
 import signal
 import sys
+from typing import Any
 
+import pytest
 import websockets
 
 from app import supervision
@@ -155,3 +157,79 @@ async def test_every_workers_log_reaches_supervisords_standard_output(tmp_path):
     worker_pid = spawned.rsplit("pid ", 1)[1].split()[0]
     assert any(f"[{worker_pid}] INFO app.services.archive: " in line for line in lines), lines
     assert not list((tmp_path / "run").glob("*.log"))
+
+
+async def all_running(env: dict[str, str], count: int, timeout: float = 30) -> None:
+    """Until supervisord (once its socket is there) says `count` workers are RUNNING."""
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(OSError):
+                states = [state for state, _ in (await supervised_workers(env)).values()]
+                if states == ["RUNNING"] * count:
+                    return
+            await asyncio.sleep(0.2)
+
+
+def supervised_env(redis_prefix: tuple[str, str], tmp_path: Any, workers: int) -> dict[str, str]:
+    url, prefix = redis_prefix
+    return {
+        "REDIS_URL": url,
+        "REDIS_PREFIX": prefix,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/supervised.db",
+        "SIMULATION": "false",
+        "LOG_LEVEL": "WARNING",
+        "PORT": str(free_port()),
+        "WORKERS": str(workers),
+        "SIGMAX_RUN_DIR": str(tmp_path / "run"),
+    }
+
+
+@pytest.mark.parametrize("interruption", [signal.SIGINT, signal.SIGTERM])
+async def test_an_interrupted_rolling_restart_leaves_every_worker_running(
+    redis_prefix, tmp_path, interruption
+):
+    """Ctrl-C (SIGINT), or systemd's reload timeout (SIGTERM), in the middle of a rolling
+    restart: when the command has exited, every worker is running or starting again."""
+    env = supervised_env(redis_prefix, tmp_path, 2)
+    migrate_with_cli(env)
+    with supervised(env):
+        await all_running(env, 2)
+        restart = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            "rolling-restart",
+            cwd=REPOSITORY,
+            env={**os.environ, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert restart.stdout is not None
+        async with asyncio.timeout(30):
+            while b"stopping" not in await restart.stdout.readline():
+                pass
+        restart.send_signal(interruption)  # while its worker is stopped, or starting again
+        await asyncio.wait_for(restart.communicate(), 60)
+        left = [state for state, _ in (await supervised_workers(env)).values()]
+        await all_running(env, 2, timeout=5)
+    assert restart.returncode != 0
+    assert set(left) <= {"RUNNING", "STARTING"}, left
+
+
+async def test_a_rolling_restart_first_starts_a_worker_left_stopped(redis_prefix, tmp_path):
+    """A worker left stopped (by hand, or by a restart killed outright) is started by the next
+    rolling restart before it replaces the others."""
+    env = supervised_env(redis_prefix, tmp_path, 2)
+    migrate_with_cli(env)
+    with supervised(env):
+        await all_running(env, 2)
+        await asyncio.to_thread(
+            supervision._rpc(env["SIGMAX_RUN_DIR"]).stopProcess, f"{supervision.GROUP}:sigmax_00"
+        )
+        stopped = await supervised_workers(env)
+        done = await asyncio.to_thread(rolling_restart, env)
+        after = await supervised_workers(env)
+    assert stopped["sigmax_00"][0] == "STOPPED"
+    assert done.returncode == 0, done.stderr
+    assert "sigmax_00: was stopped, started" in done.stdout
+    assert [state for state, _ in after.values()] == ["RUNNING", "RUNNING"]

@@ -146,6 +146,17 @@ DATABASE_UP = Gauge(
     ["backend"],
     multiprocess_mode="livemin",
 )
+WORKER_UP = Gauge(
+    "sigmax_worker_up",
+    "Workers of this host that are serving (each counts 1 while alive): fewer than "
+    "sigmax_workers_configured means one is stopped or crash-looping.",
+    multiprocess_mode="livesum",
+)
+WORKERS_CONFIGURED = Gauge(
+    "sigmax_workers_configured",
+    "The worker processes this host is configured to run (WORKERS).",
+    multiprocess_mode="livemax",
+)
 LEADER = Gauge(
     "sigmax_leader",
     "Workers of this host running the simulated producers (the leader lease): 0 or 1.",
@@ -256,6 +267,8 @@ class MetricsSync:
         self._increase(ARCHIVE_DROPPED, "archive_dropped", archive.dropped)
         ARCHIVE_BEHIND.set(archive.behind(self.gateway.bus.head))
         health = self.gateway.health()
+        WORKER_UP.set(1)
+        WORKERS_CONFIGURED.set(self.gateway.config.WORKERS)
         LEADER.set(1 if health["leader"] else 0)
         # A health gauge is set once known (a remote engine not yet probed is not).
         engine = self.gateway.engine
