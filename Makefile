@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run supervise migrate test lint bench browser
+.PHONY: run supervise migrate test lint bench browser promtool
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m app migrate
@@ -35,6 +35,17 @@ browser:
 	  exit 1; \
 	fi
 	@command -v node >/dev/null || echo "browser: node (20 or newer) is missing too" >&2
+
+# promtool for the alert rules' tests (tests/test_prometheus.py): Debian's prometheus package.
+PROMTOOL := /usr/bin/promtool
+promtool:
+	@if [ -x $(PROMTOOL) ]; then $(PROMTOOL) --version 2>&1 | head -n 1; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	else \
+	  echo "promtool: $(PROMTOOL) is missing; install it as root: apt-get install -y prometheus" >&2; \
+	  exit 1; \
+	fi
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app client tests config.py wsgi.py

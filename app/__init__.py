@@ -41,6 +41,7 @@ class StrictJSONProvider(DefaultJSONProvider):
 def create_app(config: Config | None = None) -> Quart:
     config = config or Config.from_env()
     configure_logging(config.LOG_LEVEL)
+    metrics.WORKER_STARTS.inc()  # counted before anything can fail: a crash loop shows
     app = Quart(__name__)
     app.json = StrictJSONProvider(app)
     app.config["SIGMAX"] = config

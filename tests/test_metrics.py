@@ -163,13 +163,31 @@ async def test_one_scrape_of_any_worker_gives_the_whole_host(redis_prefix, tmp_p
     assert lines and all(re.search(r" \[(\d+)\] ", line)[1] in pids for line in lines), lines
 
 
+def metrics_asked(queries: list[str]) -> set[str]:
+    """The gateway's metric families that PromQL `queries` name."""
+    return {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for query in queries
+        for name in re.findall(r"\bsigmax_\w+", query)
+    }
+
+
 def test_the_shipped_alert_rules_ask_only_for_metrics_the_gateway_exports():
     """deploy/prometheus/alerts.yml cannot drift from app/services/metrics.py."""
     exported = {family.name for family in REGISTRY.collect()}
     rules = yaml.safe_load((REPOSITORY / "deploy" / "prometheus" / "alerts.yml").read_text())
-    asked = set()
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            for name in re.findall(r"\bsigmax_\w+", rule["expr"]):
-                asked.add(re.sub(r"_(total|bucket|count|sum)$", "", name))
+    asked = metrics_asked([rule["expr"] for group in rules["groups"] for rule in group["rules"]])
     assert asked and asked <= exported, asked - exported
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_gateway_exports():
+    """deploy/grafana/sigmax-gateway.json: every panel has a title and queries, and every
+    query names exported metrics only."""
+    exported = {family.name for family in REGISTRY.collect()}
+    dashboard = json.loads((REPOSITORY / "deploy" / "grafana" / "sigmax-gateway.json").read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        assert panel["title"] and panel["targets"], panel
+        queries += [target["expr"] for target in panel["targets"]]
+    asked = metrics_asked(queries)
+    assert len(asked) >= 15 and asked <= exported, asked - exported

@@ -701,6 +701,7 @@ class ConnectionManager:
         """Redis lost the stream and this worker moved to a new one, or a failover lost events:
         every client learns the stream's id (to resume from it) and, unless nothing was
         missed, to reload its state."""
+        metrics.STREAM_RESETS.labels("true" if reset.recovered else "false").inc()
         self.notify_all(
             "stream_reset",
             {

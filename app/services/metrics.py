@@ -63,6 +63,11 @@ WS_TIMEOUTS = Counter(
 WS_AUTH_FAILURES = Counter(
     "sigmax_ws_auth_failures", "WebSocket handshakes refused for a missing or invalid API key."
 )
+WS_MAX_CONNECTIONS = Gauge(
+    "sigmax_ws_max_connections",
+    "Connections the host's live workers may hold (WS_MAX_CONNECTIONS each, summed).",
+    multiprocess_mode="livesum",
+)
 WS_QUEUE_DEPTH_MAX = Gauge(
     "sigmax_ws_queue_depth_max",
     "The deepest send queue of any connection (frames waiting for a slow client).",
@@ -118,6 +123,12 @@ ARCHIVE_BEHIND = Gauge(
     "Events the archivist has delivered but not yet written to the archive (0 on other workers).",
     multiprocess_mode="livemax",
 )
+STREAM_RESETS = Counter(
+    "sigmax_stream_resets",
+    "stream_reset notices a worker sent its clients (Redis lost data or failed over), by "
+    "whether they missed events (recovered false: they reload state).",
+    ["recovered"],
+)
 STREAM_LAG = Gauge(
     "sigmax_redis_stream_lag_events",
     "Events between the Redis stream's head and what the most lagging worker delivered.",
@@ -145,6 +156,11 @@ DATABASE_UP = Gauge(
     "answer 503 DATABASE_UNAVAILABLE), by backend: sqlite or postgresql.",
     ["backend"],
     multiprocess_mode="livemin",
+)
+WORKER_STARTS = Counter(
+    "sigmax_worker_starts",
+    "Worker processes started on this host: a start, a restart after a crash, a rolling "
+    "restart; many in a few minutes is a crash loop.",
 )
 WORKER_UP = Gauge(
     "sigmax_worker_up",
@@ -268,6 +284,7 @@ class MetricsSync:
         ARCHIVE_BEHIND.set(archive.behind(self.gateway.bus.head))
         health = self.gateway.health()
         WORKER_UP.set(1)
+        WS_MAX_CONNECTIONS.set(manager.max_connections)
         WORKERS_CONFIGURED.set(self.gateway.config.WORKERS)
         LEADER.set(1 if health["leader"] else 0)
         # A health gauge is set once known (a remote engine not yet probed is not).
