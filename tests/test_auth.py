@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -152,3 +153,23 @@ async def test_a_key_without_read_receives_no_stream_event(gateway_factory):
             assert (await reader.next_of("alert"))["data"]["message"] == "for readers"
             await trader.no_message(0.5)  # no system_status greeting, no event
             await publisher.no_message(0.1)
+
+
+def test_a_flood_of_refusals_writes_a_line_per_interval(caplog):
+    """4,000 refused requests from one address write one line, then one that counts the rest;
+    another line (another address or reason) is written at once."""
+    from app.logs import Throttled
+
+    logger = logging.getLogger("app.test_throttled")
+    throttled = Throttled(logger, interval=0.2)
+    with caplog.at_level(logging.INFO, logger="app.test_throttled"):
+        for _ in range(4000):
+            throttled.info("refused GET /api/status from %s: %s", "10.0.0.1", "no API key")
+        throttled.info("refused GET /api/status from %s: %s", "10.0.0.2", "no API key")
+        time.sleep(0.25)
+        throttled.info("refused GET /api/status from %s: %s", "10.0.0.1", "no API key")
+    assert caplog.messages == [
+        "refused GET /api/status from 10.0.0.1: no API key",
+        "refused GET /api/status from 10.0.0.2: no API key",
+        "refused GET /api/status from 10.0.0.1: no API key (and 3999 more times in the last 0.2 s)",
+    ]

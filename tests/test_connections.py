@@ -396,7 +396,8 @@ async def test_api_keys_never_reach_the_logs(tmp_path):
         stop_host(host)
     output = log_path.read_text()
     # The refusals are logged, by address and principal, without the key.
-    assert output.count("refused a WebSocket from 127.0.0.1: wrong API key") == 2
+    # The same refusal twice within 10 s: written once (anyone can make the gateway refuse).
+    assert output.count("refused a WebSocket from 127.0.0.1: wrong API key") == 1
     assert "refused a WebSocket of key#1 from 127.0.0.1" in output
     assert "refused GET /api/status from 127.0.0.1: wrong API key" in output
     for key in keys.values():

@@ -13,8 +13,10 @@ from quart_schema.conversion import model_load
 
 from app.apidocs.openapi import OPTIONAL_BODY_ATTRIBUTE, REQUIRED_SCOPE_ATTRIBUTE, View
 from app.errors import GatewayError
+from app.logs import Throttled
 
 log = logging.getLogger(__name__)
+refusals = Throttled(log)
 
 
 def optional_body(model: type[Any]) -> Callable[[View], View]:
@@ -46,7 +48,7 @@ def requires(scope: str) -> Callable[[View], View]:
             presented = request.headers.get("X-API-Key") or request.args.get("api_key")
             principal = await current_app.extensions["gateway"].api_keys.authenticate(presented)
             if principal is None:
-                log.info(
+                refusals.info(
                     "refused %s %s from %s: %s",
                     request.method,
                     request.path,

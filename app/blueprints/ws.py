@@ -19,7 +19,7 @@ from quart_schema.conversion import model_load
 from quart_schema.mixins import SchemaValidationError
 
 from app.errors import GatewayError, describe_validation_error, error_event, excerpt, quoted
-from app.logs import worker_id
+from app.logs import Throttled, worker_id
 from app.models import ClientMessage, CommandData, ReplayData, SubscriptionData
 from app.services.archive import event_filter
 from app.services.commands import COMMANDS, parse_symbol
@@ -39,6 +39,7 @@ from app.services.replay import start_replay
 from app.services.transport import Disconnected, WebSocket, asgi_websocket, open_writer
 
 log = logging.getLogger(__name__)
+refusals = Throttled(log)  # anyone can make the gateway refuse: a line per 10 s
 
 # Which worker process serves the connection: useful when several share a port.
 
@@ -72,7 +73,7 @@ async def gateway_socket(app: Quart, socket: WebSocket) -> None:
     principal = await gateway.api_keys.authenticate(presented)
     if principal is None:
         gateway.manager.refuse_authentication()
-        log.info(
+        refusals.info(
             "refused a WebSocket from %s: %s",
             socket.remote_addr,
             "wrong API key" if presented else "no API key",
@@ -97,7 +98,9 @@ async def gateway_socket(app: Quart, socket: WebSocket) -> None:
             },
         )
     except ConnectionLimitExceeded as limit:
-        log.info("refused a WebSocket of %s from %s: %s", principal.name, socket.remote_addr, limit)
+        refusals.info(
+            "refused a WebSocket of %s from %s: %s", principal.name, socket.remote_addr, limit
+        )
         await _refuse(
             socket,
             CloseCode.TRY_AGAIN_LATER,
