@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.request
 from typing import Any
 
@@ -191,3 +194,37 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_gateway_exports():
         queries += [target["expr"] for target in panel["targets"]]
     asked = metrics_asked(queries)
     assert len(asked) >= 15 and asked <= exported, asked - exported
+
+
+def test_dead_workers_counters_are_folded_into_one_file_and_kept(tmp_path):
+    """Six workers that started, counted and died leave one file per kind, not six each, and
+    every total they counted: restarts do not pile files up for every scrape to read."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = (
+        "from app.services import metrics\n"
+        "metrics.WORKER_STARTS.inc()\n"
+        "metrics.LOOP_LAG.observe(0.01)\n"
+    )
+    for _ in range(6):
+        subprocess.run(
+            [sys.executable, "-c", worker], cwd=REPOSITORY, env=env, check=True, timeout=60
+        )
+    scrape = "from app.services import metrics\nprint(metrics.exposition(None)[0].decode())\n"
+    for _ in range(2):  # the second scrape reads the folded totals: the same, not more
+        text = subprocess.run(
+            [sys.executable, "-c", scrape],
+            cwd=REPOSITORY,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        families = metric_families(text)
+        assert metric_value(families, "sigmax_worker_starts", "sigmax_worker_starts_total") == 6
+        lag = metric_value(
+            families, "sigmax_event_loop_lag_seconds", "sigmax_event_loop_lag_seconds_count"
+        )
+        assert lag == 6
+    pids = {path.stem.rsplit("_", 1)[1] for path in tmp_path.glob("*.db")}
+    assert len(pids) <= 2 and "0" in pids, pids  # the folded totals, and the last scraper's

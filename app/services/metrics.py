@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import glob
+import fcntl
 import os
 import re
 from collections.abc import Iterable
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.mmap_dict import MmapedDict
 
 from app.services.events import TOPICS
 
@@ -316,20 +317,41 @@ class MetricsSync:
             self.sync()
 
 
-_LIVE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
+_WORKER_FILE = re.compile(r"^(\w+?)_(\d+)\.db$")
+# The kinds whose values are totals over every process that ever ran: a dead worker's are
+# folded into the file of pid 0 (never a worker's), so that files do not pile up per restart.
+_FOLDED = frozenset({"counter", "histogram", "summary"})
+FOLDED_PID = 0
 
 
 def _forget_dead_workers(directory: str) -> None:
-    """A worker that died (SIGKILL, a crash) never says so: its live gauges would go on being
-    summed. Each scrape drops those of processes that are gone (their counters stay: a total
-    includes what they counted)."""
-    dead = set()
-    for path in glob.glob(os.path.join(directory, "gauge_live*.db")):
-        match = _LIVE_FILE.search(path)
-        if match is not None and not psutil.pid_exists(int(match.group(1))):
-            dead.add(int(match.group(1)))
-    for pid in dead:
+    """A worker that died (SIGKILL, a crash, a restart) never says so: its live gauges would go
+    on being summed. Each scrape drops those of processes that are gone, and folds their
+    counters and histograms into one file per kind (a total keeps what they counted). Call it
+    holding the directory's lock: a scrape that read a file being folded would count it twice."""
+    dead: dict[int, list[tuple[str, str]]] = collections.defaultdict(list)
+    for name in os.listdir(directory):
+        match = _WORKER_FILE.match(name)
+        if match is None or int(match[2]) == FOLDED_PID or psutil.pid_exists(int(match[2])):
+            continue
+        dead[int(match[2])].append((match[1], os.path.join(directory, name)))
+    for pid, files in dead.items():
         multiprocess.mark_process_dead(pid, directory)
+        for kind, path in files:
+            if kind in _FOLDED:
+                _fold(path, os.path.join(directory, f"{kind}_{FOLDED_PID}.db"))
+
+
+def _fold(source: str, target: str) -> None:
+    """Add every value of `source` to `target`'s, then remove `source`."""
+    totals = MmapedDict(target)
+    try:
+        for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(source):
+            total, _ = totals.read_value(key)
+            totals.write_value(key, total + value, timestamp)
+    finally:
+        totals.close()
+    os.remove(source)
 
 
 def exposition(accept: str | None) -> tuple[bytes, str]:
@@ -339,7 +361,10 @@ def exposition(accept: str | None) -> tuple[bytes, str]:
     encode, content_type = choose_encoder(accept or "")
     if MULTIPROCESS_DIR is None:
         return encode(REGISTRY), content_type
-    _forget_dead_workers(MULTIPROCESS_DIR)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, MULTIPROCESS_DIR)
-    return encode(registry), content_type
+    # One scrape at a time per host: folding and reading the same files must not interleave.
+    with open(os.path.join(MULTIPROCESS_DIR, "scrape.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _forget_dead_workers(MULTIPROCESS_DIR)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, MULTIPROCESS_DIR)
+        return encode(registry), content_type
