@@ -459,3 +459,31 @@ async def test_a_lease_names_its_role_when_won_and_lost(redis_prefix, caplog):
         await holding
     assert f"holds the archivist lease ({prefix}:archivist)" in caplog.text
     assert "producers" not in caplog.text
+
+
+async def test_a_producer_whose_bus_is_away_logs_one_line_without_a_traceback(caplog):
+    """During a Redis outage every tick of every producer fails to publish: one WARNING per
+    outage, no traceback, and one INFO when it publishes again."""
+    from app.services.redis_bus import BusUnavailable
+    from app.services.simulation import _periodic
+
+    failures = 5
+    ticks = 0
+
+    async def publish() -> None:
+        nonlocal ticks
+        ticks += 1
+        if ticks <= failures:
+            raise BusUnavailable("Redis: Connection refused")
+
+    stopping = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="app.services.simulation")
+    loop = asyncio.create_task(_periodic(0.01, publish, "market", stopping)())
+    async with asyncio.timeout(5):
+        while ticks <= failures + 1:
+            await asyncio.sleep(0.01)
+    stopping.set()
+    await loop
+    assert [record.levelname for record in caplog.records] == ["WARNING", "INFO"]
+    assert "market producer paused: Redis: Connection refused" in caplog.messages[0]
+    assert not any(record.exc_info for record in caplog.records)
