@@ -245,7 +245,8 @@ class Archive:
 
     async def elected(self) -> None:
         """This worker is now the archivist: it writes on from the archive's newest seq."""
-        self._through = await self.head()
+        # (elected while the worker stops: the lease's task is cancelled)
+        self._through = await uncut(self.head())
         self._pending.clear()
         self.writing = True
         log.info("this worker is the archivist: it archives events after seq %d", self._through)
@@ -336,14 +337,8 @@ class Archive:
         while left is None or left > 0:
             page = READ_PAGE if left is None else min(READ_PAGE, left)
             where, values = dataclasses.replace(wanted, since=since).where()
-            read = asyncio.ensure_future(self._fetch(where, values, page))
-            try:
-                rows = await asyncio.shield(read)
-            except asyncio.CancelledError:
-                # (a replay whose client left) A read cut short would leave its database
-                # connection opening or open: it finishes, and the connection is closed.
-                await asyncio.wait([read])
-                raise
+            # (a replay whose client left)
+            rows = await uncut(self._fetch(where, values, page))
             if not rows:
                 return
             yield rows
@@ -361,6 +356,18 @@ class Archive:
                     values,
                 )
             )
+
+
+async def uncut(read: Awaitable[Any]) -> Any:
+    """`read`'s result, awaited to its end even when the caller is cancelled meanwhile (then
+    the cancellation goes on): a database read cut short leaves its connection opening or open,
+    and the app's shutdown waits for it."""
+    task = asyncio.ensure_future(read)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 async def resume_history(
