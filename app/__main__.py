@@ -9,6 +9,7 @@ python -m app keys open                            forget the revoked keys: the 
 python -m app engine [--host HOST] [--port 8100]    the paper engine as a standalone engine service
 python -m app supervise                            serve: WORKERS processes under supervisord
 python -m app rolling-restart                      restart the supervised workers one at a time
+python -m app serve-worker                         one supervised worker (supervisord runs it)
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         "(each restarted alone when it dies)",
     )
     commands.add_parser(
+        "serve-worker",
+        help="one supervised worker (deploy/supervisord.conf runs WORKERS of them): Hypercorn "
+        "on a socket of its own, SO_REUSEPORT on HOST:PORT",
+    )
+    commands.add_parser(
         "rolling-restart",
         help="restart the supervised workers one at a time, each once the one before is healthy",
     )
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "supervise":
         supervision.supervise(config)
+    if args.command == "serve-worker":
+        supervision.serve_worker(config)
     if args.command == "rolling-restart":
         try:
             supervision.rolling_restart(config)

@@ -52,6 +52,18 @@ async def client(port: int, where: dict[int, str], number: int, stop: asyncio.Ev
         await asyncio.sleep(0.5)
 
 
+async def every_worker_up(port: int, workers: int, timeout: float = 60) -> None:
+    """Until `workers` distinct workers have greeted a connection."""
+    seen: set[str] = set()
+    async with asyncio.timeout(timeout):
+        while len(seen) < workers:
+            try:
+                async with websockets.connect(f"ws://127.0.0.1:{port}/api/ws") as ws:
+                    seen.add(json.loads(await ws.recv())["data"]["worker"])
+            except (OSError, websockets.WebSocketException):
+                await asyncio.sleep(0.2)
+
+
 def spread(where: dict[int, str]) -> list[int]:
     return sorted(collections.Counter(where.values()).values(), reverse=True)
 
@@ -87,7 +99,7 @@ async def main() -> None:
     where: dict[int, str] = {}
     tasks = []
     try:
-        await asyncio.sleep(3)
+        await every_worker_up(port, args.workers)
         for number in range(args.clients):
             tasks.append(asyncio.create_task(client(port, where, number, stop)))
             await asyncio.sleep(0.05)

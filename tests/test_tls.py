@@ -157,9 +157,6 @@ def test_tls_settings_go_together_and_reach_hypercorn(certificate):
     settings = Config(TLS_CERTFILE=str(cert), TLS_KEYFILE=str(key)).hypercorn_settings()
     assert (settings["certfile"], settings["keyfile"]) == (str(cert), str(key))
     assert "certfile" not in Config().hypercorn_settings()
-    # The supervised workers read the same config file (deploy/supervisord.conf).
-    conf = (REPOSITORY / "deploy" / "supervisord.conf").read_text()
-    assert "--config file:hypercorn_config.py" in conf
 
 
 async def test_supervised_workers_serve_tls_and_restart_one_by_one(certificate, tmp_path):
