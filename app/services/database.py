@@ -108,15 +108,6 @@ class Database:
                     raise
         self._reachable()
 
-    async def probe(self) -> bool:
-        """Whether the database answers now (readiness, and how an outage's end is seen)."""
-        try:
-            async with self.connection() as connection:
-                await connection.fetch_val("SELECT 1")
-        except DatabaseUnavailable:
-            return False
-        return True
-
     def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
         if isinstance(error, DatabaseUnavailable):
             return error

@@ -160,16 +160,16 @@ class Gateway:
         self._terminating = False
 
     async def start(self) -> None:
+        await self.api_keys.refresh()  # logs whether the gateway is open or keyed
+        if not self.api_keys.keyed and not self.config.on_loopback:  # before anything starts
+            if not self.config.ALLOW_OPEN_GATEWAY:
+                raise OpenGatewayRefused(self.config.HOST)
+            log.warning("ALLOW_OPEN_GATEWAY: serving %s with no API key", self.config.HOST)
         self.bus.raise_floor(await self.archive.head())  # a seq names one event for good
         await self.bus.start()
         await self.engine.start()
         await self.simulation.restore()
         self.garbage.configure()
-        await self.api_keys.refresh()  # logs whether the gateway is open or keyed
-        if not self.api_keys.keyed and not self.config.on_loopback:
-            if not self.config.ALLOW_OPEN_GATEWAY:
-                raise OpenGatewayRefused(self.config.HOST)
-            log.warning("ALLOW_OPEN_GATEWAY: serving %s with no API key", self.config.HOST)
         self._tasks = [
             asyncio.create_task(self._watch_keys()),
             asyncio.create_task(self.metrics.run()),
