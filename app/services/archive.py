@@ -29,7 +29,7 @@ from typing import Any
 
 from app.errors import GatewayError, quoted
 from app.services.bus import EventBus
-from app.services.database import DatabaseUnavailable
+from app.services.database import DatabaseUnavailable, uncut
 from app.services.events import (
     PUBLISHABLE_TOPICS,
     ErrorCode,
@@ -269,20 +269,26 @@ class Archive:
             rows = [_row(stream, event) for stream, event in pending if event.seq > self._through]
             if not rows:
                 return
-            async with self._db.connection() as connection:
-                for start in range(0, len(rows), ARCHIVE_BATCH):
-                    # One transaction per batch: SQLite would otherwise commit every row.
-                    async with connection.transaction():
-                        await connection.execute_many(_INSERT, rows[start : start + ARCHIVE_BATCH])
+            await uncut(self._insert(rows))
         except BaseException:
             self._pending[:0] = pending
             raise
         self._through = rows[-1]["seq"]
         self.written += len(rows)
 
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        async with self._db.connection() as connection:
+            for start in range(0, len(rows), ARCHIVE_BATCH):
+                # One transaction per batch: SQLite would otherwise commit every row.
+                async with connection.transaction():
+                    await connection.execute_many(_INSERT, rows[start : start + ARCHIVE_BATCH])
+
     async def prune(self) -> None:
         """Drop events older than `max_age` and beyond the newest `max_events` (both by index:
         no count of the table)."""
+        await uncut(self._prune())
+
+    async def _prune(self) -> None:
         async with self._db.connection() as connection:
             await connection.execute(
                 "DELETE FROM events WHERE created_at < :cutoff",
@@ -356,18 +362,6 @@ class Archive:
                     values,
                 )
             )
-
-
-async def uncut(read: Awaitable[Any]) -> Any:
-    """`read`'s result, awaited to its end even when the caller is cancelled meanwhile (then
-    the cancellation goes on): a database read cut short leaves its connection opening or open,
-    and the app's shutdown waits for it."""
-    task = asyncio.ensure_future(read)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
 
 
 async def resume_history(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,18 @@ class Database:
         if self.available is False and self.down_since is not None:
             log.info("the database is reachable again after %.1f s", time.time() - self.down_since)
         self.available, self.down_since, self.last_error = True, None, ""
+
+
+async def uncut(read: Awaitable[Any]) -> Any:
+    """`read`'s result, awaited to its end even when the caller is cancelled meanwhile (then
+    the cancellation goes on): a database read or write cut short goes on in aiosqlite's thread
+    with its connection opening or open, after the app has closed the database."""
+    task = asyncio.ensure_future(read)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def attach_database(app: Quart, url: str) -> Database:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from app.services.bus import EventBus, IdempotencyConflict, Published, batch_fingerprint
-from app.services.database import Database
+from app.services.database import Database, uncut
 from app.services.events import Event
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class IdempotentPublisher:
             try:
                 await self.flush()
                 if time.monotonic() >= next_prune:
-                    await self._prune()
+                    await uncut(self._prune())
                     next_prune = time.monotonic() + PRUNE_INTERVAL
             except asyncio.CancelledError:
                 raise
@@ -101,11 +101,14 @@ class IdempotentPublisher:
         if not pending:
             return
         try:
-            async with self._db.connection() as connection, connection.transaction():
-                await connection.execute_many(_INSERT, pending)
+            await uncut(self._insert(pending))
         except BaseException:
             self._pending[:0] = pending
             raise
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        async with self._db.connection() as connection, connection.transaction():
+            await connection.execute_many(_INSERT, rows)
 
     async def _prune(self) -> None:
         async with self._db.connection() as connection:
