@@ -175,6 +175,12 @@ async def handle_message(gateway: Gateway, conn: Connection, raw: str | bytes | 
                 "Unknown message type",
                 f"Message type {quoted(message.type)} is not one of {', '.join(MESSAGE_TYPES)}",
             )
+        if message.type in READ_MESSAGES and "read" not in conn.scopes:
+            raise GatewayError(
+                ErrorCode.FORBIDDEN_SUBSCRIPTION,
+                "Not allowed",
+                f"{message.type!r} needs an API key with the 'read' scope",
+            )
         await handler(gateway, conn, message)
     except GatewayError as error:
         conn.send_direct(error_event(error, conn.id, request_id))
@@ -260,18 +266,7 @@ def _keys(topics: list[str], symbols: list[str]) -> list[str]:
     return topics + [SYMBOL_PREFIX + s for s in symbols]
 
 
-def _require_read(conn: Connection, what: str) -> None:
-    """The stream and the state are the `read` scope's, on the WebSocket as on REST."""
-    if "read" not in conn.scopes:
-        raise GatewayError(
-            ErrorCode.FORBIDDEN_SUBSCRIPTION,
-            "Not allowed",
-            f"{what} needs an API key with the 'read' scope",
-        )
-
-
 async def _subscribe(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
-    _require_read(conn, "Subscribing")
     topics, symbols, data = _subscription(message)
     since = data.since
     keys = _keys(topics, symbols)
@@ -326,7 +321,6 @@ async def _pong(gateway: Gateway, conn: Connection, message: ClientMessage) -> N
 
 
 async def _get_status(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
-    _require_read(conn, "get_status")
     conn.send_direct(
         envelope("system_status", gateway.system_status(), conn.id, message.request_id)
     )
@@ -403,7 +397,6 @@ async def _command(gateway: Gateway, conn: Connection, message: ClientMessage) -
 
 
 async def _replay(gateway: Gateway, conn: Connection, message: ClientMessage) -> None:
-    _require_read(conn, "A replay")
     data: ReplayData = _load(message.data or {}, ReplayData)
     wanted = event_filter(
         None if data.since is None else str(data.since),
@@ -422,6 +415,9 @@ async def _replay(gateway: Gateway, conn: Connection, message: ClientMessage) ->
 
 
 Handler = Callable[[Gateway, Connection, ClientMessage], Awaitable[None]]
+# The stream and the state are the `read` scope's, on the WebSocket as on REST (commands carry
+# their own scope).
+READ_MESSAGES = frozenset({"subscribe", "replay", "get_status"})
 HANDLERS: dict[str, Handler] = {
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,

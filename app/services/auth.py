@@ -126,7 +126,7 @@ class ApiKeys:
                 active, any_key = await store.api_key_state(connection)
             self._stored = StoredKeys(active, any_key)
         self._read_at = time.monotonic()
-        keyed = self._is_keyed()
+        keyed = self.keyed
         if keyed != self._keyed:
             if keyed:
                 (log.warning if self._keyed is not None else log.info)(
@@ -151,13 +151,10 @@ class ApiKeys:
             with contextlib.suppress(GatewayError):  # the database is away: keys as last read
                 await self.refresh()
 
-    def _is_keyed(self) -> bool:
-        return bool(self._keys) or self._stored.any
-
     @property
     def keyed(self) -> bool:
         """Whether a key is needed, as last read."""
-        return self._is_keyed()
+        return bool(self._keys) or self._stored.any
 
     def _stored_trusted(self) -> bool:
         age = self.age
@@ -177,13 +174,13 @@ class ApiKeys:
     async def required(self) -> bool:
         """Whether a key is needed (the gateway is keyed)."""
         await self._current()
-        return self._is_keyed()
+        return self.keyed
 
     def still_admits(self, principal: str) -> bool:
         """Whether a client admitted as `principal` would still be: not once the gateway has
         become keyed (anonymous) or its stored key was revoked."""
         if principal == ANONYMOUS.name:
-            return not self._is_keyed()
+            return not self.keyed
         if principal.startswith("key:"):
             return principal[len("key:") :] in self._stored.ids
         return True
@@ -204,4 +201,4 @@ class ApiKeys:
             stored = self._stored.active.get(hash_key(presented))
             if stored is not None:
                 return Principal(f"key:{stored[0]}", parse_scopes(stored[1]))
-        return None if self._is_keyed() else ANONYMOUS
+        return None if self.keyed else ANONYMOUS

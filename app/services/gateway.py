@@ -66,10 +66,10 @@ class Gateway:
         self.config = config
         self.db = db
         self.lease: LeaderLease | None = None
+        redis = redis_target(config) if bus is None and config.uses_redis else None
         if bus is not None:
             self.bus = bus
-        elif config.uses_redis:
-            redis = redis_target(config)
+        elif redis is not None:
             redis_bus = RedisBus(
                 redis,
                 prefix=config.REDIS_PREFIX,
@@ -79,9 +79,7 @@ class Gateway:
             )
             redis_bus.on_link_change = self._on_link_change
             self.bus = redis_bus
-            self.lease = LeaderLease(
-                redis, lease_key(config, "leader"), config.LEADER_TTL, role="producers' leader"
-            )
+            self.lease = lease(redis, config, "leader", "producers' leader")
         else:
             self.bus = MemoryBus(config.EVENT_HISTORY_SIZE, config.EVENT_HISTORY_MAX_AGE)
         self.manager = ConnectionManager(
@@ -140,14 +138,7 @@ class Gateway:
         self.bus.add_listener(self.archive.observe)
         # With Redis, one worker of the deployment archives: the holder of this lease.
         self.archivist_lease = (
-            LeaderLease(
-                redis_target(config),
-                lease_key(config, "archivist"),
-                config.LEADER_TTL,
-                role="archivist",
-            )
-            if self.lease is not None
-            else None
+            lease(redis, config, "archivist", "archivist") if redis is not None else None
         )
         self.metrics = MetricsSync(self, config.METRICS_INTERVAL)
         self.loop_lag = LoopLagMonitor()
@@ -411,8 +402,10 @@ def redis_target(config: Config) -> RedisTarget:
     )
 
 
-def lease_key(config: Config, name: str) -> str:
-    return f"{redis_target(config).key_prefix(config.REDIS_PREFIX)}:{name}"
+def lease(redis: RedisTarget, config: Config, name: str, role: str) -> LeaderLease:
+    """The deployment's lease `name` (its key beside the stream's, in the same hash slot)."""
+    key = f"{redis.key_prefix(config.REDIS_PREFIX)}:{name}"
+    return LeaderLease(redis, key, config.LEADER_TTL, role=role)
 
 
 def risk_rules(config: Config) -> RiskRules:

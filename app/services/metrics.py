@@ -266,6 +266,10 @@ class MetricsSync:
             LIMIT_REFUSALS.labels(limit)
         for generation in _GC_GENERATIONS:
             GC_PAUSE.labels(generation)
+        # What this worker is, set once: it counts while its process lives.
+        WORKER_UP.set(1)
+        WORKERS_CONFIGURED.set(gateway.config.WORKERS)
+        WS_MAX_CONNECTIONS.set(gateway.manager.max_connections)
 
     def sync(self) -> None:
         manager = self.gateway.manager
@@ -284,9 +288,6 @@ class MetricsSync:
         self._increase(ARCHIVE_DROPPED, "archive_dropped", archive.dropped)
         ARCHIVE_BEHIND.set(archive.behind(self.gateway.bus.head))
         health = self.gateway.health()
-        WORKER_UP.set(1)
-        WS_MAX_CONNECTIONS.set(manager.max_connections)
-        WORKERS_CONFIGURED.set(self.gateway.config.WORKERS)
         LEADER.set(1 if health["leader"] else 0)
         # A health gauge is set once known (a remote engine not yet probed is not).
         engine = self.gateway.engine
